@@ -1,0 +1,479 @@
+"""Expert trajectories (MTT's "buffer"): train N networks on real data, keep every epoch's weights.
+
+PROTOCOL.md section 3: SGD lr 0.01, momentum 0, weight decay 0, batch 256, DSA on every real
+batch; the initial weights and the weights after every epoch are kept, with the test accuracy.
+
+On disk, one file per expert, ``<out>/expert_007.safetensors``, written atomically once the expert
+is finished (:func:`tesla_func.fileio.save_tensors`):
+
+- tensors ``epoch_000/<param name>`` ... ``epoch_<E>/<param name>`` (epoch 0 = the initial
+  weights; names as in ``ConvNet.named_parameters()``, e.g. ``epoch_003/features.0.weight``);
+- JSON header: ``format`` ("tesla_func.expert"), ``format_version``, ``architecture``
+  (ConvNetConfig dict), ``dataset``, ``dataset_info`` (normalisation, ZCA), ``expert_config``,
+  ``expert_index``, ``seed`` (base seed; the expert's streams come from (seed, index)), ``lr``,
+  ``epochs``, ``test_accuracy`` (E + 1 values, index 0 = at init), ``seconds_per_epoch``,
+  ``provenance`` (library versions, git revision, device).
+
+While an expert trains, each finished epoch is written atomically to
+``<out>/expert_007.partial/epoch_003.safetensors`` together with the state needed to continue
+(the shuffling and augmentation generators' states, SGD momentum buffers if any). A killed run
+started again skips finished experts and continues a half-finished one after its last complete
+epoch, giving bitwise the same weights as a run never interrupted (same device, same threads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tesla_func.augment import DSA
+from tesla_func.data import Dataset, load_dataset
+from tesla_func.fileio import load_tensors, save_tensors
+from tesla_func.models import ConvNet, ConvNetConfig, init_params
+from tesla_func.provenance import provenance
+
+FORMAT = "tesla_func.expert"
+FORMAT_VERSION = 1
+STATELESS_NORMS = ("instance", "none")
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    """How experts are trained; saved in every expert file. Defaults follow PROTOCOL.md sec. 3."""
+
+    dataset: str = "fashion-mnist"  # a name in tesla_func.data.DATASETS
+    zca: bool | None = None  # ZCA-whiten the data; None = the dataset's default
+    num_experts: int = 5  # N
+    epochs: int = 50  # E; E + 1 checkpoints per expert
+    width: int = 128  # ConvNet feature maps
+    depth: int = 3  # ConvNet blocks
+    norm: str = "instance"  # stateless norms only (no running statistics to save)
+    lr: float = 0.01  # SGD learning rate
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 256  # real images per SGD step
+    dsa: bool = True  # DSA on every real batch
+    seed: int = 0  # base seed; expert i draws from streams of (seed, i)
+
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "epochs", "width", "depth", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ExpertConfig.{name} must be a positive int, got {value!r}")
+        if self.norm not in STATELESS_NORMS:
+            raise ValueError(
+                f"ExpertConfig.norm must be one of {STATELESS_NORMS}, got {self.norm!r}: a trajectory "
+                "is a list of parameters, and batch norm's running statistics are not parameters"
+            )
+        if not self.lr > 0:
+            raise ValueError(f"ExpertConfig.lr must be > 0, got {self.lr!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def model_config(self, dataset: Dataset) -> ConvNetConfig:
+        return dataset.info.convnet_config(width=self.width, depth=self.depth, norm=self.norm)
+
+
+@dataclass(frozen=True, eq=False)
+class ExpertTrajectory:
+    """One trained expert: its weights after every epoch (index 0 = initial weights)."""
+
+    config: ConvNetConfig
+    dataset: str
+    params: tuple[dict[str, Tensor], ...]  # E + 1 dicts name -> tensor
+    test_accuracy: tuple[float, ...]  # E + 1 fractions in [0, 1], index 0 = at init
+    lr: float  # the SGD learning rate the expert was trained with
+    header: Mapping[str, Any]  # the file's whole JSON header
+    path: Path | None = None
+
+    @property
+    def epochs(self) -> int:
+        return len(self.params) - 1
+
+    def to(self, device: torch.device | str) -> ExpertTrajectory:
+        moved = tuple({k: t.to(device) for k, t in p.items()} for p in self.params)
+        return dataclasses.replace(self, params=moved)
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths and seeds
+# ----------------------------------------------------------------------------------------------
+
+
+def expert_path(out_dir: str | Path, index: int) -> Path:
+    return Path(out_dir) / f"expert_{index:03d}.safetensors"
+
+
+def _partial_dir(out_dir: Path, index: int) -> Path:
+    return out_dir / f"expert_{index:03d}.partial"
+
+
+def _epoch_path(partial: Path, epoch: int) -> Path:
+    return partial / f"epoch_{epoch:03d}.safetensors"
+
+
+def _key(epoch: int, name: str) -> str:
+    return f"epoch_{epoch:03d}/{name}"
+
+
+_STREAMS = {"init": 0, "shuffle": 1, "augment": 2}
+
+
+def _generator(seed: int, index: int, stream: str) -> torch.Generator:
+    """An independent CPU generator per (base seed, expert, purpose), via numpy's SeedSequence.
+
+    Separate streams keep e.g. the shuffling order unchanged when DSA is switched off.
+    """
+    state = np.random.SeedSequence([seed, index, _STREAMS[stream]]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+EpochCallback = Callable[[int, int, float], None]  # (expert index, epoch, test accuracy)
+
+
+def evaluate_accuracy(
+    model: torch.nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1000
+) -> float:
+    """Fraction of (N, C, H, W) ``images`` that ``model`` classifies as ``labels`` (N,)."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(labels), batch_size):
+            logits = model(images[start : start + batch_size])
+            correct += int((logits.argmax(1) == labels[start : start + batch_size]).sum())
+    model.train(was_training)
+    return correct / max(len(labels), 1)
+
+
+def train_experts(
+    cfg: ExpertConfig,
+    out_dir: str | Path,
+    *,
+    dataset: Dataset | None = None,
+    root: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    on_epoch: EpochCallback | None = None,
+) -> list[Path]:
+    """Train ``cfg.num_experts`` experts into ``out_dir``, resuming whatever a past run finished.
+
+    Args:
+        dataset: an already loaded dataset (must match ``cfg.dataset`` / ``cfg.zca``); else it is
+            loaded with ``load_dataset(cfg.dataset, root, zca=cfg.zca)``.
+        on_epoch: ``(expert index, epoch, test accuracy)``, called after each checkpoint is on
+            disk (epoch 0 = the initial weights); an exception it raises stops the run there,
+            which is how the tests simulate a kill.
+
+    Returns the paths of the N expert files.
+    Raises ValueError if ``out_dir`` holds experts or partial runs of another configuration.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if dataset is None:
+        dataset = load_dataset(cfg.dataset, root, zca=cfg.zca)
+    elif dataset.info.name != cfg.dataset or (cfg.zca is not None and dataset.info.zca != cfg.zca):
+        raise ValueError(f"dataset {dataset.info.name!r} (zca={dataset.info.zca}) does not match "
+                         f"the config's {cfg.dataset!r} (zca={cfg.zca})")  # fmt: skip
+    device = torch.device(device)
+    data = _Tensors(
+        train_x=dataset.train_images.to(device), train_y=dataset.train_labels.to(device),
+        test_x=dataset.test_images.to(device), test_y=dataset.test_labels.to(device),
+    )  # fmt: skip
+    paths = []
+    experts_bar = tqdm(range(cfg.num_experts), desc="experts", unit="expert", disable=not progress)
+    for index in experts_bar:
+        path = expert_path(out, index)
+        if path.exists():
+            _check_same_config(_read_header(path), cfg, path)
+            shutil.rmtree(_partial_dir(out, index), ignore_errors=True)  # killed after the rename
+        else:
+            _train_one(cfg, dataset, data, out, index, device, progress, on_epoch)
+        paths.append(path)
+    return paths
+
+
+@dataclass(frozen=True)
+class _Tensors:
+    train_x: Tensor  # (N, C, H, W) on the training device
+    train_y: Tensor  # (N,)
+    test_x: Tensor
+    test_y: Tensor
+
+
+def _train_one(
+    cfg: ExpertConfig,
+    dataset: Dataset,
+    data: _Tensors,
+    out: Path,
+    index: int,
+    device: torch.device,
+    progress: bool,
+    on_epoch: EpochCallback | None,
+) -> None:
+    arch = cfg.model_config(dataset)
+    model = _skeleton(arch).to(device)
+    names = [n for n, _ in model.named_parameters()]
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    shuffle_gen = _generator(cfg.seed, index, "shuffle")
+    augment_gen = _generator(cfg.seed, index, "augment")
+    partial = _partial_dir(out, index)
+    last = _last_saved_epoch(partial, cfg)
+    if last >= 0:
+        tensors, _ = load_tensors(_epoch_path(partial, last))
+        _set_params(model, {n: tensors[f"params/{n}"] for n in names})
+        shuffle_gen.set_state(tensors["rng/shuffle"])
+        augment_gen.set_state(tensors["rng/augment"])
+        for n, p in model.named_parameters():
+            if f"momentum/{n}" in tensors:
+                optimizer.state[p]["momentum_buffer"] = tensors[f"momentum/{n}"].to(device)
+    else:
+        last = 0
+        _set_params(model, init_params(model, _generator(cfg.seed, index, "init")))
+        acc = evaluate_accuracy(model, data.test_x, data.test_y)
+        _save_epoch(partial, 0, model, optimizer, shuffle_gen, augment_gen, cfg, acc, 0.0)
+        if on_epoch is not None:
+            on_epoch(index, 0, acc)
+
+    dsa = DSA() if cfg.dsa else None
+    n = len(data.train_y)
+    bar = tqdm(range(last + 1, cfg.epochs + 1), desc=f"expert {index}", unit="epoch",
+               leave=False, disable=not progress, initial=last, total=cfg.epochs)  # fmt: skip
+    for epoch in bar:
+        start = time.perf_counter()
+        model.train()
+        order = torch.randperm(n, generator=shuffle_gen).to(device)
+        for first in range(0, n, cfg.batch_size):  # the last batch may be smaller, as MTT's
+            batch = order[first : first + cfg.batch_size]
+            x, y = data.train_x[batch], data.train_y[batch]
+            if dsa is not None:
+                x = dsa(x, augment_gen)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        seconds = time.perf_counter() - start
+        acc = evaluate_accuracy(model, data.test_x, data.test_y)
+        _save_epoch(partial, epoch, model, optimizer, shuffle_gen, augment_gen, cfg, acc, seconds)
+        bar.set_postfix(loss=f"{loss.item():.3f}", test_acc=f"{acc:.4f}")
+        if on_epoch is not None:
+            on_epoch(index, epoch, acc)
+    bar.close()
+    _finish(cfg, dataset, arch, out, index, names, device)
+
+
+def _skeleton(arch: ConvNetConfig) -> ConvNet:
+    """A ConvNet whose weights will be overwritten, built without touching the caller's RNG.
+
+    nn.Conv2d / nn.Linear draw their default init from the global RNG; it is forked here so that
+    nothing outside this module notices (house rule: explicit generators only).
+    """
+    with torch.random.fork_rng(devices=[]):
+        return ConvNet(arch)
+
+
+def _set_params(model: torch.nn.Module, params: Mapping[str, Tensor]) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(params[name])
+
+
+def _save_epoch(
+    partial: Path,
+    epoch: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    shuffle_gen: torch.Generator,
+    augment_gen: torch.Generator,
+    cfg: ExpertConfig,
+    accuracy: float,
+    seconds: float,
+) -> None:
+    """One epoch's weights plus everything needed to continue from it, written atomically."""
+    tensors = {f"params/{n}": p for n, p in model.named_parameters()}
+    tensors["rng/shuffle"] = shuffle_gen.get_state()
+    tensors["rng/augment"] = augment_gen.get_state()
+    for n, p in model.named_parameters():
+        buf = optimizer.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            tensors[f"momentum/{n}"] = buf
+    header = {"format": f"{FORMAT}.partial", "expert_config": cfg.to_dict(), "epoch": epoch,
+              "accuracy": accuracy, "seconds": seconds}  # fmt: skip
+    save_tensors(_epoch_path(partial, epoch), tensors, header)
+
+
+def _last_saved_epoch(partial: Path, cfg: ExpertConfig) -> int:
+    """k where epochs 0..k are all saved in ``partial`` (-1 if none), checking their config."""
+    epoch = 0
+    while epoch <= cfg.epochs and (path := _epoch_path(partial, epoch)).is_file():
+        _check_same_config(_read_header(path), cfg, path)
+        epoch += 1
+    return epoch - 1
+
+
+def _finish(
+    cfg: ExpertConfig,
+    dataset: Dataset,
+    arch: ConvNetConfig,
+    out: Path,
+    index: int,
+    names: Sequence[str],
+    device: torch.device,
+) -> None:
+    """Gather the epoch checkpoints into the expert file (atomic), then drop them."""
+    partial = _partial_dir(out, index)
+    tensors: dict[str, Tensor] = {}
+    accuracy, seconds = [], []
+    for epoch in range(cfg.epochs + 1):
+        saved, header = load_tensors(_epoch_path(partial, epoch))
+        tensors.update({_key(epoch, n): saved[f"params/{n}"] for n in names})
+        accuracy.append(header["accuracy"])
+        if epoch > 0:
+            seconds.append(header["seconds"])
+    info = dataset.info.to_dict()
+    info.pop("class_names")
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "architecture": arch.to_dict(),
+        "dataset": dataset.info.name,
+        "dataset_info": info,
+        "expert_config": cfg.to_dict(),
+        "expert_index": index,
+        "seed": cfg.seed,
+        "lr": cfg.lr,
+        "epochs": cfg.epochs,
+        "test_accuracy": accuracy,
+        "seconds_per_epoch": seconds,
+        "provenance": provenance(device),
+    }
+    save_tensors(expert_path(out, index), tensors, header)
+    shutil.rmtree(partial)
+
+
+# ----------------------------------------------------------------------------------------------
+# Headers and config checks
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_header(path: Path) -> dict:
+    """The JSON header of a file written by save_tensors, without reading its tensors."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return json.loads(meta.get("header", "{}"))
+    except Exception as err:  # safetensors raises its own error types for broken files
+        raise ValueError(f"{path} is truncated or not a tesla_func file ({err}); "
+                         "delete it and run again") from err  # fmt: skip
+
+
+def _diff(found: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+    keys = sorted(set(found) | set(expected))
+    return [f"{k}: file has {found.get(k, '(missing)')!r}, expected {expected.get(k, '(missing)')!r}"
+            for k in keys if found.get(k) != expected.get(k)]  # fmt: skip
+
+
+def _check_same_config(header: Mapping[str, Any], cfg: ExpertConfig, path: Path) -> None:
+    """A resumed run must continue with the settings that made the files already there."""
+    # num_experts may grow between runs: training more experts into the same folder is fine.
+    found = {k: v for k, v in header.get("expert_config", {}).items() if k != "num_experts"}
+    wanted = {k: v for k, v in cfg.to_dict().items() if k != "num_experts"}
+    problems = _diff(found, wanted)
+    if problems:
+        raise ValueError(f"{path} was made with another expert config ({'; '.join(problems)}); "
+                         "use another output folder or delete it")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def load_expert(
+    path: str | Path,
+    expect_config: ConvNetConfig | None = None,
+    expect_dataset: str | None = None,
+) -> ExpertTrajectory:
+    """Read one expert file, checking its architecture, keys and shapes.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: truncated/corrupt file, another architecture or dataset than expected, or
+            tensors missing / extra / of the wrong shape (each one named).
+    """
+    path = Path(path)
+    tensors, header = load_tensors(path)
+    if header.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a tesla_func expert file (format {header.get('format')!r})")
+    try:
+        arch = ConvNetConfig(**header["architecture"])
+        epochs = int(header["epochs"])
+        accuracy = tuple(float(a) for a in header["test_accuracy"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path} has a broken header ({err!r})") from err
+    if expect_config is not None and arch != expect_config:
+        problems = _diff(arch.to_dict(), expect_config.to_dict())
+        raise ValueError(f"{path} holds another architecture: {'; '.join(problems)}")
+    if expect_dataset is not None and header.get("dataset") != expect_dataset:
+        raise ValueError(f"{path} was trained on {header.get('dataset')!r}, "
+                         f"expected {expect_dataset!r}")  # fmt: skip
+    shapes = {n: tuple(p.shape) for n, p in _skeleton(arch).named_parameters()}
+    expected = {_key(e, n): s for e in range(epochs + 1) for n, s in shapes.items()}
+    problems = [f"missing {k}" for k in expected if k not in tensors]
+    problems += [f"unexpected {k}" for k in tensors if k not in expected]
+    problems += [f"{k} has shape {tuple(tensors[k].shape)}, the architecture needs {s}"
+                 for k, s in expected.items() if k in tensors and tuple(tensors[k].shape) != s]  # fmt: skip
+    if len(accuracy) != epochs + 1:
+        problems.append(f"{len(accuracy)} test accuracies for {epochs} epochs (expected {epochs + 1})")
+    if problems:
+        shown = "; ".join(problems[:10]) + (f"; ... {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise ValueError(f"{path} does not match its architecture {arch}: {shown}")
+    params = tuple({n: tensors[_key(e, n)] for n in shapes} for e in range(epochs + 1))
+    return ExpertTrajectory(config=arch, dataset=str(header.get("dataset")), params=params,
+                            test_accuracy=accuracy, lr=float(header["lr"]), header=header,
+                            path=path)  # fmt: skip
+
+
+def load_experts(
+    directory: str | Path,
+    expect_config: ConvNetConfig | None = None,
+    expect_dataset: str | None = None,
+) -> list[ExpertTrajectory]:
+    """Every finished expert in ``directory`` (``expert_*.safetensors``), in index order.
+
+    Without ``expect_config`` / ``expect_dataset`` the first expert's are expected of all the
+    others, so the list is always one architecture on one dataset.
+    """
+    directory = Path(directory)
+    paths = sorted(directory.glob("expert_*.safetensors"))
+    if not paths:
+        raise FileNotFoundError(
+            f"no expert files (expert_*.safetensors) in {directory}; train some with "
+            f"`tesla-func experts --dataset NAME --out {directory}`"
+        )
+    experts = []
+    for path in paths:
+        expert = load_expert(path, expect_config, expect_dataset)
+        expect_config, expect_dataset = expert.config, expert.dataset
+        experts.append(expert)
+    return experts

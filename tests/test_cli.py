@@ -1,0 +1,76 @@
+"""The command line builds a config, calls the library, and reports errors without a traceback."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from tesla_func import cli
+from tesla_func.data import ENV_VAR
+from tesla_func.experts import load_experts
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_data_lists_every_dataset_and_where_it_looked(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert cli.main(["data", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for name in ("fashion-mnist", "digits", "cifar10", "cifar100", "imagenet64"):
+        assert name in out
+    assert "digits         found" in out
+    assert f"cifar10        missing  looked in: {tmp_path}" in out
+    assert "apt-get install dataset-fashion-mnist" in out
+
+
+def test_experts_builds_the_config_and_trains(tmp_path, capsys):
+    out_dir = tmp_path / "experts"
+    argv = ["experts", "--dataset", "digits", "--num-experts", "1", "--epochs", "2", "--width", "6",
+            "--depth", "2", "--lr", "0.1", "--batch-size", "128", "--no-dsa", "--seed", "3",
+            "--no-progress", "--out", str(out_dir)]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert "1 experts in" in capsys.readouterr().out
+    (expert,) = load_experts(out_dir)
+    assert expert.config.width == 6 and expert.config.depth == 2 and expert.epochs == 2
+    written = expert.header["expert_config"]
+    assert written["dsa"] is False and written["seed"] == 3 and written["batch_size"] == 128
+    assert written["zca"] is None and expert.lr == 0.1
+
+
+def test_booleans_are_flags_not_strings():
+    parser = cli.build_parser()
+    on = parser.parse_args(["experts", "--out", "x"])
+    off = parser.parse_args(["experts", "--out", "x", "--no-dsa", "--zca"])
+    assert on.dsa is True and on.zca is None and off.dsa is False and off.zca is True
+    for action in parser._subparsers._group_actions[0].choices["experts"]._actions:
+        assert action.type is not bool, action.dest
+
+
+def test_errors_are_reported_not_raised(tmp_path, capsys):
+    status = cli.main(["experts", "--dataset", "fashion-mnist", "--root", str(tmp_path),
+                       "--out", str(tmp_path / "o"), "--no-progress"])  # fmt: skip
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "tesla-func experts: error: dataset 'fashion-mnist' not found" in err
+    assert str(tmp_path) in err and "apt-get install dataset-fashion-mnist" in err
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["experts", "--dataset", "mnist3d", "--out", "o"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'mnist3d'" in capsys.readouterr().err
+
+
+def test_a_new_command_is_one_entry():
+    seen = []
+    commands = {**cli.COMMANDS, "hello": cli.Command(
+        "say hello", lambda p: p.add_argument("--name"), lambda a: seen.append(a.name) or 0)}  # fmt: skip
+    args = cli.build_parser(commands).parse_args(["hello", "--name", "x"])
+    assert commands[args.command].run(args) == 0 and seen == ["x"]
+    assert isinstance(cli.build_parser(), argparse.ArgumentParser)

@@ -1,0 +1,216 @@
+"""Property tests of what each matching method computes (float64, tiny nets).
+
+- exact == unrolled (loss, images, labels and lr gradients): proofs/c_adjoint.md
+- tesla == gradient of the first-order (detached-state) unrolled loop: proofs/b_two_pass.md
+- at T = 1 all three agree; for T >= 2 tesla measurably differs from unrolled.
+Both references are independent plain-autograd loops (tests/reference.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from tesla_func import METHODS, ConvNet, match_trajectory
+from tesla_func.models import init_params
+from tests.reference import unrolled_reference
+
+RTOL = 1e-7
+SETTINGS = settings(max_examples=30, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+class TinyMLP(nn.Module):
+    """A caller's own module: nothing of ConvNet, to show any skeleton works."""
+
+    def __init__(self, channels: int, side: int, classes: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(channels * side * side, 6), nn.Tanh(),
+                                 nn.Linear(6, classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def shifted_augment(x, step):
+    """Deterministic per step, differentiable, and different at every step."""
+    return torch.roll(x, shifts=step, dims=-1) * (1.0 + 0.1 * step) + 0.01 * step
+
+
+@st.composite
+def matching_cases(draw, min_steps=1, max_steps=6):
+    """A random small matching problem; returns the positional arguments of match_trajectory."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    channels = draw(st.integers(1, 2))
+    side = draw(st.sampled_from([4, 6, 8]))
+    classes = draw(st.integers(2, 4))
+    n = draw(st.integers(2, 10))
+    steps = draw(st.integers(min_steps, max_steps))
+    if draw(st.booleans()):
+        model = ConvNet(channels=channels, num_classes=classes, image_size=side, width=3,
+                        depth=1, norm=draw(st.sampled_from(["instance", "none", "batch"]))).double()
+    else:
+        model = TinyMLP(channels, side, classes).double()
+    start = {k: v.double() for k, v in init_params(model, gen).items()}
+    scale = draw(st.sampled_from([0.01, 0.1]))
+    target = {k: v + scale * torch.randn(v.shape, generator=gen, dtype=v.dtype)
+              for k, v in start.items()}
+    images = torch.randn(n, channels, side, side, generator=gen, dtype=torch.float64)
+    if draw(st.booleans()):
+        labels = torch.randint(0, classes, (n,), generator=gen)
+    else:
+        labels = 2.0 * torch.randn(n, classes, generator=gen, dtype=torch.float64)
+    lr = torch.tensor(draw(st.sampled_from([1e-3, 1e-2, 1e-1, 0.5])), dtype=torch.float64)
+    disjoint = draw(st.booleans())
+    batch = draw(st.integers(1, n))
+    batches = []
+    order = torch.randperm(n, generator=gen)
+    for i in range(steps):
+        if disjoint:  # non-overlapping minibatches, refilled when the permutation runs out
+            if len(order) < batch:
+                order = torch.randperm(n, generator=gen)
+            batches.append(order[:batch].clone())
+            order = order[batch:]
+        else:  # overlapping: any indices, repeats allowed
+            batches.append(torch.randint(0, n, (batch,), generator=gen))
+    augment = shifted_augment if draw(st.booleans()) else None
+    return model, start, target, images, labels, lr, batches, augment
+
+
+def assert_close(actual, expected, what):
+    if expected is None:
+        assert actual is None, f"{what}: expected None"
+        return
+    torch.testing.assert_close(actual.reshape(expected.shape), expected, rtol=RTOL,
+                               atol=RTOL * float(expected.abs().max()) + 1e-300, msg=what)
+
+
+def assert_result_equals(result, reference, method):
+    loss, images_grad, labels_grad, lr_grad = reference
+    assert_close(result.loss, loss, f"{method}: loss")
+    assert_close(result.images_grad, images_grad, f"{method}: images_grad")
+    assert_close(result.labels_grad, labels_grad, f"{method}: labels_grad")
+    assert_close(result.lr_grad, lr_grad, f"{method}: lr_grad")
+
+
+@SETTINGS
+@given(case=matching_cases(), checkpoint_every=st.integers(1, 4))
+def test_exact_equals_unrolled(case, checkpoint_every):
+    model, start, target, images, labels, lr, batches, augment = case
+    reference = unrolled_reference(model, start, target, images, labels, lr, batches, augment)
+    for method in ("unrolled", "exact"):
+        result = match_trajectory(model, start, target, images, labels, lr, batches,
+                                  method=method, augment=augment,
+                                  checkpoint_every=checkpoint_every)
+        assert_result_equals(result, reference, method)
+
+
+@SETTINGS
+@given(case=matching_cases())
+def test_tesla_equals_first_order_unrolled(case):
+    model, start, target, images, labels, lr, batches, augment = case
+    reference = unrolled_reference(model, start, target, images, labels, lr, batches, augment,
+                                   first_order=True)
+    result = match_trajectory(model, start, target, images, labels, lr, batches, method="tesla",
+                              augment=augment)
+    assert_result_equals(result, reference, "tesla")
+
+
+@SETTINGS
+@given(case=matching_cases(min_steps=1, max_steps=1))
+def test_all_methods_agree_at_one_step(case):
+    model, start, target, images, labels, lr, batches, augment = case
+    results = {m: match_trajectory(model, start, target, images, labels, lr, batches, method=m,
+                                   augment=augment) for m in METHODS}
+    for method, result in results.items():
+        assert_result_equals(result, results["unrolled"], method)
+
+
+@SETTINGS
+@given(case=matching_cases(min_steps=2))
+def test_loss_is_the_same_for_every_method(case):
+    model, start, target, images, labels, lr, batches, augment = case
+    losses = [match_trajectory(model, start, target, images, labels, lr, batches, method=m,
+                               augment=augment).loss for m in METHODS]
+    for loss in losses[1:]:
+        torch.testing.assert_close(loss, losses[0], rtol=1e-12, atol=0)
+
+
+def _cosine(a, b):
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+@pytest.mark.parametrize("steps", [2, 4, 6])
+def test_tesla_differs_from_unrolled_for_two_or_more_steps(steps, record_property):
+    """On a generic case the first-order truncation is measurably not the MTT gradient."""
+    gen = torch.Generator().manual_seed(0)
+    model = ConvNet(channels=1, num_classes=3, image_size=8, width=4, depth=2).double()
+    start = {k: v.double() for k, v in init_params(model, gen).items()}
+    target = {k: v + 0.05 * torch.randn(v.shape, generator=gen, dtype=v.dtype)
+              for k, v in start.items()}
+    images = torch.randn(12, 1, 8, 8, generator=gen, dtype=torch.float64)
+    labels = torch.arange(12) % 3
+    lr = torch.tensor(0.1, dtype=torch.float64)
+    batches = [torch.randperm(12, generator=gen)[:6] for _ in range(steps)]
+    tesla = match_trajectory(model, start, target, images, labels, lr, batches, method="tesla")
+    full = match_trajectory(model, start, target, images, labels, lr, batches, method="unrolled")
+    cosine = _cosine(tesla.images_grad, full.images_grad)
+    relative = float((tesla.images_grad - full.images_grad).norm() / full.images_grad.norm())
+    record_property("cosine_tesla_vs_unrolled", cosine)
+    record_property("relative_error_tesla_vs_unrolled", relative)
+    print(f"T={steps}: cosine(tesla, unrolled) = {cosine:.6f}, relative error = {relative:.3e}")
+    assert relative > 1e-3, "the two-pass gradient should differ from MTT's for T >= 2"
+    assert cosine < 1 - 1e-6
+    # The last batch gets no Hessian correction: only earlier batches differ (proofs Eq. B4).
+    last = batches[-1]
+    only_last = torch.ones(12, dtype=torch.bool)
+    for index in batches[:-1]:
+        only_last[index] = False
+    only_last &= torch.isin(torch.arange(12), last)
+    if only_last.any():
+        torch.testing.assert_close(tesla.images_grad[only_last], full.images_grad[only_last],
+                                   rtol=1e-9, atol=1e-15)
+
+
+def test_inputs_are_not_mutated():
+    gen = torch.Generator().manual_seed(1)
+    model = ConvNet(channels=1, num_classes=3, image_size=8, width=4, depth=2, norm="batch").double()
+    buffers_before = {k: v.clone() for k, v in model.state_dict().items()}
+    start = {k: v.double() for k, v in init_params(model, gen).items()}
+    target = {k: v + 0.01 for k, v in start.items()}
+    images = torch.randn(6, 1, 8, 8, generator=gen, dtype=torch.float64)
+    labels = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    lr = torch.tensor(0.05, dtype=torch.float64)
+    copies = [t.clone() for t in (images, labels, lr, *start.values(), *target.values())]
+    for method in METHODS:
+        match_trajectory(model, start, target, images, labels, lr, [torch.arange(6)] * 3,
+                         method=method)
+    after = [images, labels, lr, *start.values(), *target.values()]
+    for before, now in zip(copies, after):
+        assert torch.equal(before, now)
+    for key, value in model.state_dict().items():  # BatchNorm running stats untouched
+        assert torch.equal(value, buffers_before[key]), key
+    assert all(m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_float32_matches_float64(method):
+    gen = torch.Generator().manual_seed(2)
+    model = ConvNet(channels=1, num_classes=3, image_size=8, width=4, depth=2)
+    start = init_params(model, gen)
+    target = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in start.items()}
+    images = torch.randn(8, 1, 8, 8, generator=gen)
+    labels = torch.arange(8) % 3
+    batches = [torch.arange(4), torch.arange(4, 8), torch.arange(8)]
+    r32 = match_trajectory(model, start, target, images, labels, 0.05, batches, method=method)
+    model64 = model.double()
+    r64 = match_trajectory(model64, {k: v.double() for k, v in start.items()},
+                           {k: v.double() for k, v in target.items()}, images.double(), labels,
+                           torch.tensor(0.05, dtype=torch.float64), batches, method=method)
+    assert r32.images_grad.dtype == torch.float32
+    torch.testing.assert_close(r32.images_grad.double(), r64.images_grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(r32.lr_grad.double(), r64.lr_grad, rtol=1e-4, atol=1e-6)
