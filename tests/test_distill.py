@@ -1,0 +1,166 @@
+"""Distillation (Algorithm 1): label strategies, the non-finite guard, bitwise resume, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import tesla_func.distill as distill_module
+from tesla_func.data import load_dataset
+from tesla_func.distill import DistillConfig, Distiller, load_synthetic
+from tesla_func.experts import ExpertConfig, load_experts, train_experts
+from tesla_func.matching import MatchResult
+from tesla_func.results import load_dataset_nc
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def experts_dir(tmp_path_factory, digits):
+    out = tmp_path_factory.mktemp("experts")
+    train_experts(ExpertConfig(dataset="digits", num_experts=2, epochs=3, width=8, seed=0,
+                               dsa=False), out, dataset=digits, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def experts(experts_dir):
+    return load_experts(experts_dir)
+
+
+def config(experts_dir, **changes):
+    base = DistillConfig(experts_dir=str(experts_dir), dataset="digits", ipc=2, iterations=4,
+                         syn_steps=3, expert_epochs=1, max_start_epoch=2, batch_syn=10,
+                         eval_epochs=3, eval_models=1, checkpoint_every=2, dsa=True)
+    return dataclasses.replace(base, **changes)
+
+
+def make(cfg, out, digits, experts):
+    return Distiller(cfg, out, progress=False, dataset=digits, experts=experts)
+
+
+@pytest.mark.parametrize("labels", ["hard", "sla", "sla-last", "learned", "sla-only"])
+def test_every_label_strategy_runs_and_writes_outputs(tmp_path, experts_dir, digits, experts,
+                                                      labels):
+    cfg = config(experts_dir, labels=labels)
+    distiller = make(cfg, tmp_path, digits, experts)
+    initial = distiller.state.images.clone()
+    synthetic = distiller.run()
+    n, k = 20, 10
+    assert synthetic.images.shape == (n, 1, 8, 8)
+    if labels == "hard":
+        assert torch.equal(synthetic.labels, torch.arange(k).repeat_interleave(2))
+    else:
+        assert synthetic.labels.shape == (n, k)
+        torch.testing.assert_close(synthetic.labels.sum(1), torch.ones(n))
+    assert (synthetic.label_logits is not None) == (labels == "learned")
+    changed = not torch.equal(synthetic.images, initial)
+    assert changed == (labels != "sla-only"), "only sla-only keeps the images frozen"
+    assert synthetic.lr > 0
+    loaded = load_synthetic(tmp_path / "synthetic.safetensors")
+    assert torch.equal(loaded.images, synthetic.images)
+    assert loaded.header["config"]["labels"] == labels
+    log = load_dataset_nc(tmp_path / "log.nc")
+    assert log.sizes["iteration"] == 4 and log.attrs["config"]["labels"] == labels
+    assert len(log["eval_accuracy_mean"]) == 1
+
+
+def test_learned_logits_start_near_one_hot(tmp_path, experts_dir, digits, experts):
+    distiller = make(config(experts_dir, labels="learned", label_init_confidence=0.8), tmp_path,
+                     digits, experts)
+    probs = torch.softmax(distiller.state.label_logits, -1)
+    torch.testing.assert_close(probs.max(1).values, torch.full((20,), 0.8))
+    assert torch.equal(probs.argmax(1), torch.arange(10).repeat_interleave(2))
+
+
+def test_sla_labels_come_from_the_target_checkpoint(tmp_path, experts_dir, digits, experts,
+                                                    monkeypatch):
+    seen = []
+    real = distill_module.match_trajectory
+
+    def spy(model, start, target, images, labels, *args, **kwargs):
+        seen.append((target, images.clone(), labels.clone()))
+        return real(model, start, target, images, labels, *args, **kwargs)
+
+    monkeypatch.setattr(distill_module, "match_trajectory", spy)
+    distiller = make(config(experts_dir, labels="sla", iterations=1), tmp_path, digits, experts)
+    distiller.step()
+    target, images, labels = seen[0]
+    teacher = torch.func.functional_call(distiller.model, target, (images,))
+    torch.testing.assert_close(labels, teacher)
+
+
+def test_non_finite_update_is_skipped_and_counted(tmp_path, experts_dir, digits, experts,
+                                                  monkeypatch):
+    def broken(*args, **kwargs):
+        images = args[3]
+        return MatchResult(torch.tensor(float("nan")), torch.full_like(images, float("nan")),
+                           None, torch.tensor(float("inf")))
+
+    distiller = make(config(experts_dir), tmp_path, digits, experts)
+    before = (distiller.state.images.clone(), distiller.state.log_lr.clone())
+    monkeypatch.setattr(distill_module, "match_trajectory", broken)
+    distiller.step()
+    assert distiller.state.skipped == 1 and distiller.state.log["skipped"] == [1.0]
+    assert torch.equal(distiller.state.images, before[0])
+    assert torch.equal(distiller.state.log_lr, before[1])
+
+
+def test_killed_run_resumes_bitwise(tmp_path, experts_dir, digits, experts, monkeypatch):
+    cfg = config(experts_dir, labels="learned", iterations=5, checkpoint_every=2)
+    full = make(cfg, tmp_path / "full", digits, experts).run()
+
+    killed = make(cfg, tmp_path / "killed", digits, experts)
+    real_step = killed.step
+
+    def dies_at_iteration_4():
+        if killed.state.iteration == 3:
+            raise KeyboardInterrupt  # the process is killed mid-run, after the checkpoint at 2
+        real_step()
+
+    monkeypatch.setattr(killed, "step", dies_at_iteration_4)
+    with pytest.raises(KeyboardInterrupt):
+        killed.run()
+    assert not (tmp_path / "killed" / "synthetic.safetensors").exists()
+    resumed_distiller = make(cfg, tmp_path / "killed", digits, experts)
+    assert resumed_distiller.state.iteration == 2  # the last checkpoint
+    resumed = resumed_distiller.run()
+    assert torch.equal(resumed.images, full.images)
+    assert torch.equal(resumed.label_logits, full.label_logits)
+    assert resumed.lr == full.lr
+
+
+def test_resume_with_another_config_is_refused(tmp_path, experts_dir, digits, experts):
+    make(config(experts_dir), tmp_path, digits, experts).run(stop_after=2)
+    with pytest.raises(ValueError, match=r"belongs to another run.*lr_img"):
+        make(config(experts_dir, lr_img=5.0), tmp_path, digits, experts)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(ipc=10_000), r"ipc 10000 is larger than the smallest class"),
+    (dict(batch_syn=21), r"batch_syn 21 is larger than the synthetic set \(ipc 2 x 10"),
+    (dict(max_start_epoch=3, expert_epochs=2), r"needs checkpoints up to epoch 4.*have 3 epochs"),
+    (dict(dataset="fashion-mnist"), r"trained on 'digits'.*distils 'fashion-mnist'"),
+])
+def test_bad_setups_fail_before_any_work(tmp_path, experts_dir, digits, experts, changes, message):
+    with pytest.raises(ValueError, match=message):
+        make(config(experts_dir, **changes), tmp_path, digits, experts)
+    assert not (tmp_path / "checkpoint.safetensors").exists()
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(syn_steps=0), "syn_steps must be an int >= 1"),
+    (dict(iterations=0), "iterations must be an int >= 1"),
+    (dict(method="adjoint"), "unknown method 'adjoint'"),
+    (dict(labels="soft"), "unknown label strategy 'soft'"),
+    (dict(lr_init=-0.1), "lr_init must be finite and > 0"),
+    (dict(lr_img=float("nan")), "lr_img must be finite"),
+])
+def test_bad_config_values(changes, message):
+    with pytest.raises(ValueError, match=message):
+        DistillConfig(**changes)
