@@ -1,0 +1,128 @@
+"""What every experiment script shares: cached experts, presets, and writing its three outputs.
+
+An experiment is a thin script (``experiments/*.py``) with a frozen config dataclass whose
+defaults are the small CPU run, a ``PRESETS`` dict (at least ``"paper"``), and
+``main(cfg) -> xarray.Dataset``. It writes under ``results/<name>/``:
+
+- ``<name>.nc``: the results Dataset with its config, seed, versions, git revision and device;
+- ``<name>.png``: a seaborn figure drawn from the saved ``.nc`` only;
+- ``<name>.md``: a Markdown table of the headline numbers, with the command that made them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import shlex
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import xarray as xr
+
+from tesla_func.experts import ExpertConfig, train_experts
+from tesla_func.fileio import atomic_write_text
+from tesla_func.results import save_dataset
+
+CACHE_ENV = "TESLA_FUNC_CACHE"
+RESULTS_DIR = Path("results")
+
+Config = TypeVar("Config")
+
+
+def cache_dir() -> Path:
+    """Where trained experts are kept between runs: $TESLA_FUNC_CACHE or ./cache."""
+    return Path(os.environ.get(CACHE_ENV, "cache"))
+
+
+def experts_dir(cfg: ExpertConfig) -> Path:
+    """One folder per expert configuration, so experiments that agree on it share the experts."""
+    tag = (f"{cfg.dataset}-w{cfg.width}-d{cfg.depth}-{cfg.norm}-e{cfg.epochs}-n{cfg.num_experts}"
+           f"-lr{cfg.lr:g}-b{cfg.batch_size}-{'dsa' if cfg.dsa else 'nodsa'}-s{cfg.seed}")
+    return cache_dir() / "experts" / tag
+
+
+def ensure_experts(cfg: ExpertConfig, *, device: str = "cpu", progress: bool = True) -> Path:
+    """Train the experts of ``cfg`` unless cached (a killed run resumes); return their folder."""
+    out = experts_dir(cfg)
+    train_experts(cfg, out, device=device, progress=progress)
+    return out
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub Markdown table; floats with 4 significant digits."""
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return "-" if math.isnan(value) else f"{value:.4g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def percent(mean: float, std: float) -> str:
+    """An accuracy fraction pair as the field prints it: '73.2 +- 0.4'."""
+    return f"{100 * mean:.1f} +- {100 * std:.1f}"
+
+
+def command_line() -> str:
+    """The command that is running, to be written beside its results."""
+    return " ".join(shlex.quote(a) for a in ["python", *sys.argv])
+
+
+def write_outputs(ds: xr.Dataset, name: str, *, plot: Callable[[Path, Path], Any],
+                  table: str, notes: str = "", out_dir: Path | None = None) -> dict[str, Path]:
+    """Write ``<name>.nc``, then the figure (from the saved file) and the Markdown table."""
+    out = (out_dir or RESULTS_DIR / name)
+    out.mkdir(parents=True, exist_ok=True)
+    ds = ds.copy()
+    ds.attrs["command"] = command_line()
+    nc = save_dataset(ds, out / f"{name}.nc")
+    png = out / f"{name}.png"
+    plot(nc, png)
+    device = ds.attrs.get("device", "unknown device")
+    md = out / f"{name}.md"
+    atomic_write_text(md, f"# {name}\n\nMade by `{ds.attrs['command']}` at git revision "
+                          f"`{ds.attrs.get('git_revision', 'unknown')}` on {device}.\n\n"
+                          f"{table}\n\n{notes}".rstrip() + "\n")
+    return {"netcdf": nc, "figure": png, "table": md}
+
+
+def parse_config(cfg_type: type[Config], presets: Mapping[str, Config], description: str,
+                 argv: Sequence[str] | None = None) -> Config:
+    """Build a config from ``--preset NAME`` and ``--field value`` overrides of its fields.
+
+    Every field of the dataclass becomes a flag (``--syn-steps 30``); booleans take
+    ``--flag/--no-flag``; tuples take several values. The CLI only builds the config.
+    """
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(presets), default=None,
+                        help="start from a named preset instead of the small CPU default")
+    defaults = cfg_type()
+    for field in dataclasses.fields(cfg_type):
+        flag = "--" + field.name.replace("_", "-")
+        value = getattr(defaults, field.name)
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif isinstance(value, tuple):
+            kind = type(value[0]) if value else str
+            parser.add_argument(flag, nargs="+", type=kind, default=None)
+        else:
+            kind = type(value) if value is not None else str
+            parser.add_argument(flag, type=kind, default=None)
+    args = parser.parse_args(argv)
+    base = presets[args.preset] if args.preset else defaults
+    changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg_type)
+               if getattr(args, f.name) is not None}
+    changes = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
+    return dataclasses.replace(base, **changes)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
