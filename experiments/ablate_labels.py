@@ -17,7 +17,6 @@ the published anchors.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +24,10 @@ import numpy as np
 import torch
 import xarray as xr
 
-from tesla_func.augment import DSA
-from tesla_func.data import load_dataset
-from tesla_func.distill import LABEL_STRATEGIES, DistillConfig, Distiller
-from tesla_func.evaluate import EvalConfig, evaluate, random_real_subset
+from tesla_func.distill import LABEL_STRATEGIES, DistillConfig
 from tesla_func.experiment import (
-    ensure_experts, markdown_table, parse_config, percent, write_outputs,
+    distill_cached, ensure_experts, markdown_table, parse_config, percent, random_real_baseline,
+    write_outputs,
 )
 from tesla_func.experts import ExpertConfig
 from tesla_func.plots import plot_accuracy_vs_iteration
@@ -95,7 +92,7 @@ def _distill_config(cfg: AblateLabelsConfig, experts_dir: Path, ipc: int,
     )
 
 
-def main(cfg: AblateLabelsConfig, runs_dir: Path = Path("runs") / NAME) -> xr.Dataset:
+def main(cfg: AblateLabelsConfig) -> xr.Dataset:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     experts_dir = ensure_experts(_expert_config(cfg), device=cfg.device)
@@ -107,23 +104,14 @@ def main(cfg: AblateLabelsConfig, runs_dir: Path = Path("runs") / NAME) -> xr.Da
     baseline = np.full((len(cfg.ipcs), 2), np.nan)
     for j, ipc in enumerate(cfg.ipcs):
         for i, labels in enumerate(cfg.labels):
-            distiller = Distiller(_distill_config(cfg, experts_dir, ipc, labels),
-                                  runs_dir / f"ipc{ipc}-{labels}", dataset=dataset)
+            distiller = distill_cached(_distill_config(cfg, experts_dir, ipc, labels), dataset)
             dataset = distiller.dataset  # load once, share with the next runs
-            distiller.run()
             evals = distiller.state.evals
             for it, mean, std in zip(evals["iteration"], evals["accuracy_mean"],
                                      evals["accuracy_std"]):
                 k = points.index(int(it))
                 accuracy[i, j, k], spread[i, j, k] = mean, std
-        # The baseline: random real images of the same count, same protocol, hard labels.
-        gen = torch.Generator().manual_seed(cfg.seed)
-        images, classes = random_real_subset(dataset.train_images, dataset.train_labels, ipc, gen)
-        result = evaluate(images, classes, dataset.test_images, dataset.test_labels,
-                          EvalConfig(arch="convnet", arch_kwargs={"width": cfg.width},
-                                     epochs=cfg.eval_epochs, lr=0.01, num_models=cfg.eval_models,
-                                     seed=cfg.seed, device=cfg.device, progress=False),
-                          DSA(), num_classes=dataset.info.num_classes)
+        result = random_real_baseline(dataset, ipc, distiller.protocol(lr=0.01), cfg.seed)
         baseline[j] = result.mean, result.std
     best = np.fmax.accumulate(np.nan_to_num(accuracy, nan=-np.inf), axis=-1)
     return make_dataset(

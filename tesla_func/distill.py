@@ -336,6 +336,7 @@ class Distiller:
         self.dsa = DSA() if cfg.dsa else None
         self.classes = torch.arange(self.dataset.info.num_classes,
                                     device=self.device).repeat_interleave(cfg.ipc)
+        self.last_eval = None  # the EvalResult of the latest evaluation this process made
         checkpoint = self.out / _CHECKPOINT
         self.state = (_load_checkpoint(checkpoint, cfg, self.device) if checkpoint.exists()
                       else _initial_state(cfg, self.dataset, self.beta0, self.device))
@@ -423,21 +424,26 @@ class Distiller:
                             float(s.log_lr.exp()), None if s.label_logits is None
                             else s.label_logits.detach().cpu(), header)
 
-    def evaluate(self, synthetic: SyntheticSet | None = None):
-        """The evaluation protocol (reduced by cfg.eval_epochs / eval_models) on the real test set."""
+    def protocol(self, lr: float, arch: str = "convnet", **arch_kwargs: Any) -> EvalConfig:
+        """The evaluation protocol of this run (PROTOCOL.md section 6 with cfg.eval_epochs and
+        cfg.eval_models); ``arch="convnet"`` is the experts' own architecture."""
+        if arch == "convnet" and not arch_kwargs:
+            c = self.experts[0].config
+            arch_kwargs = {"width": c.width, "depth": c.depth, "norm": c.norm}
+        return EvalConfig(arch=arch, arch_kwargs=arch_kwargs, epochs=self.cfg.eval_epochs, lr=lr,
+                          num_models=self.cfg.eval_models, seed=self.cfg.seed,
+                          device=self.cfg.device, progress=False)
+
+    def evaluate(self, synthetic: SyntheticSet | None = None, protocol: EvalConfig | None = None):
+        """Train fresh networks on the synthetic set (with its learned lr) and test them."""
         synthetic = synthetic or self.synthetic_set()
-        arch = self.experts[0].config
-        eval_cfg = EvalConfig(arch="convnet", arch_kwargs={"width": arch.width, "depth": arch.depth,
-                                                           "norm": arch.norm},
-                              epochs=self.cfg.eval_epochs, lr=synthetic.lr,
-                              num_models=self.cfg.eval_models, seed=self.cfg.seed,
-                              device=self.cfg.device, progress=False)
+        protocol = protocol or self.protocol(lr=synthetic.lr)
         return evaluate(synthetic.images, synthetic.labels, self.dataset.test_images,
-                        self.dataset.test_labels, eval_cfg, DSA() if self.cfg.dsa else None,
+                        self.dataset.test_labels, protocol, DSA() if self.cfg.dsa else None,
                         num_classes=self.dataset.info.num_classes)
 
     def _record_eval(self) -> None:
-        result = self.evaluate()
+        result = self.last_eval = self.evaluate()
         s = self.state
         for name, value in (("iteration", s.iteration), ("accuracy_mean", result.mean),
                             ("accuracy_std", result.std)):

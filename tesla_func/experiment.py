@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import shlex
@@ -24,6 +26,10 @@ from typing import Any, TypeVar
 import torch
 import xarray as xr
 
+from tesla_func.augment import DSA
+from tesla_func.data import Dataset
+from tesla_func.distill import DistillConfig, Distiller
+from tesla_func.evaluate import EvalConfig, EvalResult, evaluate, random_real_subset
 from tesla_func.experts import ExpertConfig, train_experts
 from tesla_func.fileio import atomic_write_text
 from tesla_func.results import save_dataset
@@ -51,6 +57,30 @@ def ensure_experts(cfg: ExpertConfig, *, device: str = "cpu", progress: bool = T
     out = experts_dir(cfg)
     train_experts(cfg, out, device=device, progress=progress)
     return out
+
+
+def run_dir(cfg: DistillConfig) -> Path:
+    """Where the distillation run of ``cfg`` lives: one folder per config (hash of all fields), so
+    experiments that ask for the same run share it, and a killed run resumes."""
+    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+    return cache_dir() / "runs" / f"{cfg.dataset}-ipc{cfg.ipc}-{cfg.method}-{cfg.labels}-{digest}"
+
+
+def distill_cached(cfg: DistillConfig, dataset: Dataset | None = None) -> Distiller:
+    """Run (or resume, or just reload) the distillation of ``cfg``; returns the finished Distiller."""
+    distiller = Distiller(cfg, run_dir(cfg), dataset=dataset)
+    distiller.run()
+    return distiller
+
+
+def random_real_baseline(dataset: Dataset, ipc: int, protocol: EvalConfig,
+                         seed: int = 0) -> EvalResult:
+    """The field's baseline: ``ipc`` random real training images per class with hard labels,
+    trained and tested in the same protocol as the distilled sets (DSA on every batch)."""
+    images, classes = random_real_subset(dataset.train_images, dataset.train_labels, ipc,
+                                         torch.Generator().manual_seed(seed))
+    return evaluate(images, classes, dataset.test_images, dataset.test_labels, protocol, DSA(),
+                    num_classes=dataset.info.num_classes)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

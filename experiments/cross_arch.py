@@ -1,0 +1,145 @@
+"""The transfer table: sets distilled with ConvNet, evaluated on other architectures.
+
+    python experiments/cross_arch.py                  # small CPU default (reduced widths/protocol)
+    python experiments/cross_arch.py --preset paper   # full ResNet-18 / ViT, 1000 epochs, GPU
+
+Distils (or reuses from ./cache, when another experiment made the same run) `tesla` sets with hard
+labels and with SLA using ConvNet experts, then trains fresh ConvNet, ConvNetD4, ResNet-18 and ViT
+models on them and on a random real subset of the same size, all in one protocol (PROTOCOL.md
+section 6; every architecture trained with the set's learned lr, as MTT's transfer table does).
+Writes results/cross_arch/cross_arch.{nc,png,md}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import xarray as xr
+
+from tesla_func.data import load_dataset
+from tesla_func.distill import DistillConfig
+from tesla_func.experiment import (
+    distill_cached, ensure_experts, markdown_table, parse_config, percent, write_outputs,
+)
+from tesla_func.augment import DSA
+from tesla_func.evaluate import EvalConfig, evaluate, random_real_subset
+from tesla_func.experts import ExpertConfig
+from tesla_func.plots import plot_bar
+from tesla_func.results import make_dataset
+
+NAME = "cross_arch"
+
+
+@dataclass(frozen=True)
+class CrossArchConfig:
+    dataset: str = "fashion-mnist"
+    ipc: int = 10
+    sets: tuple[str, ...] = ("tesla/hard", "tesla/sla")  # method/labels distilled with ConvNet
+    archs: tuple[str, ...] = ("convnet", "convnetd4", "resnet18", "vit")
+    resnet_width: int = 16  # ResNet-18 first-stage width (64 is the standard network)
+    vit_dim: int = 64  # ViT token width (library default 128)
+    vit_depth: int = 4  # ViT blocks (library default 6)
+    # experts and distillation: the same as main_table's defaults, so its runs are reused
+    num_experts: int = 3
+    expert_epochs_trained: int = 6
+    width: int = 32
+    iterations: int = 100
+    syn_steps: int = 10
+    expert_epochs: int = 2
+    max_start_epoch: int = 3
+    batch_syn_max: int = 100
+    lr_img: float = 100.0
+    lr_lr: float = 1e-2
+    eval_epochs: int = 300
+    eval_models: int = 2
+    seed: int = 0
+    threads: int = 0
+    device: str = "cpu"
+
+
+PRESETS = {
+    "paper": CrossArchConfig(
+        resnet_width=64, vit_dim=128, vit_depth=6, num_experts=20, expert_epochs_trained=50,
+        width=128, iterations=5000, syn_steps=30, max_start_epoch=20, batch_syn_max=500,
+        eval_epochs=1000, eval_models=5, device="cuda",
+    ),
+}
+
+
+def arch_kwargs(cfg: CrossArchConfig, arch: str) -> dict:
+    """The constructor arguments of each architecture under ``cfg`` (widths reduced on CPU)."""
+    return {"convnet": {"width": cfg.width}, "convnetd4": {"width": cfg.width},
+            "resnet18": {"width": cfg.resnet_width},
+            "vit": {"dim": cfg.vit_dim, "depth": cfg.vit_depth,
+                    "mlp_dim": 2 * cfg.vit_dim}}[arch]
+
+
+def main(cfg: CrossArchConfig) -> xr.Dataset:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    experts_dir = ensure_experts(ExpertConfig(dataset=cfg.dataset, num_experts=cfg.num_experts,
+                                              epochs=cfg.expert_epochs_trained, width=cfg.width),
+                                 device=cfg.device)
+    dataset = load_dataset(cfg.dataset)
+    k = dataset.info.num_classes
+    training_sets = {}
+    images, classes = random_real_subset(dataset.train_images, dataset.train_labels, cfg.ipc,
+                                         torch.Generator().manual_seed(cfg.seed))
+    training_sets["random/real"] = (images, classes, 0.01)
+    for name in cfg.sets:
+        method, labels = name.split("/")
+        distiller = distill_cached(DistillConfig(
+            experts_dir=str(experts_dir), dataset=cfg.dataset, ipc=cfg.ipc, method=method,
+            labels=labels, iterations=cfg.iterations, syn_steps=cfg.syn_steps,
+            expert_epochs=cfg.expert_epochs, max_start_epoch=cfg.max_start_epoch,
+            batch_syn=min(cfg.ipc * k, cfg.batch_syn_max), lr_img=cfg.lr_img, lr_lr=cfg.lr_lr,
+            eval_epochs=cfg.eval_epochs, eval_models=3, seed=cfg.seed, device=cfg.device,
+        ), dataset)
+        synthetic = distiller.synthetic_set()
+        training_sets[name] = (synthetic.images, synthetic.labels, synthetic.lr)
+    accuracy = np.full((len(training_sets), len(cfg.archs), cfg.eval_models), np.nan)
+    for i, (images, labels, lr) in enumerate(training_sets.values()):
+        for j, arch in enumerate(cfg.archs):
+            protocol = EvalConfig(arch=arch, arch_kwargs=arch_kwargs(cfg, arch),
+                                  epochs=cfg.eval_epochs, lr=lr, num_models=cfg.eval_models,
+                                  seed=cfg.seed, device=cfg.device, progress=False)
+            result = evaluate(images, labels, dataset.test_images, dataset.test_labels,
+                              protocol, DSA(), num_classes=k)
+            accuracy[i, j] = result.accuracies
+            print(f"{list(training_sets)[i]:>12} on {arch:>9}: {result}")
+    return make_dataset(
+        {"accuracy": (("set", "arch", "model"), accuracy, {"units": "fraction"})},
+        coords={"set": list(training_sets), "arch": list(cfg.archs),
+                "model": np.arange(cfg.eval_models)},
+        config=cfg, seed=cfg.seed, device=cfg.device, experts_dir=str(experts_dir),
+        protocol="paper" if cfg == PRESETS["paper"] else "reduced",
+    )
+
+
+def table(ds: xr.Dataset) -> str:
+    header = ["training set (ConvNet-distilled)"] + [str(a) for a in ds.arch.values]
+    rows = []
+    for name in ds.set.values:
+        row = [str(name).replace("/", " / ")]
+        for arch in ds.arch.values:
+            values = ds.accuracy.sel(set=name, arch=arch).values
+            row.append(percent(float(np.mean(values)), float(np.std(values))))
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+if __name__ == "__main__":
+    config = parse_config(CrossArchConfig, PRESETS, __doc__)
+    results = main(config)
+    text = table(results)
+    notes = ("Test accuracy (%), mean +- std over the evaluation models; every architecture is "
+             "trained with the set's learned lr (random real: 0.01). "
+             + ("Reduced CPU protocol: narrower ResNet-18 and ViT, shorter evaluation."
+                if results.attrs["protocol"] == "reduced" else ""))
+    paths = write_outputs(results, NAME, table=text, notes=notes,
+                          plot=lambda nc, png: plot_bar(nc, png, x="arch", hue="set",
+                                                        title="Cross-architecture transfer"))
+    print(text)
+    print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
