@@ -43,8 +43,14 @@ def main(cfg: BenchConfig) -> xr.Dataset:
     y = torch.arange(cfg.images) % cfg.classes
     xt = torch.randn(500, 1, cfg.side, cfg.side, generator=g)
     yt = torch.arange(500) % cfg.classes
-    base = EvalConfig(arch_kwargs={"width": cfg.width}, epochs=cfg.epochs, lr=0.01,
-                      num_models=cfg.num_models, seed=cfg.seed, progress=False)
+    base = EvalConfig(
+        arch_kwargs={"width": cfg.width},
+        epochs=cfg.epochs,
+        lr=0.01,
+        num_models=cfg.num_models,
+        seed=cfg.seed,
+        progress=False,
+    )
     # Warm-up: torch.func's first vmap(grad) call costs seconds of one-off set-up.
     evaluate(x, y, xt, yt, dataclasses.replace(base, epochs=1, num_models=1))
     times, accs = [], []
@@ -52,25 +58,36 @@ def main(cfg: BenchConfig) -> xr.Dataset:
         row_t, row_a = [], []
         for use_vmap in (True, False):
             r = evaluate(x, y, xt, yt, dataclasses.replace(base, use_vmap=use_vmap), augment)
-            print(f"augment={'dsa' if augment else 'none':4s} {r.engine:4s} {r.seconds:7.2f} s  "
-                  f"accuracies {[round(a, 4) for a in r.accuracies]}")
+            print(
+                f"augment={'dsa' if augment else 'none':4s} {r.engine:4s} {r.seconds:7.2f} s  "
+                f"accuracies {[round(a, 4) for a in r.accuracies]}"
+            )
             row_t.append(r.seconds)
             row_a.append(r.mean)
         times.append(row_t)
         accs.append(row_a)
         print(f"  speed-up loop / vmap: {row_t[1] / row_t[0]:.2f}x")
     return make_dataset(
-        {"time_s": (("augment", "engine"), times, {"units": "s"}),
-         "mean_accuracy": (("augment", "engine"), accs, {"units": "fraction"})},
+        {
+            "time_s": (("augment", "engine"), times, {"units": "s"}),
+            "mean_accuracy": (("augment", "engine"), accs, {"units": "fraction"}),
+        },
         coords={"augment": ["none", "dsa"], "engine": ["vmap", "loop"]},
-        config=cfg, seed=cfg.seed, device="cpu", threads=torch.get_num_threads(),
+        config=cfg,
+        seed=cfg.seed,
+        device="cpu",
+        threads=torch.get_num_threads(),
     )
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     for f in dataclasses.fields(BenchConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default
+        )
     cfg = BenchConfig(**vars(parser.parse_args()))
     ds = main(cfg)
     print(f"wrote {save_dataset(ds, cfg.out)}")

@@ -18,8 +18,10 @@ Two engines give the same numbers:
     reference for the vmap engine (and an independent check of :func:`sgd_step`), and the path
     for BatchNorm models.
 
-``config.use_vmap=None`` (the default) picks vmap on CUDA and the loop on CPU: on the 2-core CPU
-here vmap ran at 0.4-0.6x the loop's speed (experiments/bench_eval_vmap.py).
+``config.use_vmap=None`` (the default) picks vmap on CUDA and the loop on CPU: on the shared 2-core
+CPU here vmap ran at 0.37-0.41x the loop's speed end to end (K=5 ConvNet width 32, 100 images
+1x28x28, 300 epochs, with and without DSA; experiments/bench_eval_vmap.py) and 0.5-0.7x per step.
+The CUDA default is the usual expectation for small models, not measured here.
 
 Model ``k`` draws everything from three generators seeded from ``(config.seed, k)`` only: its
 initial weights, its batch order (one permutation per epoch) and its augmentation (one ``augment``
@@ -65,7 +67,8 @@ class EvalConfig:
     """How a set is evaluated; saved with every result."""
 
     arch: str = "convnet"  # a name in tesla_func.models.ARCHITECTURES
-    arch_kwargs: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"width": 32, "norm": "batch"}
+    # keyword arguments of the architecture, e.g. {"width": 32, "norm": "batch"}
+    arch_kwargs: Mapping[str, Any] = field(default_factory=dict)
     epochs: int = 1000  # E, passes over the training set
     lr: float = 0.01  # SGD lr for epochs [0, lr_decay_epoch); a distilled set's learned beta
     lr_decay_epoch: int | None = None  # first epoch at lr * lr_decay_factor; None -> epochs // 2
@@ -77,8 +80,8 @@ class EvalConfig:
     num_models: int = 5  # K independently initialised networks
     seed: int = 0  # root of every model's init / batch-order / augmentation generator, >= 0
     # Train the K models at once with vmap (True) or one after another (False); None = vmap on
-    # CUDA, loop on CPU, where vmap measured 0.4-0.6x the loop's speed (grouped convolutions and
-    # the batched GroupNorm rule are slow there; experiments/bench_eval_vmap.py). Models with
+    # CUDA, loop on CPU, where vmap ran at 0.4x the loop's speed (grouped convolutions and the
+    # batched GroupNorm rule are slow there; experiments/bench_eval_vmap.py). Models with
     # buffers (BatchNorm) always use the loop.
     use_vmap: bool | None = None
     device: str = "cpu"  # where training runs; the images' dtype is kept
@@ -175,7 +178,13 @@ def sgd_init() -> SGDState:
 
 
 def sgd_step(
-    params: Params, grads: Params, state: SGDState, *, lr: float, momentum: float, weight_decay: float
+    params: Params,
+    grads: Params,
+    state: SGDState,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
 ) -> tuple[Params, SGDState]:
     """One step of :class:`torch.optim.SGD` (dampening 0, no Nesterov), returning new dicts::
 
@@ -187,7 +196,9 @@ def sgd_step(
     written with the same tensor ops as torch's foreach implementation, so the two agree to the
     last bit on CPU.
     """
-    g = {k: grads[k].add(params[k], alpha=weight_decay) if weight_decay else grads[k] for k in params}
+    g = {
+        k: grads[k].add(params[k], alpha=weight_decay) if weight_decay else grads[k] for k in params
+    }
     if momentum:
         old = state.momentum_buffer
         g = {k: g[k].clone() if old is None else old[k].mul(momentum).add(g[k]) for k in g}
@@ -200,7 +211,11 @@ def sgd_step(
 
 
 def random_real_subset(
-    images: Tensor, labels: Tensor, ipc: int, generator: torch.Generator, num_classes: int | None = None
+    images: Tensor,
+    labels: Tensor,
+    ipc: int,
+    generator: torch.Generator,
+    num_classes: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``ipc`` distinct random images of every class: the 'random real' baseline.
 
@@ -231,16 +246,24 @@ def random_real_subset(
 
 
 def _check_sets(
-    images: Tensor, labels: Tensor, test_images: Tensor, test_labels: Tensor, num_classes: int | None
+    images: Tensor,
+    labels: Tensor,
+    test_images: Tensor,
+    test_labels: Tensor,
+    num_classes: int | None,
 ) -> int:
     """Validate the shapes, dtypes and label ranges; return the number of classes."""
     if images.dim() != 4 or not images.is_floating_point():
-        raise ValueError(f"images must be a float (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
+        raise ValueError(
+            f"images must be a float (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}"
+        )
     n = images.shape[0]
     if n == 0:
         raise ValueError("the training set is empty")
     if test_images.dim() != 4 or test_images.shape[0] == 0:
-        raise ValueError(f"test_images must be a non-empty (M, C, H, W) tensor, got {tuple(test_images.shape)}")
+        raise ValueError(
+            f"test_images must be a non-empty (M, C, H, W) tensor, got {tuple(test_images.shape)}"
+        )
     if test_images.shape[1:] != images.shape[1:]:
         raise ValueError(
             f"test images have shape (C, H, W) = {tuple(test_images.shape[1:])} but the model is "
@@ -257,11 +280,15 @@ def _check_sets(
         if not labels.is_floating_point():
             raise ValueError(f"soft labels (N, K) must be float probabilities, got {labels.dtype}")
         if num_classes is not None and labels.shape[1] != num_classes:
-            raise ValueError(f"soft labels have {labels.shape[1]} columns but num_classes is {num_classes}")
+            raise ValueError(
+                f"soft labels have {labels.shape[1]} columns but num_classes is {num_classes}"
+            )
         num_classes = labels.shape[1]
         sums = labels.sum(dim=1)
-        if not torch.isfinite(labels).all() or (labels < 0).any() or not torch.allclose(
-            sums, torch.ones_like(sums), atol=_SOFT_LABEL_ATOL
+        if (
+            not torch.isfinite(labels).all()
+            or (labels < 0).any()
+            or not torch.allclose(sums, torch.ones_like(sums), atol=_SOFT_LABEL_ATOL)
         ):
             raise ValueError(
                 "soft labels must be probabilities (finite, >= 0, rows summing to 1); for learned "
@@ -293,37 +320,55 @@ def _batches(n: int, batch_size: int) -> list[slice]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Engines. Both see validated, detached tensors on the target device and return (K,) accuracies.
+# Engines: (skeleton, K initial param dicts, sets, config, augment) -> ((K,) test accuracies,
+# name -> (K, ...) trained params). Both see validated, detached tensors on the target device.
+
+
+class _Sets(NamedTuple):
+    images: Tensor  # (N, C, H, W)
+    labels: Tensor  # (N,) long or (N, classes) probabilities in the images' dtype
+    test_images: Tensor  # (M, C, H, W)
+    test_labels: Tensor  # (M,) long
 
 
 def _train_vmap(
-    skeleton: nn.Module, inits: list[Params], images: Tensor, labels: Tensor,
-    test_images: Tensor, test_labels: Tensor, cfg: EvalConfig, augment: Augment | None,
+    skeleton: nn.Module, inits: list[Params], sets: _Sets, cfg: EvalConfig, augment: Augment | None
 ) -> tuple[list[float], Params]:
+    images, labels, test_images, test_labels = sets
     k_models, n = len(inits), images.shape[0]
     params = {name: torch.stack([p[name] for p in inits]) for name in inits[0]}  # name -> (K, ...)
     orders = [_generator(cfg.seed, k, _ORDER) for k in range(k_models)]
     augs = [_generator(cfg.seed, k, _AUGMENT) for k in range(k_models)]
 
-    def loss(p: Params, x: Tensor, y: Tensor) -> Tensor:  # one model: x (B, C, H, W), y (B,) / (B, K)
+    def loss(p: Params, x: Tensor, y: Tensor) -> Tensor:
+        """One model's batch loss: x (B, C, H, W), y (B,) or (B, classes)."""
         return F.cross_entropy(functional_call(skeleton, p, (x,), strict=True), y)
 
     grads_of = vmap(grad(loss))  # over (params (K, ...), x (K, B, ...), y (K, B, ...))
     state = sgd_init()
-    for epoch in tqdm(range(cfg.epochs), desc=f"evaluate {cfg.arch} x{k_models} (vmap)", disable=not cfg.progress):
+    for epoch in tqdm(
+        range(cfg.epochs), desc=f"evaluate {cfg.arch} x{k_models} (vmap)", disable=not cfg.progress
+    ):
         lr = cfg.lr_at(epoch)
-        perms = torch.stack([torch.randperm(n, generator=g) for g in orders]).to(images.device)  # (K, N)
+        perms = torch.stack([torch.randperm(n, generator=g) for g in orders])  # (K, N)
+        perms = perms.to(images.device)
         for part in _batches(n, cfg.batch_size):
             idx = perms[:, part]  # (K, B)
             x, y = images[idx], labels[idx]  # (K, B, C, H, W), (K, B) or (K, B, classes)
             if augment is not None:  # outside vmap: each model its own call, generator and family
                 x = torch.stack([augment(x[k], augs[k]) for k in range(k_models)])
             params, state = sgd_step(
-                params, grads_of(params, x, y), state,
-                lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                params,
+                grads_of(params, x, y),
+                state,
+                lr=lr,
+                momentum=cfg.momentum,
+                weight_decay=cfg.weight_decay,
             )
 
-    logits_of = vmap(lambda p, x: functional_call(skeleton, p, (x,), strict=True), in_dims=(0, None))
+    logits_of = vmap(
+        lambda p, x: functional_call(skeleton, p, (x,), strict=True), in_dims=(0, None)
+    )
     correct = torch.zeros(k_models, dtype=torch.long, device=images.device)
     with torch.no_grad():
         for part in _batches(test_images.shape[0], cfg.test_batch_size):
@@ -333,19 +378,23 @@ def _train_vmap(
 
 
 def _train_loop(
-    skeleton: nn.Module, inits: list[Params], images: Tensor, labels: Tensor,
-    test_images: Tensor, test_labels: Tensor, cfg: EvalConfig, augment: Augment | None,
+    skeleton: nn.Module, inits: list[Params], sets: _Sets, cfg: EvalConfig, augment: Augment | None
 ) -> tuple[list[float], Params]:
+    images, labels, test_images, test_labels = sets
     n, accuracies, finals = images.shape[0], [], []
-    bar = tqdm(total=cfg.epochs * len(inits), desc=f"evaluate {cfg.arch} x{len(inits)} (loop)",
-               disable=not cfg.progress)
+    bar = tqdm(
+        total=cfg.epochs * len(inits),
+        desc=f"evaluate {cfg.arch} x{len(inits)} (loop)",
+        disable=not cfg.progress,
+    )
     for k, init in enumerate(inits):
         model = copy.deepcopy(skeleton)  # fresh buffers (BatchNorm running stats) for each model
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.copy_(init[name])
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                              weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
         order, aug = _generator(cfg.seed, k, _ORDER), _generator(cfg.seed, k, _AUGMENT)
         model.train()
         for epoch in range(cfg.epochs):
@@ -403,29 +452,33 @@ def evaluate(
     device, dtype = torch.device(cfg.device), images.dtype
     # Skeleton and initial weights are made on the CPU from the model's own generator, so a
     # model's init does not depend on the device (or touch the CUDA RNG), then moved.
-    skeleton = build_model(cfg.arch, images.shape[1], num_classes, images.shape[2], **cfg.arch_kwargs)
+    skeleton = build_model(
+        cfg.arch, images.shape[1], num_classes, images.shape[2], **cfg.arch_kwargs
+    )
     skeleton = skeleton.to(dtype=dtype)
     inits = [
         {k: v.to(device) for k, v in init_params(skeleton, _generator(cfg.seed, k, _INIT)).items()}
         for k in range(cfg.num_models)
     ]
     skeleton = skeleton.to(device)
-    images = images.detach().to(device)
-    labels = (labels.detach().to(device, dtype) if labels.dim() == 2 else labels.detach().to(device).long())
-    test_images = test_images.detach().to(device, dtype)
-    test_labels = test_labels.detach().to(device).long()
+    sets = _Sets(
+        images.detach().to(device),
+        labels.detach().to(device, dtype if labels.dim() == 2 else torch.long),  # soft / hard
+        test_images.detach().to(device, dtype),
+        test_labels.detach().to(device).long(),
+    )
 
     has_buffers = any(True for _ in skeleton.buffers())
     use_vmap = device.type == "cuda" if cfg.use_vmap is None else cfg.use_vmap
     engine = "vmap" if use_vmap and not has_buffers else "loop"
     train = _train_vmap if engine == "vmap" else _train_loop
     start = time.perf_counter()
-    accuracies, final = train(skeleton, inits, images, labels, test_images, test_labels, cfg, augment)
+    accuracies, final = train(skeleton, inits, sets, cfg, augment)
     return EvalResult(
         accuracies=tuple(accuracies),
         config=cfg,
         engine=engine,
-        train_size=images.shape[0],
+        train_size=sets.images.shape[0],
         seconds=time.perf_counter() - start,
         final_params={k: v.cpu() for k, v in final.items()} if cfg.keep_params else None,
     )
@@ -452,5 +505,6 @@ def evaluate_whole_set(
     (:data:`WHOLE_SET_CONFIG`: 50 epochs at lr 0.01). Cost: K * epochs * ceil(N / batch) steps,
     e.g. 5 * 50 * 235 = 59k ConvNet steps for Fashion-MNIST: hours on 2 CPU cores.
     """
-    return evaluate(images, labels, test_images, test_labels, config, augment, num_classes=num_classes)
-
+    return evaluate(
+        images, labels, test_images, test_labels, config, augment, num_classes=num_classes
+    )

@@ -30,7 +30,9 @@ def check_positive_ints(config: object, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{type(config).__name__}.{name} must be a positive int, got {value!r}")
+            raise ValueError(
+                f"{type(config).__name__}.{name} must be a positive int, got {value!r}"
+            )
 
 
 def _merge_config(cls: type, config: object | None, overrides: dict) -> object:
@@ -242,7 +244,10 @@ class ResNet18(nn.Module):
         stages, in_planes = [], w
         for i, stride in enumerate((1, 2, 2, 2)):
             planes = w * 2**i
-            stages += [_BasicBlock(in_planes, planes, stride, norm), _BasicBlock(planes, planes, 1, norm)]
+            stages += [
+                _BasicBlock(in_planes, planes, stride, norm),
+                _BasicBlock(planes, planes, 1, norm),
+            ]
             in_planes = planes
         self.stages = nn.Sequential(*stages)
         self.classifier = nn.Linear(in_planes, config.num_classes)
@@ -269,7 +274,17 @@ class ViTConfig:
 
     def __post_init__(self) -> None:
         check_positive_ints(
-            self, ("channels", "num_classes", "image_size", "patch_size", "dim", "depth", "heads", "mlp_dim")
+            self,
+            (
+                "channels",
+                "num_classes",
+                "image_size",
+                "patch_size",
+                "dim",
+                "depth",
+                "heads",
+                "mlp_dim",
+            ),
         )
         if self.image_size % self.patch_size:
             raise ValueError(
@@ -358,7 +373,9 @@ class ViT(nn.Module):
         c = config
         self.patch = nn.Conv2d(c.channels, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
         self.tokens = _Tokens(c.num_patches + 1, c.dim)
-        self.blocks = nn.Sequential(*[_TransformerBlock(c.dim, c.heads, c.mlp_dim) for _ in range(c.depth)])
+        self.blocks = nn.Sequential(
+            *[_TransformerBlock(c.dim, c.heads, c.mlp_dim) for _ in range(c.depth)]
+        )
         self.norm = nn.LayerNorm(c.dim)
         self.classifier = nn.Linear(c.dim, c.num_classes)
 
@@ -403,4 +420,6 @@ def build_model(name: str, channels: int, num_classes: int, image_size: int, **k
         try:
             return ARCHITECTURES[name](channels, num_classes, image_size, **kw)
         except TypeError as err:  # an unknown keyword: say which architecture did not take it
-            raise TypeError(f"architecture {name!r} does not accept these arguments: {err}") from err
+            raise TypeError(
+                f"architecture {name!r} does not accept these arguments: {err}"
+            ) from err

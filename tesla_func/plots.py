@@ -55,8 +55,10 @@ def _frame(da: xr.DataArray, keep: Sequence[str]) -> pd.DataFrame:
     elif len(keep) == 1:
         frame["series"] = frame[keep[0]].astype(str)
     else:
-        frame["series"] = frame[list(keep)].astype(str).apply(
-            lambda row: ", ".join(f"{k}={v}" for k, v in row.items()), axis=1
+        frame["series"] = (
+            frame[list(keep)]
+            .astype(str)
+            .apply(lambda row: ", ".join(f"{k}={v}" for k, v in row.items()), axis=1)
         )
     return frame
 
@@ -73,7 +75,9 @@ def _percent(da: xr.DataArray) -> float:
     return 100.0 if da.attrs.get("units") == "fraction" else 1.0
 
 
-def _hue_dims(da: xr.DataArray, x: str | None, hue: Sequence[str] | None, replicate: Sequence[str]) -> list[str]:
+def _hue_dims(
+    da: xr.DataArray, x: str | None, hue: Sequence[str] | None, replicate: Sequence[str]
+) -> list[str]:
     if hue is not None:
         return list(hue)
     return [d for d in da.dims if d != x and d not in replicate]
@@ -108,12 +112,22 @@ def plot_accuracy_vs_iteration(
     with sns.axes_style(_STYLE):
         fig = Figure(figsize=(7, 4.5), layout="constrained")
         ax = fig.subplots()
-        sns.lineplot(data=frame, x=x, y=var, hue="series", palette=palette, marker="o",
-                     errorbar="sd" if has_reps else None, ax=ax)
+        sns.lineplot(
+            data=frame,
+            x=x,
+            y=var,
+            hue="series",
+            palette=palette,
+            marker="o",
+            errorbar="sd" if has_reps else None,
+            ax=ax,
+        )
         if best_so_far:
             means = frame.groupby(["series", x])[var].mean().reset_index().sort_values(x)
             for name, group in means.groupby("series", sort=False):
-                ax.plot(group[x], group[var].cummax(), linestyle="--", color=palette[name], alpha=0.8)
+                ax.plot(
+                    group[x], group[var].cummax(), linestyle="--", color=palette[name], alpha=0.8
+                )
         ax.set_xlabel(x)
         ax.set_ylabel(_label(da, scale) + (" (dashed: best so far)" if best_so_far else ""))
         ax.legend(title=", ".join(_hue_dims(da, x, hue, replicate)) or None)
@@ -152,16 +166,29 @@ def plot_scaling(
         for ax, panel in zip(axes, panels):
             if panel == "memory":
                 frame = pd.concat(
-                    [_frame(ds[m] / _MIB, [hue]).rename(columns={m: "MiB"}).assign(variable=m) for m in mems]
+                    [
+                        _frame(ds[m] / _MIB, [hue]).rename(columns={m: "MiB"}).assign(variable=m)
+                        for m in mems
+                    ]
                 )
-                sns.lineplot(data=frame, x=x, y="MiB", hue=hue, style="variable", marker="o",
-                             errorbar="sd", ax=ax)
+                sns.lineplot(
+                    data=frame,
+                    x=x,
+                    y="MiB",
+                    hue=hue,
+                    style="variable",
+                    marker="o",
+                    errorbar="sd",
+                    ax=ax,
+                )
                 ax.set_ylabel("memory (MiB)")
                 ax.set_title("memory")
             else:
                 frame = _frame(_variable(ds, time_var, path), [hue])
                 sns.lineplot(data=frame, x=x, y=time_var, hue=hue, marker="o", errorbar="sd", ax=ax)
-                ax.set_ylabel(_label(ds[time_var], 1.0) if "units" in ds[time_var].attrs else "time (s)")
+                ax.set_ylabel(
+                    _label(ds[time_var], 1.0) if "units" in ds[time_var].attrs else "time (s)"
+                )
                 ax.set_title("time")
             ax.set_xlabel(x)
             if log_y:
@@ -199,12 +226,16 @@ def plot_bar(
     frame = (da * scale).to_dataframe(name=var).reset_index().dropna(subset=[var])
     frame["_x"] = frame[x].astype(str) if x else ""
     frame["_hue"] = frame[hue].astype(str) if hue else var
-    table = frame.groupby(["_x", "_hue"], sort=False)[var].agg(mean="mean", std=lambda v: v.std(ddof=0))
+    table = frame.groupby(["_x", "_hue"], sort=False)[var].agg(
+        mean="mean", std=lambda v: v.std(ddof=0)
+    )
     groups, colours = list(dict.fromkeys(frame["_x"])), list(dict.fromkeys(frame["_hue"]))
     palette = sns.color_palette(n_colors=len(colours))
     width = 0.8 / len(colours)
     with sns.axes_style(_STYLE):
-        fig = Figure(figsize=(max(4.0, 1.2 * len(groups) * len(colours) + 1.5), 4.5), layout="constrained")
+        fig = Figure(
+            figsize=(max(4.0, 1.2 * len(groups) * len(colours) + 1.5), 4.5), layout="constrained"
+        )
         ax = fig.subplots()
         for j, name in enumerate(colours):
             rows = [table.loc[(g, name)] if (g, name) in table.index else None for g in groups]
@@ -214,8 +245,15 @@ def plot_bar(
             ax.bar(pos, means, width * 0.95, yerr=stds, capsize=3, color=palette[j], label=name)
             for p, m, s in zip(pos, means, stds):
                 if not math.isnan(m):
-                    ax.annotate(f"{m:.1f}±{s:.1f}", (p, m), ha="center", va="bottom",
-                                fontsize=7, xytext=(0, 2), textcoords="offset points")
+                    ax.annotate(
+                        f"{m:.1f}±{s:.1f}",
+                        (p, m),
+                        ha="center",
+                        va="bottom",
+                        fontsize=7,
+                        xytext=(0, 2),
+                        textcoords="offset points",
+                    )
         ax.set_xticks(np.arange(len(groups)), groups)
         ax.set_xlabel(x or "")
         ax.set_ylabel(_label(da, scale))
@@ -243,12 +281,21 @@ def grid_images(
     mean, std: the per-channel normalisation to undo (``x * std + mean``, then clipped to [0, 1]);
     without them each image is min-max scaled to [0, 1] (suits ZCA-whitened sets).
     """
-    arr = np.asarray(images.detach().cpu() if hasattr(images, "detach") else images, dtype=np.float64)
+    arr = np.asarray(
+        images.detach().cpu() if hasattr(images, "detach") else images, dtype=np.float64
+    )
     if arr.ndim != 4 or arr.shape[1] not in (1, 3) or arr.shape[0] == 0:
-        raise ValueError(f"images must be (N, C, H, W) with N >= 1 and C in (1, 3), got {arr.shape}")
-    names = [str(v) for v in np.asarray(
-        labels_or_names.detach().cpu() if hasattr(labels_or_names, "detach") else labels_or_names
-    ).tolist()]
+        raise ValueError(
+            f"images must be (N, C, H, W) with N >= 1 and C in (1, 3), got {arr.shape}"
+        )
+    names = [
+        str(v)
+        for v in np.asarray(
+            labels_or_names.detach().cpu()
+            if hasattr(labels_or_names, "detach")
+            else labels_or_names
+        ).tolist()
+    ]
     if len(names) != arr.shape[0]:
         raise ValueError(f"got {len(names)} labels for {arr.shape[0]} images")
     if (mean is None) != (std is None):
@@ -269,10 +316,72 @@ def grid_images(
         ax.set_axis_off()
         if i < n:
             img = arr[i].transpose(1, 2, 0)  # (H, W, C)
-            ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray", vmin=0, vmax=1,
-                      interpolation="nearest")
+            ax.imshow(
+                img[..., 0] if img.shape[2] == 1 else img,
+                cmap="gray",
+                vmin=0,
+                vmax=1,
+                interpolation="nearest",
+            )
             ax.set_title(names[i], fontsize=8)
     if title:
         fig.suptitle(title)
+    save_png(fig, out_png)
+    return fig
+
+
+def plot_sweeps(
+    path: str | Path,
+    out_png: str | Path,
+    *,
+    variables: Sequence[str],
+    sweeps: Sequence[str],
+    base: str = "base_point",
+    replicate: Sequence[str] = ("segment", "seed"),
+    log_x: Sequence[str] = ("lr",),
+    title: str | None = None,
+) -> Figure:
+    """One-factor-at-a-time sweeps: each variable against each swept dim, the others held fixed.
+
+    The file stores the sweeps on the full grid of the swept dims, unmeasured combinations NaN
+    (:func:`tesla_func.results.records_to_dataset` writes them so); ``ds.attrs[base]`` maps each
+    swept dim to its base value. Panel (row = variable, column = swept dim ``d``) shows the
+    variable against ``d`` with every other swept dim selected at its base value: mean +- 1 std
+    over the ``replicate`` dims, one line per combination of any remaining dims. Dims in
+    ``log_x`` get a logarithmic axis.
+    """
+    ds = load_dataset_nc(path)
+    point = ds.attrs.get(base)
+    if not isinstance(point, dict) or any(d not in point for d in sweeps):
+        raise KeyError(
+            f"{path} needs an attribute {base!r} mapping each of {list(sweeps)} to its "
+            f"base value; it has {point!r}"
+        )
+    das = [_variable(ds, v, path) for v in variables]
+    with sns.axes_style(_STYLE):
+        fig = Figure(figsize=(4.2 * len(sweeps), 3.2 * len(das)), layout="constrained")
+        axes = np.atleast_2d(fig.subplots(len(das), len(sweeps), squeeze=False))
+        for row, da in zip(axes, das):
+            for ax, dim in zip(row, sweeps):
+                line = da.sel({d: point[d] for d in sweeps if d != dim})
+                keep = [d for d in line.dims if d != dim and d not in replicate]
+                frame = _frame(line, keep)
+                sns.lineplot(
+                    data=frame,
+                    x=dim,
+                    y=da.name,
+                    hue="series" if keep else None,
+                    marker="o",
+                    errorbar="sd",
+                    ax=ax,
+                    legend=bool(keep),
+                )
+                if dim in log_x:
+                    ax.set_xscale("log")
+                held = ", ".join(f"{d}={point[d]:g}" for d in sweeps if d != dim)
+                ax.set_title(f"vs {dim} ({held})", fontsize=9)
+                ax.set_ylabel(_label(da, 1.0))
+        if title:
+            fig.suptitle(title)
     save_png(fig, out_png)
     return fig

@@ -88,7 +88,9 @@ def records_to_dataset(
     if missing:
         raise ValueError(f"records lack the dims {missing}; they have {list(frame.columns)}")
     if frame.duplicated(subset=list(dims)).any():
-        raise ValueError(f"several records share the same {list(dims)}: add a dim that tells them apart")
+        raise ValueError(
+            f"several records share the same {list(dims)}: add a dim that tells them apart"
+        )
     table = frame.set_index(list(dims)).to_xarray()
     return make_dataset(dict(table.data_vars), coords=dict(table.coords), **make_kwargs)
 
@@ -100,7 +102,9 @@ def _encode(attrs: Mapping[str, Any]) -> dict[str, Any]:
             continue
         if isinstance(value, np.generic):
             value = value.item()
-        if isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        if isinstance(value, str) or (
+            isinstance(value, (int, float)) and not isinstance(value, bool)
+        ):
             out[key] = value
         else:  # bool, None, dict, list, dataclass, ...: netCDF has no type for these
             out[key] = json.dumps(to_jsonable(value), sort_keys=True, default=str)

@@ -24,8 +24,16 @@ from tesla_func.evaluate import (
 from tesla_func.results import load_dataset_nc, save_dataset
 
 # A tiny ConvNet on 8x8 digits: two blocks of 8 maps (8 -> 4 -> 2 px).
-TINY = EvalConfig(arch_kwargs={"width": 8, "depth": 2}, epochs=4, lr=0.05, batch_size=16,
-                  num_models=2, use_vmap=True, keep_params=True, progress=False)
+TINY = EvalConfig(
+    arch_kwargs={"width": 8, "depth": 2},
+    epochs=4,
+    lr=0.05,
+    batch_size=16,
+    num_models=2,
+    use_vmap=True,
+    keep_params=True,
+    progress=False,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -63,10 +71,14 @@ def _assert_same_params(a: EvalResult, b: EvalResult) -> None:
 def test_vmap_engine_matches_the_loop(digits, label_kind, augment):
     x, y, xt, yt = digits
     x, y = x[:40], y[:40]  # 3 batches of 16, 16 and 8: a short last batch
-    labels = y if label_kind == "hard" else torch.softmax(torch.randn(40, 10, dtype=torch.float64), 1)
+    labels = (
+        y if label_kind == "hard" else torch.softmax(torch.randn(40, 10, dtype=torch.float64), 1)
+    )
     aug = DSA() if augment == "dsa" else None
     fast = evaluate(x, labels, xt, yt, TINY, aug, num_classes=10)
-    slow = evaluate(x, labels, xt, yt, dataclasses.replace(TINY, use_vmap=False), aug, num_classes=10)
+    slow = evaluate(
+        x, labels, xt, yt, dataclasses.replace(TINY, use_vmap=False), aug, num_classes=10
+    )
     assert (fast.engine, slow.engine) == ("vmap", "loop")
     _assert_same_params(fast, slow)
     assert fast.accuracies == slow.accuracies
@@ -79,14 +91,17 @@ def test_augmentation_changes_training(digits):
     x, y, xt, yt = digits
     plain = evaluate(x[:40], y[:40], xt, yt, TINY)
     augmented = evaluate(x[:40], y[:40], xt, yt, TINY, _flip_and_noise)
-    assert not torch.allclose(plain.final_params["classifier.weight"],
-                              augmented.final_params["classifier.weight"])
+    assert not torch.allclose(
+        plain.final_params["classifier.weight"], augmented.final_params["classifier.weight"]
+    )
 
 
 def test_model_k_does_not_depend_on_how_many_models(digits):
     x, y, xt, yt = digits
     one = evaluate(x[:40], y[:40], xt, yt, dataclasses.replace(TINY, num_models=1), _flip_and_noise)
-    three = evaluate(x[:40], y[:40], xt, yt, dataclasses.replace(TINY, num_models=3), _flip_and_noise)
+    three = evaluate(
+        x[:40], y[:40], xt, yt, dataclasses.replace(TINY, num_models=3), _flip_and_noise
+    )
     assert one.accuracies[0] == three.accuracies[0]
     for key, value in one.final_params.items():
         torch.testing.assert_close(value[0], three.final_params[key][0])
@@ -112,8 +127,14 @@ def test_global_rng_is_untouched(digits):
 def test_training_learns_digits(digits):
     x, y, xt, yt = digits
     sub_x, sub_y = random_real_subset(x, y, 20, torch.Generator().manual_seed(0))  # 200 images
-    cfg = EvalConfig(arch_kwargs={"width": 16, "depth": 2}, epochs=30, lr=0.05, batch_size=64,
-                     num_models=2, progress=False)
+    cfg = EvalConfig(
+        arch_kwargs={"width": 16, "depth": 2},
+        epochs=30,
+        lr=0.05,
+        batch_size=64,
+        num_models=2,
+        progress=False,
+    )
     result = evaluate(sub_x.float(), sub_y, xt.float(), yt, cfg)
     assert result.mean > 0.75, result  # chance is 0.10
     assert 0 <= result.std < 0.1
@@ -130,8 +151,9 @@ def test_batch_norm_models_use_the_loop(digits):
 
 def test_whole_set_path_uses_every_image(digits):
     x, y, xt, yt = digits
-    result = evaluate_whole_set(x[:100], y[:100], xt[:100], yt[:100],
-                                dataclasses.replace(TINY, epochs=1, num_models=1))
+    result = evaluate_whole_set(
+        x[:100], y[:100], xt[:100], yt[:100], dataclasses.replace(TINY, epochs=1, num_models=1)
+    )
     assert result.train_size == 100 and len(result.accuracies) == 1
 
 
@@ -158,8 +180,14 @@ def test_learned_beta_tensor_becomes_a_float():
 )
 def test_functional_sgd_is_torch_sgd_bit_for_bit(lr, momentum, weight_decay, steps, dtype, seed):
     g = torch.Generator().manual_seed(seed)
-    params = {"w": torch.randn(3, 4, generator=g, dtype=dtype), "b": torch.randn(4, generator=g, dtype=dtype)}
-    grads = [{k: torch.randn(v.shape, generator=g, dtype=dtype) for k, v in params.items()} for _ in range(steps)]
+    params = {
+        "w": torch.randn(3, 4, generator=g, dtype=dtype),
+        "b": torch.randn(4, generator=g, dtype=dtype),
+    }
+    grads = [
+        {k: torch.randn(v.shape, generator=g, dtype=dtype) for k, v in params.items()}
+        for _ in range(steps)
+    ]
     reference = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
     opt = torch.optim.SGD(reference.values(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     state = sgd_init()
@@ -167,7 +195,9 @@ def test_functional_sgd_is_torch_sgd_bit_for_bit(lr, momentum, weight_decay, ste
         for k, p in reference.items():
             p.grad = grad[k].clone()
         opt.step()
-        params, state = sgd_step(params, grad, state, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        params, state = sgd_step(
+            params, grad, state, lr=lr, momentum=momentum, weight_decay=weight_decay
+        )
     for k, p in reference.items():
         assert torch.equal(params[k], p.detach()), k
 
@@ -177,7 +207,9 @@ def test_sgd_step_does_not_mutate_its_inputs():
     state = sgd_init()
     new, state = sgd_step(params, grads, state, lr=0.1, momentum=0.9, weight_decay=0.5)
     new, _ = sgd_step(new, grads, state, lr=0.1, momentum=0.9, weight_decay=0.5)
-    assert torch.equal(params["w"], torch.ones(3)) and torch.equal(grads["w"], torch.full((3,), 2.0))
+    assert torch.equal(params["w"], torch.ones(3)) and torch.equal(
+        grads["w"], torch.full((3,), 2.0)
+    )
     assert torch.equal(state.momentum_buffer["w"], torch.full((3,), 2.5))
 
 
@@ -211,9 +243,13 @@ def test_to_xarray_round_trips_with_config_and_provenance(digits, tmp_path):
     back = load_dataset_nc(save_dataset(ds, tmp_path / "eval.nc"))
     assert back.attrs["config"]["arch_kwargs"] == {"width": 8, "depth": 2}
     assert back.attrs["config"]["lr"] == TINY.lr
-    assert back.attrs["engine"] == "vmap" and back.attrs["accuracy_mean"] == pytest.approx(result.mean)
+    assert back.attrs["engine"] == "vmap" and back.attrs["accuracy_mean"] == pytest.approx(
+        result.mean
+    )
     assert "git_revision" in back.attrs and "version_torch" in back.attrs
-    assert result.std == pytest.approx(math.sqrt(sum((a - result.mean) ** 2 for a in result.accuracies) / 2))
+    assert result.std == pytest.approx(
+        math.sqrt(sum((a - result.mean) ** 2 for a in result.accuracies) / 2)
+    )
 
 
 def _bad_inputs(digits):
@@ -227,14 +263,26 @@ def _bad_inputs(digits):
         "length mismatch": ((x, y[:19], xt, yt), r"\(N,\) or \(N, K\) with N = 20"),
         "logits as labels": ((x, logits, xt, yt), "softmax"),
         "float hard labels": ((x, y.double(), xt, yt), "integer dtype"),
-        "test shape": ((x, y, torch.zeros(5, 1, 16, 16), yt[:5]), r"built for the training images' \(1, 8, 8\)"),
+        "test shape": (
+            (x, y, torch.zeros(5, 1, 16, 16), yt[:5]),
+            r"built for the training images' \(1, 8, 8\)",
+        ),
         "test labels": ((x, y, xt, yt[:-1]), "test_labels"),
         "int images": ((x.long(), y, xt, yt), "float"),
     }
 
 
-BAD_CASES = ["empty", "label out of range", "negative label", "length mismatch", "logits as labels",
-             "float hard labels", "test shape", "test labels", "int images"]
+BAD_CASES = [
+    "empty",
+    "label out of range",
+    "negative label",
+    "length mismatch",
+    "logits as labels",
+    "float hard labels",
+    "test shape",
+    "test labels",
+    "int images",
+]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -246,9 +294,20 @@ def test_bad_inputs_raise_clear_errors(digits, case):
         evaluate(*args, TINY, num_classes=10)
 
 
-@pytest.mark.parametrize("field, value", [("lr", 0.0), ("lr", -0.1), ("lr", float("nan")),
-                                          ("lr", float("inf")), ("epochs", 0), ("num_models", 0),
-                                          ("batch_size", -1), ("seed", -1), ("momentum", float("nan"))])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("lr", 0.0),
+        ("lr", -0.1),
+        ("lr", float("nan")),
+        ("lr", float("inf")),
+        ("epochs", 0),
+        ("num_models", 0),
+        ("batch_size", -1),
+        ("seed", -1),
+        ("momentum", float("nan")),
+    ],
+)
 def test_bad_config_raises(field, value):
     with pytest.raises(ValueError, match=field):
         EvalConfig(**{field: value})
@@ -256,5 +315,7 @@ def test_bad_config_raises(field, value):
 
 def test_default_engine_is_the_loop_on_cpu(digits):
     x, y, xt, yt = digits
-    result = evaluate(x[:20], y[:20], xt[:50], yt[:50], dataclasses.replace(TINY, epochs=1, use_vmap=None))
+    result = evaluate(
+        x[:20], y[:20], xt[:50], yt[:50], dataclasses.replace(TINY, epochs=1, use_vmap=None)
+    )
     assert result.engine == "loop"

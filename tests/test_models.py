@@ -87,8 +87,17 @@ def _vit_count(c: ViTConfig) -> int:
 )
 def test_vit_shapes_and_parameter_count(patch, patches_per_side, heads, depth, pool, batch):
     side = patch * patches_per_side
-    cfg = ViTConfig(channels=2, num_classes=3, image_size=side, patch_size=patch, dim=8 * heads,
-                    depth=depth, heads=heads, mlp_dim=12, pool=pool)
+    cfg = ViTConfig(
+        channels=2,
+        num_classes=3,
+        image_size=side,
+        patch_size=patch,
+        dim=8 * heads,
+        depth=depth,
+        heads=heads,
+        mlp_dim=12,
+        pool=pool,
+    )
     model = ViT(cfg)
     assert num_params(params_of(model)) == _vit_count(cfg)
     assert model(torch.randn(batch, 2, side, side)).shape == (batch, 3)

@@ -22,9 +22,19 @@ def _written(path) -> bool:
 def accuracy_file(tmp_path):
     rng = np.random.default_rng(0)
     ds = make_dataset(
-        {"accuracy": (("method", "labels", "iteration", "model"), rng.random((2, 2, 4, 3)), {"units": "fraction"})},
-        coords={"method": ["mtt", "tesla"], "labels": ["hard", "soft"], "iteration": [0, 10, 20, 30],
-                "model": np.arange(3)},
+        {
+            "accuracy": (
+                ("method", "labels", "iteration", "model"),
+                rng.random((2, 2, 4, 3)),
+                {"units": "fraction"},
+            )
+        },
+        coords={
+            "method": ["mtt", "tesla"],
+            "labels": ["hard", "soft"],
+            "iteration": [0, 10, 20, 30],
+            "model": np.arange(3),
+        },
     )
     return save_dataset(ds, tmp_path / "acc.nc")
 
@@ -42,8 +52,18 @@ def test_accuracy_vs_iteration(accuracy_file, tmp_path):
 
 def test_scaling(tmp_path):
     rng = np.random.default_rng(1)
-    variables = {v: (("method", "steps", "repeat"), rng.random((3, 4, 2)) * 1e8) for v in ("time_s", "peak_bytes", "rss_bytes")}
-    ds = make_dataset(variables, coords={"method": ["unrolled", "tesla", "exact"], "steps": [5, 10, 20, 40], "repeat": [0, 1]})
+    variables = {
+        v: (("method", "steps", "repeat"), rng.random((3, 4, 2)) * 1e8)
+        for v in ("time_s", "peak_bytes", "rss_bytes")
+    }
+    ds = make_dataset(
+        variables,
+        coords={
+            "method": ["unrolled", "tesla", "exact"],
+            "steps": [5, 10, 20, 40],
+            "repeat": [0, 1],
+        },
+    )
     path = save_dataset(ds, tmp_path / "bench.nc")
     fig = plots.plot_scaling(path, tmp_path / "scaling.png")
     assert _written(tmp_path / "scaling.png") and len(fig.axes) == 2
@@ -55,8 +75,10 @@ def test_scaling(tmp_path):
 
 def test_bar(tmp_path):
     acc = np.array([[[0.1, 0.2], [0.3, 0.5]], [[0.4, 0.4], [0.6, 0.8]]])  # (method, ipc, model)
-    ds = make_dataset({"accuracy": (("method", "ipc", "model"), acc, {"units": "fraction"})},
-                      coords={"method": ["random", "tesla"], "ipc": [1, 10], "model": [0, 1]})
+    ds = make_dataset(
+        {"accuracy": (("method", "ipc", "model"), acc, {"units": "fraction"})},
+        coords={"method": ["random", "tesla"], "ipc": [1, 10], "model": [0, 1]},
+    )
     path = save_dataset(ds, tmp_path / "table.nc")
     fig = plots.plot_bar(path, tmp_path / "bar.png")
     assert _written(tmp_path / "bar.png")
@@ -68,10 +90,14 @@ def test_bar(tmp_path):
 
 def test_grid_images(tmp_path):
     images = torch.randn(12, 3, 8, 8)
-    fig = plots.grid_images(images, torch.arange(12) % 10, tmp_path / "grid.png", mean=[0.5] * 3, std=[0.2] * 3)
+    fig = plots.grid_images(
+        images, torch.arange(12) % 10, tmp_path / "grid.png", mean=[0.5] * 3, std=[0.2] * 3
+    )
     assert _written(tmp_path / "grid.png")
     assert [ax.get_title() for ax in fig.axes[:3]] == ["0", "1", "2"]
-    plots.grid_images(images[:5, :1].numpy(), ["a", "b", "c", "d", "e"], tmp_path / "grey.png", ncols=2)
+    plots.grid_images(
+        images[:5, :1].numpy(), ["a", "b", "c", "d", "e"], tmp_path / "grey.png", ncols=2
+    )
     assert _written(tmp_path / "grey.png")
     with pytest.raises(ValueError, match="labels"):
         plots.grid_images(images, [0, 1], tmp_path / "x.png")
@@ -90,7 +116,9 @@ def test_plots_leave_matplotlib_global_state_alone(accuracy_file, tmp_path):
     before = dict(mpl.rcParams)
     backend = mpl.get_backend()
     plots.plot_accuracy_vs_iteration(accuracy_file, tmp_path / "acc.png")
-    plots.plot_bar(accuracy_file, tmp_path / "bar.png", x="iteration", replicate=("model", "labels"))
+    plots.plot_bar(
+        accuracy_file, tmp_path / "bar.png", x="iteration", replicate=("model", "labels")
+    )
     assert mpl.get_backend() == backend
     changed = {k for k in before if before[k] != mpl.rcParams[k] and k != "backend"}
     assert not changed
