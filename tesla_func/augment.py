@@ -81,8 +81,9 @@ class DSA:
     def __post_init__(self) -> None:
         unknown = [f for f in self.families if f not in FAMILIES]
         if unknown or not self.families:
-            raise ValueError(f"DSA families must be a non-empty subset of {FAMILIES}, got "
-                             f"{self.families!r}")  # fmt: skip
+            raise ValueError(
+                f"DSA families must be a non-empty subset of {FAMILIES}, got {self.families!r}"
+            )
 
     # -- randomness ---------------------------------------------------------------------------
 
@@ -115,9 +116,11 @@ class DSA:
             raise ValueError(f"unknown DSA family {family!r}; known: {FAMILIES}")
         b = batch_size
         if family == "color":
-            values = {"brightness": (u(b) - 0.5) * self.brightness,
-                      "saturation": u(b) * self.saturation,
-                      "contrast": u(b) * 2 * self.contrast + (1 - self.contrast)}  # fmt: skip
+            values = {
+                "brightness": (u(b) - 0.5) * self.brightness,
+                "saturation": u(b) * self.saturation,
+                "contrast": u(b) * 2 * self.contrast + (1 - self.contrast),
+            }
         elif family == "crop":
             # The image side is only known in apply: draw u per axis here, map it to a whole
             # pixel shift there (uniform over the integers in range, as the reference).
@@ -131,8 +134,10 @@ class DSA:
             values = {"scale": lo + u(b, 2) * (self.scale - lo)}
         else:  # rotate
             values = {"angle": (u(b) * 2 - 1) * self.rotate}
-        cast = {k: v.to(device=device) if v.dtype == torch.bool else v.to(device=device, dtype=dtype)
-                for k, v in values.items()}  # fmt: skip
+        cast = {
+            k: v.to(device=device) if v.dtype == torch.bool else v.to(device=device, dtype=dtype)
+            for k, v in values.items()
+        }
         return DSAParams(family=family, batch_size=b, values=cast)
 
     # -- the pure part ------------------------------------------------------------------------
@@ -140,10 +145,15 @@ class DSA:
     def apply(self, x: Tensor, params: DSAParams) -> Tensor:
         """Augment (B, C, H, W) ``x`` with pre-drawn ``params``: pure, differentiable in ``x``."""
         if x.dim() != 4 or x.shape[0] != params.batch_size:
-            raise ValueError(f"DSA params are for a batch of {params.batch_size} (B, C, H, W) "
-                             f"images, got {tuple(x.shape)}")  # fmt: skip
-        v = {k: t if t.dtype == torch.bool else t.to(device=x.device, dtype=x.dtype)
-             for k, t in params.values.items()}  # fmt: skip
+            raise ValueError(
+                f"DSA params are for a batch of {params.batch_size} (B, C, H, W) "
+                f"images, got {tuple(x.shape)}"
+            )
+        # Follow x's device and float dtype (no-ops when they already match; masks stay bool).
+        v = {
+            k: t.to(x.device) if t.dtype == torch.bool else t.to(device=x.device, dtype=x.dtype)
+            for k, t in params.values.items()
+        }
         return _APPLY[params.family](self, x, v)
 
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
@@ -204,9 +214,14 @@ def _warp(x: Tensor, matrix: Tensor, mode: str = "bilinear") -> Tensor:
     return warp_affine(x, matrix, (h, w), mode=mode, padding_mode="zeros", align_corners=True)
 
 
-def _affine(x: Tensor, *, shift: Tensor | None = None, scale: Tensor | None = None,
-            angle: Tensor | None = None) -> Tensor:  # fmt: skip
-    """(B, 2, 3) matrix about the image centre from per-sample shift (B, 2), scale (B, 2), angle (B,)."""
+def _affine(
+    x: Tensor,
+    *,
+    shift: Tensor | None = None,
+    scale: Tensor | None = None,
+    angle: Tensor | None = None,
+) -> Tensor:
+    """(B, 2, 3) pixel matrix about the image centre: shift (B, 2), scale (B, 2), angle (B,) deg."""
     b, (h, w) = x.shape[0], x.shape[-2:]
     zeros2 = x.new_zeros(b, 2)
     centre = x.new_tensor([(w - 1) / 2, (h - 1) / 2]).expand(b, 2)

@@ -12,6 +12,7 @@ and add one :class:`Command` line to :data:`COMMANDS`. Booleans are
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -60,8 +61,12 @@ def _add_experts_arguments(parser: argparse.ArgumentParser) -> None:
     d = _EXPERT_DEFAULTS
     parser.add_argument("--dataset", choices=DATASETS, default=d.dataset)
     parser.add_argument("--root", default=None, help="folder holding the dataset's files")
-    parser.add_argument("--zca", action=argparse.BooleanOptionalAction, default=None,
-                        help="ZCA-whiten the data (default: the dataset's own default)")
+    parser.add_argument(
+        "--zca",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ZCA-whiten the data (default: the dataset's own default)",
+    )
     parser.add_argument("--num-experts", type=int, default=d.num_experts)
     parser.add_argument("--epochs", type=int, default=d.epochs)
     parser.add_argument("--width", type=int, default=d.width, help="ConvNet feature maps")
@@ -71,20 +76,21 @@ def _add_experts_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--momentum", type=float, default=d.momentum)
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--dsa", action=argparse.BooleanOptionalAction, default=d.dsa,
-                        help="DSA augmentation on every real batch")
+    parser.add_argument(
+        "--dsa",
+        action=argparse.BooleanOptionalAction,
+        default=d.dsa,
+        help="DSA augmentation on every real batch",
+    )
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--out", required=True, help="folder for expert_*.safetensors")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)  # fmt: skip
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
 
 def _run_experts(args: argparse.Namespace) -> int:
-    cfg = ExpertConfig(
-        dataset=args.dataset, zca=args.zca, num_experts=args.num_experts, epochs=args.epochs,
-        width=args.width, depth=args.depth, norm=args.norm, lr=args.lr, momentum=args.momentum,
-        weight_decay=args.weight_decay, batch_size=args.batch_size, dsa=args.dsa, seed=args.seed,
-    )  # fmt: skip
+    # Every ExpertConfig field has a flag of the same name (--num-experts -> num_experts).
+    cfg = ExpertConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ExpertConfig)})
     paths = train_experts(cfg, args.out, root=args.root, device=args.device, progress=args.progress)
     print(f"{len(paths)} experts in {args.out}")
     return 0
@@ -92,9 +98,12 @@ def _run_experts(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Command] = {
     "data": Command("list the datasets and where their files are", _add_data_arguments, _run_data),
-    "experts": Command("train expert trajectories (resumes an interrupted run)",
-                       _add_experts_arguments, _run_experts),
-}  # fmt: skip
+    "experts": Command(
+        "train expert trajectories (resumes an interrupted run)",
+        _add_experts_arguments,
+        _run_experts,
+    ),
+}
 
 
 def build_parser(commands: dict[str, Command] = COMMANDS) -> argparse.ArgumentParser:

@@ -46,6 +46,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -77,7 +78,7 @@ class DatasetInfo:
         return asdict(self)
 
     def convnet_config(self, **overrides) -> ConvNetConfig:
-        """A ConvNetConfig whose input and output fit this dataset (width, depth, ... overridable)."""
+        """A ConvNetConfig fitting this dataset's images and classes; other fields overridable."""
         return ConvNetConfig(
             **{
                 "channels": self.channels,
@@ -159,9 +160,17 @@ _FASHION_FILES = {
     "test_y": "t10k-labels-idx1-ubyte",
 }
 FASHION_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -235,10 +244,13 @@ def _read_digits(_: Path) -> _Raw:
     labels = bunch.target.astype(np.int64)
     test = np.arange(len(labels)) % DIGITS_TEST_EVERY == DIGITS_TEST_EVERY - 1
     return _Raw(
-        train_x=images[~test], train_y=labels[~test],
-        test_x=images[test], test_y=labels[test],
-        class_names=tuple(str(d) for d in range(10)), max_value=16.0,
-    )  # fmt: skip
+        train_x=images[~test],
+        train_y=labels[~test],
+        test_x=images[test],
+        test_y=labels[test],
+        class_names=tuple(str(d) for d in range(10)),
+        max_value=16.0,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,7 +265,7 @@ class _ArrayUnpickler(pickle.Unpickler):
     numpy array's pickle uses are allowed, so a tampered file cannot run code.
     """
 
-    _ALLOWED = {
+    _ALLOWED: ClassVar[set[tuple[str, str]]] = {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"),
@@ -268,13 +280,19 @@ class _ArrayUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not a numpy array")
-        if module.startswith("numpy.core"):  # numpy >= 2 moved it; avoid the deprecated alias
-            module = "numpy._core" + module[len("numpy.core") :]
+        # numpy 2 renamed numpy.core to numpy._core (the old name warns): try the new one first.
+        if module.startswith("numpy.core"):
+            spellings = ["numpy._core" + module[len("numpy.core") :], module]
+        elif module.startswith("numpy._core"):
+            spellings = [module, "numpy.core" + module[len("numpy._core") :]]
+        else:
+            spellings = [module]
+        for spelling in spellings[:-1]:
             try:
-                return super().find_class(module, name)
+                return super().find_class(spelling, name)
             except (ImportError, AttributeError):
-                module = "numpy.core" + module[len("numpy._core") :]
-        return super().find_class(module, name)
+                pass
+        return super().find_class(spellings[-1], name)
 
 
 def _unpickle(data: bytes, where: str) -> dict:
@@ -282,10 +300,21 @@ def _unpickle(data: bytes, where: str) -> dict:
     try:
         # encoding="bytes": the files were pickled by Python 2; their str keys arrive as bytes.
         obj = _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        ImportError,
+        KeyError,
+        IndexError,
+    ) as err:
         raise ValueError(f"{where} is truncated or not a CIFAR batch ({err})") from err
     if not isinstance(obj, dict):
-        raise ValueError(f"{where} is not a CIFAR batch: it holds a {type(obj).__name__}")
+        # A bad file is bad input (ValueError, like every other corrupt-file error here).
+        kind = type(obj).__name__
+        raise ValueError(f"{where} is not a CIFAR batch: it holds a {kind}")  # noqa: TRY004
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
@@ -303,18 +332,26 @@ class _CifarLayout:
 
 _CIFAR = {
     "cifar10": _CifarLayout(
-        folder="cifar-10-batches-py", archive="cifar-10-python.tar.gz",
+        folder="cifar-10-batches-py",
+        archive="cifar-10-python.tar.gz",
         url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-        train=tuple(f"data_batch_{i}" for i in range(1, 6)), test="test_batch",
-        meta="batches.meta", label_key="labels", names_key="label_names",
+        train=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        test="test_batch",
+        meta="batches.meta",
+        label_key="labels",
+        names_key="label_names",
     ),
     "cifar100": _CifarLayout(
-        folder="cifar-100-python", archive="cifar-100-python.tar.gz",
+        folder="cifar-100-python",
+        archive="cifar-100-python.tar.gz",
         url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-        train=("train",), test="test",
-        meta="meta", label_key="fine_labels", names_key="fine_label_names",
+        train=("train",),
+        test="test",
+        meta="meta",
+        label_key="fine_labels",
+        names_key="fine_label_names",
     ),
-}  # fmt: skip
+}
 
 
 def _find_cifar(layout: _CifarLayout) -> Callable[[Path], Path | None]:
@@ -331,18 +368,26 @@ def _find_cifar(layout: _CifarLayout) -> Callable[[Path], Path | None]:
 def _read_cifar(layout: _CifarLayout) -> Callable[[Path], _Raw]:
     def read(path: Path) -> _Raw:
         members = (*layout.train, layout.test, layout.meta)
-        blobs = _read_archive(path, layout.folder, members) if path.is_file() else {
-            m: _read_member_file(path / m) for m in members
-        }
+        blobs = (
+            _read_archive(path, layout.folder, members)
+            if path.is_file()
+            else {m: _read_member_file(path / m) for m in members}
+        )
         meta = _unpickle(blobs[layout.meta], f"{path}:{layout.meta}")
-        names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in meta[layout.names_key])
+        names = tuple(
+            n.decode() if isinstance(n, bytes) else str(n) for n in meta[layout.names_key]
+        )
         train = [_cifar_batch(blobs[m], f"{path}:{m}", layout, len(names)) for m in layout.train]
-        test_x, test_y = _cifar_batch(blobs[layout.test], f"{path}:{layout.test}", layout, len(names))
+        test_x, test_y = _cifar_batch(
+            blobs[layout.test], f"{path}:{layout.test}", layout, len(names)
+        )
         return _Raw(
             train_x=np.concatenate([x for x, _ in train]),
             train_y=np.concatenate([y for _, y in train]),
-            test_x=test_x, test_y=test_y, class_names=names,
-        )  # fmt: skip
+            test_x=test_x,
+            test_y=test_y,
+            class_names=names,
+        )
 
     return read
 
@@ -367,7 +412,9 @@ def _read_archive(archive: Path, folder: str, members: tuple[str, ...]) -> dict[
                     raise ValueError(f"{archive} has no file {folder}/{member}")
                 out[member] = f.read()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
-        raise ValueError(f"{archive} is truncated or not a tar archive ({err}); fetch it again") from err
+        raise ValueError(
+            f"{archive} is truncated or not a tar archive ({err}); fetch it again"
+        ) from err
     return out
 
 
@@ -401,7 +448,9 @@ _IMAGENET64_TRAIN = re.compile(r"train_data_batch_(\d+)\.npz$")
 
 def _find_imagenet64(folder: Path) -> Path | None:
     for candidate in (folder, folder / "Imagenet64_train_npz", folder / "Imagenet64_train"):
-        if candidate.is_dir() and any(_IMAGENET64_TRAIN.search(p.name) for p in candidate.iterdir()):
+        if candidate.is_dir() and any(
+            _IMAGENET64_TRAIN.search(p.name) for p in candidate.iterdir()
+        ):
             return folder
     return None
 
@@ -411,7 +460,9 @@ def _read_npz(path: Path, side: int) -> tuple[np.ndarray, np.ndarray]:
         with np.load(path, allow_pickle=False) as npz:
             x, y = npz["data"], npz["labels"]
     except (zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError, zlib.error) as err:
-        raise ValueError(f"{path} is truncated or not a downsampled-ImageNet batch ({err})") from err
+        raise ValueError(
+            f"{path} is truncated or not a downsampled-ImageNet batch ({err})"
+        ) from err
     y = np.asarray(y, dtype=np.int64) - 1  # the files number classes 1..1000
     if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * side * side or len(x) != len(y):
         raise ValueError(f"{path}: expected uint8 data (N, {3 * side * side}) and N labels")
@@ -421,15 +472,27 @@ def _read_npz(path: Path, side: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _read_imagenet64(folder: Path) -> _Raw:
     train_files = sorted(
-        (p for sub in (folder, folder / "Imagenet64_train_npz", folder / "Imagenet64_train")
-         if sub.is_dir() for p in sub.iterdir() if _IMAGENET64_TRAIN.search(p.name)),
+        (
+            p
+            for sub in (folder, folder / "Imagenet64_train_npz", folder / "Imagenet64_train")
+            if sub.is_dir()
+            for p in sub.iterdir()
+            if _IMAGENET64_TRAIN.search(p.name)
+        ),
         key=lambda p: int(_IMAGENET64_TRAIN.search(p.name).group(1)),
-    )  # fmt: skip
+    )
     val = next(
-        (p for p in (folder / "val_data.npz", folder / "Imagenet64_val_npz" / "val_data.npz",
-                     folder / "Imagenet64_val" / "val_data.npz") if p.is_file()),
+        (
+            p
+            for p in (
+                folder / "val_data.npz",
+                folder / "Imagenet64_val_npz" / "val_data.npz",
+                folder / "Imagenet64_val" / "val_data.npz",
+            )
+            if p.is_file()
+        ),
         None,
-    )  # fmt: skip
+    )
     if val is None:
         raise FileNotFoundError(f"downsampled ImageNet val_data.npz is missing under {folder}")
     train = [_read_npz(p, 64) for p in train_files]
@@ -437,9 +500,10 @@ def _read_imagenet64(folder: Path) -> _Raw:
     return _Raw(
         train_x=np.concatenate([x for x, _ in train]),
         train_y=np.concatenate([y for _, y in train]),
-        test_x=test_x, test_y=test_y,
+        test_x=test_x,
+        test_y=test_y,
         class_names=tuple(f"class {i}" for i in range(1000)),  # the files carry no names
-    )  # fmt: skip
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,32 +515,45 @@ _SPECS: dict[str, _Spec] = {
     "fashion-mnist": _Spec(
         name="fashion-mnist",
         summary="60000 train / 10000 test, 28x28x1, 10 classes",
-        mean=(0.2860,), std=(0.3530,),  # DC-bench's values
-        zca_default=False, find=_find_fashion, read=_read_fashion,
-        how_to_get=f"install it with `apt-get install dataset-fashion-mnist` (as root), {_ENV_HINT} "
+        mean=(0.2860,),
+        std=(0.3530,),  # DC-bench's values
+        zca_default=False,
+        find=_find_fashion,
+        read=_read_fashion,
+        how_to_get="install it with `apt-get install dataset-fashion-mnist` (as root), "
+        f"{_ENV_HINT} "
         "holding the four *-ubyte.gz files",
         system_dirs=(FASHION_MNIST_DIR,),
     ),
     "digits": _Spec(
         name="digits",
         summary="1438 train / 359 test, 8x8x1, 10 classes",
-        mean=None, std=None, zca_default=False,
-        find=lambda folder: folder, read=_read_digits,
-        how_to_get="install scikit-learn", needs_files=False,
+        mean=None,
+        std=None,
+        zca_default=False,
+        find=lambda folder: folder,
+        read=_read_digits,
+        how_to_get="install scikit-learn",
+        needs_files=False,
     ),
     "cifar10": _Spec(
         name="cifar10",
         summary="50000 train / 10000 test, 32x32x3, 10 classes",
-        mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010),  # MTT's values
-        zca_default=True, find=_find_cifar(_CIFAR["cifar10"]), read=_read_cifar(_CIFAR["cifar10"]),
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2023, 0.1994, 0.2010),  # MTT's values
+        zca_default=True,
+        find=_find_cifar(_CIFAR["cifar10"]),
+        read=_read_cifar(_CIFAR["cifar10"]),
         how_to_get=f"download {_CIFAR['cifar10'].url} (the python version), {_ENV_HINT} "
         "holding it or its unpacked cifar-10-batches-py/",
     ),
     "cifar100": _Spec(
         name="cifar100",
         summary="50000 train / 10000 test, 32x32x3, 100 classes",
-        mean=(0.5071, 0.4866, 0.4409), std=(0.2673, 0.2564, 0.2762),  # MTT's values
-        zca_default=True, find=_find_cifar(_CIFAR["cifar100"]),
+        mean=(0.5071, 0.4866, 0.4409),
+        std=(0.2673, 0.2564, 0.2762),  # MTT's values
+        zca_default=True,
+        find=_find_cifar(_CIFAR["cifar100"]),
         read=_read_cifar(_CIFAR["cifar100"]),
         how_to_get=f"download {_CIFAR['cifar100'].url} (the python version), {_ENV_HINT} "
         "holding it or its unpacked cifar-100-python/",
@@ -484,12 +561,15 @@ _SPECS: dict[str, _Spec] = {
     "imagenet64": _Spec(
         name="imagenet64",
         summary="1281167 train / 50000 val, 64x64x3, 1000 classes (~63 GB as float32)",
-        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),  # the usual ImageNet values
-        zca_default=False, find=_find_imagenet64, read=_read_imagenet64,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),  # the usual ImageNet values
+        zca_default=False,
+        find=_find_imagenet64,
+        read=_read_imagenet64,
         how_to_get="download Imagenet64_train_npz and Imagenet64_val_npz from "
         f"https://image-net.org/download-images (downsampled, npz), {_ENV_HINT} holding them",
     ),
-}  # fmt: skip
+}
 DATASETS: tuple[str, ...] = tuple(_SPECS)
 
 
@@ -538,9 +618,7 @@ def available(root: str | Path | None = None) -> list[Availability]:
     return [locate(name, root) for name in DATASETS]
 
 
-def load_dataset(
-    name: str, root: str | Path | None = None, *, zca: bool | None = None
-) -> Dataset:
+def load_dataset(name: str, root: str | Path | None = None, *, zca: bool | None = None) -> Dataset:
     """Load a registered dataset: normalised float32 images, int64 labels and its metadata.
 
     Args:
@@ -558,8 +636,9 @@ def load_dataset(
     where = locate(name, root)
     if where.found is None:
         looked = ", ".join(str(d) for d in where.searched) or "(nowhere)"
-        raise FileNotFoundError(f"dataset {name!r} not found; looked in: {looked}. "
-                                f"To get it: {spec.how_to_get}.")  # fmt: skip
+        raise FileNotFoundError(
+            f"dataset {name!r} not found; looked in: {looked}. To get it: {spec.how_to_get}."
+        )
     raw = spec.read(where.found)
     train_x = torch.from_numpy(np.ascontiguousarray(raw.train_x)).float().div_(raw.max_value)
     test_x = torch.from_numpy(np.ascontiguousarray(raw.test_x)).float().div_(raw.max_value)
@@ -570,10 +649,17 @@ def load_dataset(
         mean, std = spec.mean, spec.std
     use_zca = spec.zca_default if zca is None else zca
     info = DatasetInfo(
-        name=name, num_classes=len(raw.class_names), channels=train_x.shape[1],
-        image_size=train_x.shape[2], class_names=raw.class_names, mean=mean, std=std,
-        zca=use_zca, zca_eps=ZCA_EPS if use_zca else None, source=str(where.found),
-    )  # fmt: skip
+        name=name,
+        num_classes=len(raw.class_names),
+        channels=train_x.shape[1],
+        image_size=train_x.shape[2],
+        class_names=raw.class_names,
+        mean=mean,
+        std=std,
+        zca=use_zca,
+        zca_eps=ZCA_EPS if use_zca else None,
+        source=str(where.found),
+    )
     stats = _channel_stats(info, train_x)
     train_x = train_x.sub_(stats[0]).div_(stats[1])  # in place: ImageNet-sized sets are large
     test_x = test_x.sub_(stats[0]).div_(stats[1])

@@ -75,8 +75,9 @@ class ExpertConfig:
                 raise ValueError(f"ExpertConfig.{name} must be a positive int, got {value!r}")
         if self.norm not in STATELESS_NORMS:
             raise ValueError(
-                f"ExpertConfig.norm must be one of {STATELESS_NORMS}, got {self.norm!r}: a trajectory "
-                "is a list of parameters, and batch norm's running statistics are not parameters"
+                f"ExpertConfig.norm must be one of {STATELESS_NORMS}, got {self.norm!r}: "
+                "a trajectory is a list of parameters, and batch norm's running statistics are "
+                "not parameters"
             )
         if not self.lr > 0:
             raise ValueError(f"ExpertConfig.lr must be > 0, got {self.lr!r}")
@@ -191,13 +192,17 @@ def train_experts(
     if dataset is None:
         dataset = load_dataset(cfg.dataset, root, zca=cfg.zca)
     elif dataset.info.name != cfg.dataset or (cfg.zca is not None and dataset.info.zca != cfg.zca):
-        raise ValueError(f"dataset {dataset.info.name!r} (zca={dataset.info.zca}) does not match "
-                         f"the config's {cfg.dataset!r} (zca={cfg.zca})")  # fmt: skip
+        raise ValueError(
+            f"dataset {dataset.info.name!r} (zca={dataset.info.zca}) does not match "
+            f"the config's {cfg.dataset!r} (zca={cfg.zca})"
+        )
     device = torch.device(device)
     data = _Tensors(
-        train_x=dataset.train_images.to(device), train_y=dataset.train_labels.to(device),
-        test_x=dataset.test_images.to(device), test_y=dataset.test_labels.to(device),
-    )  # fmt: skip
+        train_x=dataset.train_images.to(device),
+        train_y=dataset.train_labels.to(device),
+        test_x=dataset.test_images.to(device),
+        test_y=dataset.test_labels.to(device),
+    )
     paths = []
     experts_bar = tqdm(range(cfg.num_experts), desc="experts", unit="expert", disable=not progress)
     for index in experts_bar:
@@ -257,8 +262,15 @@ def _train_one(
 
     dsa = DSA() if cfg.dsa else None
     n = len(data.train_y)
-    bar = tqdm(range(last + 1, cfg.epochs + 1), desc=f"expert {index}", unit="epoch",
-               leave=False, disable=not progress, initial=last, total=cfg.epochs)  # fmt: skip
+    bar = tqdm(
+        range(last + 1, cfg.epochs + 1),
+        desc=f"expert {index}",
+        unit="epoch",
+        leave=False,
+        disable=not progress,
+        initial=last,
+        total=cfg.epochs,
+    )
     for epoch in bar:
         start = time.perf_counter()
         model.train()
@@ -317,8 +329,13 @@ def _save_epoch(
         buf = optimizer.state.get(p, {}).get("momentum_buffer")
         if buf is not None:
             tensors[f"momentum/{n}"] = buf
-    header = {"format": f"{FORMAT}.partial", "expert_config": cfg.to_dict(), "epoch": epoch,
-              "accuracy": accuracy, "seconds": seconds}  # fmt: skip
+    header = {
+        "format": f"{FORMAT}.partial",
+        "expert_config": cfg.to_dict(),
+        "epoch": epoch,
+        "accuracy": accuracy,
+        "seconds": seconds,
+    }
     save_tensors(_epoch_path(partial, epoch), tensors, header)
 
 
@@ -383,14 +400,18 @@ def _read_header(path: Path) -> dict:
             meta = f.metadata() or {}
         return json.loads(meta.get("header", "{}"))
     except Exception as err:  # safetensors raises its own error types for broken files
-        raise ValueError(f"{path} is truncated or not a tesla_func file ({err}); "
-                         "delete it and run again") from err  # fmt: skip
+        raise ValueError(
+            f"{path} is truncated or not a tesla_func file ({err}); delete it and run again"
+        ) from err
 
 
 def _diff(found: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
     keys = sorted(set(found) | set(expected))
-    return [f"{k}: file has {found.get(k, '(missing)')!r}, expected {expected.get(k, '(missing)')!r}"
-            for k in keys if found.get(k) != expected.get(k)]  # fmt: skip
+    return [
+        f"{k}: file has {found.get(k, '(missing)')!r}, expected {expected.get(k, '(missing)')!r}"
+        for k in keys
+        if found.get(k) != expected.get(k)
+    ]
 
 
 def _check_same_config(header: Mapping[str, Any], cfg: ExpertConfig, path: Path) -> None:
@@ -400,8 +421,10 @@ def _check_same_config(header: Mapping[str, Any], cfg: ExpertConfig, path: Path)
     wanted = {k: v for k, v in cfg.to_dict().items() if k != "num_experts"}
     problems = _diff(found, wanted)
     if problems:
-        raise ValueError(f"{path} was made with another expert config ({'; '.join(problems)}); "
-                         "use another output folder or delete it")  # fmt: skip
+        raise ValueError(
+            f"{path} was made with another expert config ({'; '.join(problems)}); "
+            "use another output folder or delete it"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,7 +447,9 @@ def load_expert(
     path = Path(path)
     tensors, header = load_tensors(path)
     if header.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a tesla_func expert file (format {header.get('format')!r})")
+        raise ValueError(
+            f"{path} is not a tesla_func expert file (format {header.get('format')!r})"
+        )
     try:
         arch = ConvNetConfig(**header["architecture"])
         epochs = int(header["epochs"])
@@ -435,23 +460,37 @@ def load_expert(
         problems = _diff(arch.to_dict(), expect_config.to_dict())
         raise ValueError(f"{path} holds another architecture: {'; '.join(problems)}")
     if expect_dataset is not None and header.get("dataset") != expect_dataset:
-        raise ValueError(f"{path} was trained on {header.get('dataset')!r}, "
-                         f"expected {expect_dataset!r}")  # fmt: skip
+        raise ValueError(
+            f"{path} was trained on {header.get('dataset')!r}, expected {expect_dataset!r}"
+        )
     shapes = {n: tuple(p.shape) for n, p in _skeleton(arch).named_parameters()}
     expected = {_key(e, n): s for e in range(epochs + 1) for n, s in shapes.items()}
     problems = [f"missing {k}" for k in expected if k not in tensors]
     problems += [f"unexpected {k}" for k in tensors if k not in expected]
-    problems += [f"{k} has shape {tuple(tensors[k].shape)}, the architecture needs {s}"
-                 for k, s in expected.items() if k in tensors and tuple(tensors[k].shape) != s]  # fmt: skip
+    problems += [
+        f"{k} has shape {tuple(tensors[k].shape)}, the architecture needs {s}"
+        for k, s in expected.items()
+        if k in tensors and tuple(tensors[k].shape) != s
+    ]
     if len(accuracy) != epochs + 1:
-        problems.append(f"{len(accuracy)} test accuracies for {epochs} epochs (expected {epochs + 1})")
+        problems.append(
+            f"{len(accuracy)} test accuracies for {epochs} epochs (expected {epochs + 1})"
+        )
     if problems:
-        shown = "; ".join(problems[:10]) + (f"; ... {len(problems) - 10} more" if len(problems) > 10 else "")
+        shown = "; ".join(problems[:10]) + (
+            f"; ... {len(problems) - 10} more" if len(problems) > 10 else ""
+        )
         raise ValueError(f"{path} does not match its architecture {arch}: {shown}")
     params = tuple({n: tensors[_key(e, n)] for n in shapes} for e in range(epochs + 1))
-    return ExpertTrajectory(config=arch, dataset=str(header.get("dataset")), params=params,
-                            test_accuracy=accuracy, lr=float(header["lr"]), header=header,
-                            path=path)  # fmt: skip
+    return ExpertTrajectory(
+        config=arch,
+        dataset=str(header.get("dataset")),
+        params=params,
+        test_accuracy=accuracy,
+        lr=float(header["lr"]),
+        header=header,
+        path=path,
+    )
 
 
 def load_experts(

@@ -93,19 +93,26 @@ def test_parameter_ranges_match_the_protocol():
 
 def _params(family: str, **values) -> DSAParams:
     b = len(next(iter(values.values())))
-    return DSAParams(family=family, batch_size=b, values={k: torch.as_tensor(v) for k, v in values.items()})
+    return DSAParams(
+        family=family, batch_size=b, values={k: torch.as_tensor(v) for k, v in values.items()}
+    )
 
 
 def test_color_brightness_adds_a_constant_saturation_and_contrast_scale_about_means():
     dsa, x = DSA(), _images(b=2)
-    shift = dsa.apply(x, _params("color", brightness=[0.3, -0.2], saturation=[1.0, 1.0],
-                                 contrast=[1.0, 1.0]))  # fmt: skip
-    assert torch.allclose(shift - x, torch.tensor([0.3, -0.2]).view(2, 1, 1, 1).expand_as(x), atol=1e-6)
-    grey = dsa.apply(x, _params("color", brightness=[0.0, 0.0], saturation=[0.0, 0.0],
-                                contrast=[1.0, 1.0]))  # fmt: skip
+    shift = dsa.apply(
+        x, _params("color", brightness=[0.3, -0.2], saturation=[1.0, 1.0], contrast=[1.0, 1.0])
+    )
+    assert torch.allclose(
+        shift - x, torch.tensor([0.3, -0.2]).view(2, 1, 1, 1).expand_as(x), atol=1e-6
+    )
+    grey = dsa.apply(
+        x, _params("color", brightness=[0.0, 0.0], saturation=[0.0, 0.0], contrast=[1.0, 1.0])
+    )
     assert torch.allclose(grey, x.mean(1, keepdim=True).expand_as(x), atol=1e-6)
-    flat = dsa.apply(x, _params("color", brightness=[0.0, 0.0], saturation=[1.0, 1.0],
-                                contrast=[0.0, 2.0]))  # fmt: skip
+    flat = dsa.apply(
+        x, _params("color", brightness=[0.0, 0.0], saturation=[1.0, 1.0], contrast=[0.0, 2.0])
+    )
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     assert torch.allclose(flat[0], mean[0].expand_as(x[0]), atol=1e-6)
     assert torch.allclose(flat[1], mean[1] + 2 * (x[1] - mean[1]), atol=1e-5)
@@ -135,8 +142,12 @@ def test_crop_shifts_by_whole_pixels_with_zero_fill():
     limit = int(16 * 0.125 + 0.5)  # 2 px
     seen = set()
     for i in range(64):
-        matches = [(dx, dy) for dx in range(-limit, limit + 1) for dy in range(-limit, limit + 1)
-                   if torch.equal(out[i], _shifted(x[i], dx, dy))]  # fmt: skip
+        matches = [
+            (dx, dy)
+            for dx in range(-limit, limit + 1)
+            for dy in range(-limit, limit + 1)
+            if torch.equal(out[i], _shifted(x[i], dx, dy))
+        ]
         assert len(matches) == 1, f"image {i} is not an exact whole-pixel shift"
         seen.add(matches[0])
     assert len(seen) >= 20  # of the 25 shifts in range, nearly all occur
@@ -198,7 +209,7 @@ def test_works_inside_torch_func_grad_and_vjp(seed, batch, steps):
         leaf = x.clone().requires_grad_()
         (g_ref,) = torch.autograd.grad(loss(leaf, step), leaf)
         assert torch.allclose(g_func, g_ref, rtol=1e-10, atol=1e-12)
-        out, pullback = torch.func.vjp(lambda t: augment(t, step), x)
+        out, pullback = torch.func.vjp(lambda t, step=step: augment(t, step), x)
         (g_vjp,) = pullback(torch.ones_like(out))
         (g_ref2,) = torch.autograd.grad(augment(leaf, step).sum(), leaf)
         assert torch.allclose(g_vjp, g_ref2, rtol=1e-10, atol=1e-12)
@@ -227,6 +238,8 @@ def test_dsa_costs_less_than_the_network_step_it_augments():
     net = best_of(step)
     cost = {f: best_of(lambda p=p: dsa.apply(x, p)) for f, p in per_family.items()}
     mean = sum(cost.values()) / len(cost)
-    print(f"\nnetwork fwd+bwd {net * 1e3:.2f} ms; DSA apply mean {mean * 1e3:.2f} ms "
-          f"({mean / net:.1%}); " + ", ".join(f"{f} {t * 1e3:.2f}" for f, t in cost.items()))  # fmt: skip
+    print(
+        f"\nnetwork fwd+bwd {net * 1e3:.2f} ms; DSA apply mean {mean * 1e3:.2f} ms "
+        f"({mean / net:.1%}); " + ", ".join(f"{f} {t * 1e3:.2f}" for f, t in cost.items())
+    )
     assert math.isfinite(mean) and mean < net

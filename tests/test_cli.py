@@ -33,9 +33,29 @@ def test_data_lists_every_dataset_and_where_it_looked(tmp_path, capsys, monkeypa
 
 def test_experts_builds_the_config_and_trains(tmp_path, capsys):
     out_dir = tmp_path / "experts"
-    argv = ["experts", "--dataset", "digits", "--num-experts", "1", "--epochs", "2", "--width", "6",
-            "--depth", "2", "--lr", "0.1", "--batch-size", "128", "--no-dsa", "--seed", "3",
-            "--no-progress", "--out", str(out_dir)]  # fmt: skip
+    argv = [
+        "experts",
+        "--dataset",
+        "digits",
+        "--num-experts",
+        "1",
+        "--epochs",
+        "2",
+        "--width",
+        "6",
+        "--depth",
+        "2",
+        "--lr",
+        "0.1",
+        "--batch-size",
+        "128",
+        "--no-dsa",
+        "--seed",
+        "3",
+        "--no-progress",
+        "--out",
+        str(out_dir),
+    ]
     assert cli.main(argv) == 0
     assert "1 experts in" in capsys.readouterr().out
     (expert,) = load_experts(out_dir)
@@ -55,8 +75,18 @@ def test_booleans_are_flags_not_strings():
 
 
 def test_errors_are_reported_not_raised(tmp_path, capsys):
-    status = cli.main(["experts", "--dataset", "fashion-mnist", "--root", str(tmp_path),
-                       "--out", str(tmp_path / "o"), "--no-progress"])  # fmt: skip
+    status = cli.main(
+        [
+            "experts",
+            "--dataset",
+            "fashion-mnist",
+            "--root",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ]
+    )
     assert status == 1
     err = capsys.readouterr().err
     assert "tesla-func experts: error: dataset 'fashion-mnist' not found" in err
@@ -69,8 +99,12 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
 
 def test_a_new_command_is_one_entry():
     seen = []
-    commands = {**cli.COMMANDS, "hello": cli.Command(
-        "say hello", lambda p: p.add_argument("--name"), lambda a: seen.append(a.name) or 0)}  # fmt: skip
+    commands = {
+        **cli.COMMANDS,
+        "hello": cli.Command(
+            "say hello", lambda p: p.add_argument("--name"), lambda a: seen.append(a.name) or 0
+        ),
+    }
     args = cli.build_parser(commands).parse_args(["hello", "--name", "x"])
     assert commands[args.command].run(args) == 0 and seen == ["x"]
     assert isinstance(cli.build_parser(), argparse.ArgumentParser)

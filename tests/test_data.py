@@ -1,4 +1,4 @@
-"""Datasets: the real Fashion-MNIST, digits, and CIFAR / ImageNet64 files written in their formats."""
+"""Datasets: real Fashion-MNIST and digits; CIFAR / ImageNet64 files written in their formats."""
 
 from __future__ import annotations
 
@@ -49,7 +49,11 @@ def write_fashion(folder: Path, n_train=20, n_test=10, seed=0) -> dict[str, np.n
 
 
 def _cifar_pickle(obj) -> bytes:
-    return pickle.dumps(obj, protocol=2)  # the files were written by Python 2's cPickle
+    # The official files were written by Python 2's cPickle (protocol 2) with numpy 1.x, whose
+    # arrays name numpy.core.multiarray._reconstruct; numpy 2 writes numpy._core. Spell it the old
+    # way, as the real files do (protocol 2 stores globals as plain text lines).
+    blob = pickle.dumps(obj, protocol=2)
+    return blob.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
 
 
 def cifar_members(kind: str, n_per_batch=3, seed=0) -> dict[str, bytes]:
@@ -61,9 +65,13 @@ def cifar_members(kind: str, n_per_batch=3, seed=0) -> dict[str, bytes]:
         labels = [(offset + i) % k for i in range(n)]
         key = b"labels" if kind == "cifar10" else b"fine_labels"
         extra = {} if kind == "cifar10" else {b"coarse_labels": [lab // 5 for lab in labels]}
-        return {b"batch_label": b"x", key: labels, **extra,
-                b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                b"filenames": [b"f%d.png" % i for i in range(n)]}  # fmt: skip
+        return {
+            b"batch_label": b"x",
+            key: labels,
+            **extra,
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"filenames": [b"f%d.png" % i for i in range(n)],
+        }
 
     if kind == "cifar10":
         members = {f"data_batch_{i}": batch(n_per_batch, i) for i in range(1, 6)}
@@ -71,8 +79,10 @@ def cifar_members(kind: str, n_per_batch=3, seed=0) -> dict[str, bytes]:
         members["batches.meta"] = {b"label_names": [b"c%d" % i for i in range(10)]}
     else:
         members = {"train": batch(5 * n_per_batch, 0), "test": batch(2, 0)}
-        members["meta"] = {b"fine_label_names": [b"f%d" % i for i in range(100)],
-                           b"coarse_label_names": [b"g%d" % i for i in range(20)]}  # fmt: skip
+        members["meta"] = {
+            b"fine_label_names": [b"f%d" % i for i in range(100)],
+            b"coarse_label_names": [b"g%d" % i for i in range(20)],
+        }
     return {name: _cifar_pickle(obj) for name, obj in members.items()}
 
 
@@ -113,11 +123,19 @@ def write_imagenet64(folder: Path, batches=(1, 2, 10), n=2, seed=0) -> dict[str,
 HAS_FASHION = (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file()
 
 
-@pytest.mark.skipif(not HAS_FASHION, reason=f"Fashion-MNIST not installed in {FASHION_MNIST_DIR} "
-                    "(apt-get install dataset-fashion-mnist)")  # fmt: skip
+@pytest.mark.skipif(
+    not HAS_FASHION,
+    reason=f"Fashion-MNIST not installed in {FASHION_MNIST_DIR} "
+    "(apt-get install dataset-fashion-mnist)",
+)
 def test_fashion_mnist_from_the_debian_package():
     ds = load_dataset("fashion-mnist")
-    assert ds.train_images.shape == (60000, 1, 28, 28) and ds.test_images.shape == (10000, 1, 28, 28)
+    assert ds.train_images.shape == (60000, 1, 28, 28) and ds.test_images.shape == (
+        10000,
+        1,
+        28,
+        28,
+    )
     assert ds.train_images.dtype == torch.float32 and ds.train_labels.dtype == torch.int64
     assert torch.equal(torch.bincount(ds.train_labels), torch.full((10,), 6000))
     assert torch.equal(torch.bincount(ds.test_labels), torch.full((10,), 1000))
@@ -126,7 +144,9 @@ def test_fashion_mnist_from_the_debian_package():
     assert info.mean == (0.2860,) and info.std == (0.3530,) and not info.zca
     assert info.source == str(FASHION_MNIST_DIR)
     # The fixed mean/std are the train set's own, to the 4 digits given.
-    assert abs(ds.train_images.mean().item()) < 1e-3 and abs(ds.train_images.std().item() - 1) < 1e-3
+    assert (
+        abs(ds.train_images.mean().item()) < 1e-3 and abs(ds.train_images.std().item() - 1) < 1e-3
+    )
     pixels = ds.to_pixels(ds.train_images[:100])
     assert pixels.min() > -1e-5 and pixels.max() < 1 + 1e-5
     assert torch.allclose(pixels * 255, (pixels * 255).round(), atol=1e-3)  # bytes / 255
@@ -145,10 +165,15 @@ def test_digits_fixed_split_and_normalisation():
     assert ds.train_images.shape == (1438, 1, 8, 8) and ds.test_images.shape == (359, 1, 8, 8)
     raw = load_digits()
     # Sample i is a test sample iff i % 5 == 4.
-    assert torch.allclose(ds.to_pixels(ds.test_images[:1])[0, 0],
-                          torch.tensor(raw.images[4] / 16, dtype=torch.float32), atol=1e-6)  # fmt: skip
+    assert torch.allclose(
+        ds.to_pixels(ds.test_images[:1])[0, 0],
+        torch.tensor(raw.images[4] / 16, dtype=torch.float32),
+        atol=1e-6,
+    )
     assert ds.test_labels[:3].tolist() == raw.target[[4, 9, 14]].tolist()
-    assert abs(ds.train_images.mean().item()) < 1e-5 and abs(ds.train_images.std().item() - 1) < 1e-4
+    assert (
+        abs(ds.train_images.mean().item()) < 1e-5 and abs(ds.train_images.std().item() - 1) < 1e-4
+    )
     assert ds.info.convnet_config(width=8).image_size == 8
 
 
@@ -159,10 +184,12 @@ def test_zca_is_fitted_on_train_applied_to_test_and_invertible():
     flat = plain.train_images.flatten(1)
     assert torch.allclose(ds.whitening.mean_vector, flat.mean(0, keepdim=True), atol=1e-6)
     assert torch.allclose(ds.test_images, ds.whitening(plain.test_images), atol=1e-6)
+
     # Whitening flattens the spectrum: the covariance eigenvalues spread far less than before.
     def spread(x):
         eig = torch.linalg.eigvalsh(torch.cov(x.flatten(1).T.double()))[-20:]
         return (eig.max() / eig.min()).item()
+
     assert spread(ds.train_images) < spread(plain.train_images) / 5
     pixels = plain.to_pixels(plain.test_images)
     assert torch.allclose(ds.to_pixels(ds.test_images), pixels, atol=1e-4)
@@ -175,7 +202,9 @@ def test_zca_is_fitted_on_train_applied_to_test_and_invertible():
 
 
 def test_unknown_dataset_lists_the_known_ones():
-    with pytest.raises(KeyError, match="known: fashion-mnist, digits, cifar10, cifar100, imagenet64"):
+    with pytest.raises(
+        KeyError, match="known: fashion-mnist, digits, cifar10, cifar100, imagenet64"
+    ):
         load_dataset("mnist3d")
     assert DATASETS == ("fashion-mnist", "digits", "cifar10", "cifar100", "imagenet64")
 
@@ -190,12 +219,16 @@ def test_missing_files_say_where_it_looked_and_how_to_get_them(tmp_path):
         load_dataset("cifar10", root=tmp_path)
     statuses = {a.name: a for a in available(tmp_path)}
     assert statuses["digits"].found is not None
-    assert all(statuses[n].found is None for n in ("fashion-mnist", "cifar10", "cifar100", "imagenet64"))
+    assert all(
+        statuses[n].found is None for n in ("fashion-mnist", "cifar10", "cifar100", "imagenet64")
+    )
 
 
 def test_env_var_folders_are_searched(tmp_path, monkeypatch):
     arrays = write_fashion(tmp_path / "store" / "fashion-mnist")
-    monkeypatch.setenv(ENV_VAR, os.pathsep.join([str(tmp_path / "nothing"), str(tmp_path / "store")]))
+    monkeypatch.setenv(
+        ENV_VAR, os.pathsep.join([str(tmp_path / "nothing"), str(tmp_path / "store")])
+    )
     ds = load_dataset("fashion-mnist")
     assert ds.info.source == str(tmp_path / "store" / "fashion-mnist")
     assert ds.train_images.shape == (20, 1, 28, 28) and ds.test_images.shape == (10, 1, 28, 28)
@@ -239,7 +272,9 @@ def _check_cifar(ds, members: dict[str, bytes], kind: str, first: str, n_train: 
     assert not ds.info.zca  # switched off by the test: a 3072-wide ZCA fit takes ~30 s here
     batch = pickle.loads(members[first], encoding="bytes")
     rgb = batch[b"data"][1].reshape(3, 32, 32) / 255  # R plane, G plane, B plane
-    assert torch.allclose(ds.to_pixels(ds.train_images[1:2])[0], torch.tensor(rgb).float(), atol=1e-5)
+    assert torch.allclose(
+        ds.to_pixels(ds.train_images[1:2])[0], torch.tensor(rgb).float(), atol=1e-5
+    )
     label_key = b"labels" if kind == "cifar10" else b"fine_labels"
     assert ds.train_labels[:3].tolist() == batch[label_key][:3]
     assert ds.info.class_names[:2] == (("c0", "c1") if kind == "cifar10" else ("f0", "f1"))

@@ -20,8 +20,9 @@ from tesla_func.models import ConvNet, ConvNetConfig
 
 # 8x8 digits, ConvNet depth 2 width 8 (8 -> 4 -> 2 px): ~0.1 s an epoch on one thread, and it
 # learns within 3 epochs at lr 0.1 (depth 3 pools down to 1 px and learns far slower).
-TINY = ExpertConfig(dataset="digits", num_experts=2, epochs=3, width=8, depth=2, batch_size=64,
-                    lr=0.1)
+TINY = ExpertConfig(
+    dataset="digits", num_experts=2, epochs=3, width=8, depth=2, batch_size=64, lr=0.1
+)
 
 
 @pytest.fixture(autouse=True)
@@ -65,11 +66,15 @@ def test_files_keys_header_and_learning(tmp_path, digits):
     assert header["dataset_info"]["mean"] == list(digits.info.mean)
     assert len(header["seconds_per_epoch"]) == 3 and "version_torch" in header["provenance"]
     # The weights move every epoch, and the network learns (10 classes: chance is 0.1).
-    assert all(not torch.equal(a["features.0.weight"], b["features.0.weight"])
-               for a, b in zip(first.params, first.params[1:]))  # fmt: skip
+    assert all(
+        not torch.equal(a["features.0.weight"], b["features.0.weight"])
+        for a, b in zip(first.params, first.params[1:])
+    )
     assert first.test_accuracy[0] < 0.25 and first.test_accuracy[-1] > 0.5, first.test_accuracy
     # Different experts start from different weights.
-    assert not torch.equal(experts[1].params[0]["features.0.weight"], first.params[0]["features.0.weight"])
+    assert not torch.equal(
+        experts[1].params[0]["features.0.weight"], first.params[0]["features.0.weight"]
+    )
 
 
 class _Kill(Exception):
@@ -116,8 +121,11 @@ def test_resume_after_the_final_rename_and_with_more_experts(tmp_path, digits):
 
 def test_another_config_in_the_same_folder_is_refused(tmp_path, digits):
     _train(dataclasses.replace(TINY, num_experts=1), tmp_path, digits)
-    with pytest.raises(ValueError, match=r"expert_000.safetensors was made with another expert "
-                       r"config \(epochs: file has 3, expected 4\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"expert_000.safetensors was made with another expert "
+        r"config \(epochs: file has 3, expected 4\)",
+    ):
         _train(dataclasses.replace(TINY, epochs=4), tmp_path, digits)
 
 
@@ -142,7 +150,10 @@ def test_loading_checks_architecture_keys_shapes_and_files(tmp_path, digits):
     message = str(err.value)
     assert "missing epoch_002/features.4.bias" in message
     assert "unexpected epoch_009/extra" in message
-    assert "epoch_001/features.0.weight has shape (8, 1, 5, 5), the architecture needs (8, 1, 3, 3)" in message
+    assert (
+        "epoch_001/features.0.weight has shape (8, 1, 5, 5), the architecture needs (8, 1, 3, 3)"
+        in message
+    )
 
     truncated = tmp_path / "truncated" / "expert_000.safetensors"
     truncated.parent.mkdir()
@@ -157,7 +168,9 @@ def test_mixed_folders_are_refused(tmp_path, digits):
     _train(dataclasses.replace(TINY, num_experts=1), tmp_path / "a", digits)
     _train(dataclasses.replace(TINY, num_experts=1, width=5), tmp_path / "b", digits)
     (tmp_path / "b" / "expert_000.safetensors").rename(tmp_path / "a" / "expert_001.safetensors")
-    with pytest.raises(ValueError, match="expert_001.safetensors holds another architecture: width"):
+    with pytest.raises(
+        ValueError, match="expert_001.safetensors holds another architecture: width"
+    ):
         load_experts(tmp_path / "a")
 
 
