@@ -3,6 +3,10 @@
     tesla-func data                         # which datasets are available, and where
     tesla-func experts --dataset fashion-mnist --num-experts 5 --epochs 50 --width 128 \\
         --out experts/fmnist                # train (or resume) expert trajectories
+    tesla-func distill --experts-dir experts/fmnist --ipc 10 --method exact --labels sla \\
+        --out runs/fmnist-ipc10             # distil (or resume) a synthetic set
+    tesla-func evaluate --synthetic runs/fmnist-ipc10/synthetic.safetensors --num-models 5
+    tesla-func evaluate --random-real 10 --dataset fashion-mnist   # the baseline
 
 Adding a subcommand: write ``_add_<name>_arguments(parser)`` and ``_run_<name>(args) -> int``
 and add one :class:`Command` line to :data:`COMMANDS`. Booleans are
@@ -17,8 +21,15 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from tesla_func.data import DATASETS, ENV_VAR, available
+import torch
+
+from tesla_func.augment import DSA
+from tesla_func.configargs import add_config_arguments, config_from_args
+from tesla_func.data import DATASETS, ENV_VAR, available, load_dataset
+from tesla_func.distill import DistillConfig, Distiller, load_synthetic
+from tesla_func.evaluate import EvalConfig, evaluate, random_real_subset
 from tesla_func.experts import ExpertConfig, train_experts
+from tesla_func.results import save_dataset
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,67 @@ def _run_experts(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------
+# tesla-func distill / evaluate
+# ----------------------------------------------------------------------------------------------
+
+
+def _add_distill_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, DistillConfig)
+    parser.add_argument("--out", required=True,
+                        help="run folder: checkpoint, synthetic.safetensors, log.nc (resumes)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+
+def _run_distill(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args, DistillConfig)
+    distiller = Distiller(cfg, args.out, progress=args.progress)
+    synthetic = distiller.run()
+    print(f"synthetic set: {args.out}/synthetic.safetensors ({len(synthetic.images)} images, "
+          f"lr {synthetic.lr:.4g}, {distiller.state.skipped} skipped updates)")
+    return 0
+
+
+def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--synthetic", help="a synthetic.safetensors written by `distill`")
+    what.add_argument("--random-real", type=int, metavar="IPC",
+                      help="baseline: IPC random real training images per class")
+    parser.add_argument("--dataset", default=None,
+                        help="the test set (default: the synthetic set's dataset)")
+    parser.add_argument("--root", default=None, help="folder holding the dataset's files")
+    add_config_arguments(parser, EvalConfig, skip=("arch_kwargs", "lr", "keep_params"))
+    parser.add_argument("--width", type=int, default=None, help="ConvNet/ResNet width")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="training lr (default: the synthetic set's learned lr, or 0.01)")
+    parser.add_argument("--dsa", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--out", default=None, help="write the accuracies here as netCDF")
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    if args.synthetic:
+        synthetic = load_synthetic(args.synthetic)
+        name = args.dataset or synthetic.header["config"]["dataset"]
+        zca = bool(synthetic.header.get("dataset_info", {}).get("zca", False))
+        dataset = load_dataset(name, args.root, zca=zca)
+        images, labels, lr = synthetic.images, synthetic.labels, synthetic.lr
+    else:
+        dataset = load_dataset(args.dataset or "fashion-mnist", args.root)
+        images, labels = random_real_subset(dataset.train_images, dataset.train_labels,
+                                            args.random_real, torch.Generator().manual_seed(0))
+        lr = 0.01
+    arch_kwargs = {"width": args.width} if args.width else {}
+    cfg = config_from_args(args, EvalConfig, EvalConfig(lr=args.lr or lr, arch_kwargs=arch_kwargs))
+    result = evaluate(images, labels, dataset.test_images, dataset.test_labels, cfg,
+                      DSA() if args.dsa else None, num_classes=dataset.info.num_classes)
+    print(f"test accuracy: {result}")
+    if args.out:
+        source = args.synthetic or f"random real, ipc {args.random_real}"
+        save_dataset(result.to_xarray(), args.out)
+        print(f"wrote {args.out} ({source})")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "data": Command("list the datasets and where their files are", _add_data_arguments, _run_data),
     "experts": Command(
@@ -103,6 +175,10 @@ COMMANDS: dict[str, Command] = {
         _add_experts_arguments,
         _run_experts,
     ),
+    "distill": Command("distil a synthetic set by trajectory matching (resumes from --out)",
+                       _add_distill_arguments, _run_distill),
+    "evaluate": Command("train fresh networks on a synthetic (or random real) set and test them",
+                        _add_evaluate_arguments, _run_evaluate),
 }
 
 

@@ -12,7 +12,6 @@ defaults are the small CPU run, a ``PRESETS`` dict (at least ``"paper"``), and
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import math
@@ -27,6 +26,7 @@ import torch
 import xarray as xr
 
 from tesla_func.augment import DSA
+from tesla_func.configargs import add_config_arguments, config_from_args
 from tesla_func.data import Dataset
 from tesla_func.distill import DistillConfig, Distiller
 from tesla_func.evaluate import EvalConfig, EvalResult, evaluate, random_real_subset
@@ -125,33 +125,14 @@ def write_outputs(ds: xr.Dataset, name: str, *, plot: Callable[[Path, Path], Any
 
 def parse_config(cfg_type: type[Config], presets: Mapping[str, Config], description: str,
                  argv: Sequence[str] | None = None) -> Config:
-    """Build a config from ``--preset NAME`` and ``--field value`` overrides of its fields.
-
-    Every field of the dataclass becomes a flag (``--syn-steps 30``); booleans take
-    ``--flag/--no-flag``; tuples take several values. The CLI only builds the config.
-    """
+    """Build a config from ``--preset NAME`` and ``--field value`` overrides of its fields."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(presets), default=None,
                         help="start from a named preset instead of the small CPU default")
-    defaults = cfg_type()
-    for field in dataclasses.fields(cfg_type):
-        flag = "--" + field.name.replace("_", "-")
-        value = getattr(defaults, field.name)
-        if isinstance(value, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif isinstance(value, tuple):
-            kind = type(value[0]) if value else str
-            parser.add_argument(flag, nargs="+", type=kind, default=None)
-        else:
-            kind = type(value) if value is not None else str
-            parser.add_argument(flag, type=kind, default=None)
+    add_config_arguments(parser, cfg_type)
     args = parser.parse_args(argv)
-    base = presets[args.preset] if args.preset else defaults
-    changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg_type)
-               if getattr(args, f.name) is not None}
-    changes = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
-    return dataclasses.replace(base, **changes)
+    return config_from_args(args, cfg_type, presets[args.preset] if args.preset else None)
 
 
 def default_device() -> str:

@@ -108,3 +108,39 @@ def test_a_new_command_is_one_entry():
     args = cli.build_parser(commands).parse_args(["hello", "--name", "x"])
     assert commands[args.command].run(args) == 0 and seen == ["x"]
     assert isinstance(cli.build_parser(), argparse.ArgumentParser)
+
+
+def test_distill_then_evaluate_from_the_command_line(tmp_path, capsys):
+    experts = tmp_path / "experts"
+    assert cli.main(["experts", "--dataset", "digits", "--num-experts", "1", "--epochs", "2",
+                     "--width", "8", "--no-dsa", "--out", str(experts), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    argv = ["distill", "--experts-dir", str(experts), "--dataset", "digits", "--ipc", "1",
+            "--method", "exact", "--labels", "learned", "--iterations", "2", "--syn-steps", "2",
+            "--expert-epochs", "1", "--max-start-epoch", "1", "--eval-epochs", "2",
+            "--eval-models", "1", "--no-dsa", "--out", str(run), "--no-progress"]
+    assert cli.main(argv) == 0
+    assert "synthetic set:" in capsys.readouterr().out
+    from tesla_func.distill import load_synthetic
+
+    synthetic = load_synthetic(run / "synthetic.safetensors")
+    assert synthetic.header["config"]["method"] == "exact"
+    assert synthetic.header["config"]["labels"] == "learned" and synthetic.header["config"]["dsa"] is False
+    out_nc = tmp_path / "eval.nc"
+    assert cli.main(["evaluate", "--synthetic", str(run / "synthetic.safetensors"), "--epochs",
+                     "2", "--num-models", "2", "--width", "8", "--no-progress",
+                     "--out", str(out_nc)]) == 0
+    assert "test accuracy:" in capsys.readouterr().out
+    from tesla_func.results import load_dataset_nc
+
+    ds = load_dataset_nc(out_nc)
+    assert ds.sizes["model"] == 2 and ds.attrs["config"]["lr"] == pytest.approx(synthetic.lr)
+    assert cli.main(["evaluate", "--random-real", "1", "--dataset", "digits", "--epochs", "1",
+                     "--num-models", "1", "--width", "8", "--no-progress"]) == 0
+
+
+def test_distill_reports_bad_setup_without_traceback(tmp_path, capsys):
+    status = cli.main(["distill", "--experts-dir", str(tmp_path / "none"), "--out",
+                       str(tmp_path / "run")])
+    assert status == 1
+    assert "no expert files" in capsys.readouterr().err
