@@ -54,21 +54,21 @@ class MainTableConfig:
     ipcs: tuple[int, ...] = (1, 10, 50)
     # rows: (method, label strategy); random real is always added
     rows: tuple[str, ...] = ("tesla/hard", "tesla/sla", "exact/hard", "unrolled/hard")
-    unrolled_max_ipc: int = 50  # skip `unrolled` above this IPC (its memory grows with T)
+    unrolled_max_ipc: int = 10  # skip `unrolled` above this IPC (its memory grows with T)
     # experts (cached under ./cache, shared with the other experiments)
     num_experts: int = 3
     expert_epochs_trained: int = 6
     width: int = 32
     # distillation
-    iterations: int = 100
+    iterations: int = 80
     syn_steps: int = 10
     expert_epochs: int = 2
     max_start_epoch: int = 3
     batch_syn_max: int = 100  # batch_syn = min(ipc * classes, this)
-    lr_img: float = 100.0
-    lr_lr: float = 1e-2
+    lr_img: float = 1000.0
+    lr_lr: float = 1.0  # on log(beta): see DistillConfig.lr_lr
     # evaluation (reduced protocol)
-    eval_epochs: int = 300
+    eval_epochs: int = 200
     eval_models: int = 3
     seed: int = 0
     threads: int = 0  # torch CPU threads; 0 = torch's default

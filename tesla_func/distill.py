@@ -75,8 +75,10 @@ class DistillConfig:
     expert_epochs: int = 2  # M, target = start epoch + M
     max_start_epoch: int = 4  # start epoch t ~ U{0 .. max_start_epoch - 1}
     batch_syn: int | None = None  # synthetic images per student step; None = the whole set
-    lr_img: float = 100.0  # SGD lr of the images
-    lr_lr: float = 1e-2  # SGD lr of log(beta) (beta = exp(log_beta) stays positive)
+    lr_img: float = 1000.0  # SGD lr of the images
+    # SGD lr of log(beta) (beta = exp(log_beta) stays positive). A raw-beta lr r (the papers'
+    # lr_lr, 1e-7..1e-5) is about r / beta^2 here: 0.1..10 for beta = 0.01..0.001.
+    lr_lr: float = 1.0
     lr_labels: float = 10.0  # SGD lr of the label logits ("learned")
     momentum: float = 0.5  # SGD momentum of images, logits and log(beta)
     lr_init: float | None = None  # initial beta; None = the experts' training lr
