@@ -46,11 +46,11 @@ class CrossArchConfig:
     expert_epochs_trained: int = 6
     width: int = 32
     iterations: int = 80
-    syn_steps: int = 10
+    syn_steps: int = 20
     expert_epochs: int = 2
     max_start_epoch: int = 3
-    batch_syn_max: int = 100
-    lr_img: float = 1000.0
+    batch_syn_max: int = 20
+    lr_img: float = 300.0
     lr_lr: float = 1.0  # on log(beta): see DistillConfig.lr_lr
     eval_epochs: int = 200
     eval_models: int = 2

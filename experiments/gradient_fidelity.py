@@ -102,11 +102,11 @@ class FidelityConfig:
     distill_seeds: tuple[int, ...] = (0, 1)  # one tesla and one exact run per seed
     distill_ipc: int = 1
     distill_iterations: int = 80
-    distill_syn_steps: int = 10  # T
+    distill_syn_steps: int = 20  # T
     distill_max_start_epoch: int = 3  # t ~ U{0 .. max - 1}
-    distill_batch_syn_max: int = 100  # batch_syn = min(ipc * classes, this)
+    distill_batch_syn_max: int = 20  # batch_syn = min(ipc * classes, this)
     distill_lr_init: float = 0.0  # initial beta; 0 = the experts' lr
-    lr_img: float = 1000.0
+    lr_img: float = 300.0
     lr_lr: float = 1.0  # on log(beta): see DistillConfig.lr_lr
     # evaluation protocol (PROTOCOL.md section 6, reduced: fewer epochs and models)
     eval_epochs: int = 200
