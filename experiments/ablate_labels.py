@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from tesla_func.data import load_dataset
 from tesla_func.distill import LABEL_STRATEGIES, DistillConfig
 from tesla_func.experiment import (
     distill_cached, ensure_experts, markdown_table, parse_config, percent, random_real_baseline,
@@ -48,11 +49,11 @@ class AblateLabelsConfig:
     width: int = 32  # ConvNet width of experts, students and evaluation models
     # distillation (PROTOCOL.md section 4, scaled down)
     iterations: int = 40
-    syn_steps: int = 10  # T
+    syn_steps: int = 20  # T
     expert_epochs: int = 2  # M
     max_start_epoch: int = 3
-    batch_syn: int | None = None  # None: the whole synthetic set every step
-    lr_img: float = 1000.0
+    batch_syn_max: int = 20  # batch_syn = min(ipc * classes, this)
+    lr_img: float = 300.0
     lr_lr: float = 1.0  # on log(beta): see DistillConfig.lr_lr
     lr_labels: float = 5.0
     eval_every: int = 20  # iterations between evaluations (the curve's resolution)
@@ -70,6 +71,7 @@ PRESETS = {
     "paper": AblateLabelsConfig(
         dataset="cifar10", ipcs=(1, 10), num_experts=20, expert_epochs_trained=50, width=128,
         iterations=5000, syn_steps=30, expert_epochs=2, max_start_epoch=20, lr_img=100.0,
+        batch_syn_max=500,
         lr_lr=10.0, eval_every=500, eval_epochs=1000, eval_models=5, device="cuda",
     ),
 }
@@ -80,13 +82,14 @@ def _expert_config(cfg: AblateLabelsConfig) -> ExpertConfig:
                         epochs=cfg.expert_epochs_trained, width=cfg.width)
 
 
-def _distill_config(cfg: AblateLabelsConfig, experts_dir: Path, ipc: int,
-                    labels: str) -> DistillConfig:
+def _distill_config(cfg: AblateLabelsConfig, experts_dir: Path, ipc: int, labels: str,
+                    num_classes: int) -> DistillConfig:
     return DistillConfig(
         experts_dir=str(experts_dir), dataset=cfg.dataset, ipc=ipc, method=cfg.method,
         labels=labels, iterations=cfg.iterations, syn_steps=cfg.syn_steps,
         expert_epochs=cfg.expert_epochs, max_start_epoch=cfg.max_start_epoch,
-        batch_syn=cfg.batch_syn, lr_img=cfg.lr_img, lr_lr=cfg.lr_lr, lr_labels=cfg.lr_labels,
+        batch_syn=min(ipc * num_classes, cfg.batch_syn_max), lr_img=cfg.lr_img,
+        lr_lr=cfg.lr_lr, lr_labels=cfg.lr_labels,
         eval_every=cfg.eval_every, eval_epochs=cfg.eval_epochs, eval_models=cfg.eval_models,
         seed=cfg.seed, device=cfg.device,
     )
@@ -96,7 +99,7 @@ def main(cfg: AblateLabelsConfig) -> xr.Dataset:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     experts_dir = ensure_experts(_expert_config(cfg), device=cfg.device)
-    dataset = None
+    dataset = load_dataset(cfg.dataset)  # loaded once, shared by every run
     points = sorted({*range(cfg.eval_every, cfg.iterations, cfg.eval_every), cfg.iterations}
                     if cfg.eval_every else {cfg.iterations})
     accuracy = np.full((len(cfg.labels), len(cfg.ipcs), len(points)), np.nan)
@@ -104,8 +107,8 @@ def main(cfg: AblateLabelsConfig) -> xr.Dataset:
     baseline = np.full((len(cfg.ipcs), 2), np.nan)
     for j, ipc in enumerate(cfg.ipcs):
         for i, labels in enumerate(cfg.labels):
-            distiller = distill_cached(_distill_config(cfg, experts_dir, ipc, labels), dataset)
-            dataset = distiller.dataset  # load once, share with the next runs
+            distiller = distill_cached(
+                _distill_config(cfg, experts_dir, ipc, labels, dataset.info.num_classes), dataset)
             evals = distiller.state.evals
             for it, mean, std in zip(evals["iteration"], evals["accuracy_mean"],
                                      evals["accuracy_std"]):
