@@ -27,8 +27,8 @@ import xarray as xr
 from tesla_func.data import load_dataset
 from tesla_func.distill import LABEL_STRATEGIES, DistillConfig
 from tesla_func.experiment import (
-    distill_cached, ensure_experts, markdown_table, parse_config, percent, random_real_baseline,
-    write_outputs,
+    distill_cached, ensure_experts, markdown_table, percent, random_real_baseline,
+    run_experiment,
 )
 from tesla_func.experts import ExpertConfig
 from tesla_func.plots import plot_accuracy_vs_iteration
@@ -150,17 +150,10 @@ def table(ds: xr.Dataset) -> str:
 
 
 if __name__ == "__main__":
-    config = parse_config(AblateLabelsConfig, PRESETS, __doc__)
-    results = main(config)
-    text = table(results)
-    notes = ("Test accuracy (%) on the real test set, mean +- std over the evaluation models; "
-             "'best' is the best evaluation over the run. "
-             + ("Reduced CPU protocol: compare rows with each other, not with published numbers."
-                if results.attrs["protocol"] == "reduced" else ""))
-    paths = write_outputs(
-        results, NAME, table=text, notes=notes,
+    run_experiment(
+        NAME, AblateLabelsConfig, PRESETS, __doc__, main, table,
+        notes="Test accuracy (%) on the real test set, mean +- std over the evaluation models; "
+              "'best' is the best evaluation over the run.",
         plot=lambda nc, png: plot_accuracy_vs_iteration(
             nc, png, var="accuracy", title="Label strategies: test accuracy vs iteration"),
     )
-    print(text)
-    print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))

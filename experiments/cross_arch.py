@@ -21,7 +21,7 @@ import xarray as xr
 from tesla_func.data import load_dataset
 from tesla_func.distill import DistillConfig
 from tesla_func.experiment import (
-    distill_cached, ensure_experts, markdown_table, parse_config, percent, write_outputs,
+    distill_cached, ensure_experts, markdown_table, percent, run_experiment,
 )
 from tesla_func.augment import DSA
 from tesla_func.evaluate import EvalConfig, evaluate, random_real_subset
@@ -131,15 +131,11 @@ def table(ds: xr.Dataset) -> str:
 
 
 if __name__ == "__main__":
-    config = parse_config(CrossArchConfig, PRESETS, __doc__)
-    results = main(config)
-    text = table(results)
-    notes = ("Test accuracy (%), mean +- std over the evaluation models; every architecture is "
-             "trained with the set's learned lr (random real: 0.01). "
-             + ("Reduced CPU protocol: narrower ResNet-18 and ViT, shorter evaluation."
-                if results.attrs["protocol"] == "reduced" else ""))
-    paths = write_outputs(results, NAME, table=text, notes=notes,
-                          plot=lambda nc, png: plot_bar(nc, png, x="arch", hue="set",
-                                                        title="Cross-architecture transfer"))
-    print(text)
-    print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
+    run_experiment(
+        NAME, CrossArchConfig, PRESETS, __doc__, main, table,
+        notes="Test accuracy (%), mean +- std over the evaluation models; every architecture is "
+              "trained with the set's learned lr (random real: 0.01). On CPU ResNet-18 and ViT "
+              "are narrower than the standard networks.",
+        plot=lambda nc, png: plot_bar(nc, png, x="arch", hue="set",
+                                      title="Cross-architecture transfer"),
+    )

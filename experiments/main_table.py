@@ -23,8 +23,8 @@ import xarray as xr
 from tesla_func.data import load_dataset
 from tesla_func.distill import DistillConfig
 from tesla_func.experiment import (
-    distill_cached, ensure_experts, markdown_table, parse_config, percent, random_real_baseline,
-    write_outputs,
+    distill_cached, ensure_experts, markdown_table, percent, random_real_baseline,
+    run_experiment,
 )
 from tesla_func.experts import ExpertConfig
 from tesla_func.plots import plot_bar
@@ -151,16 +151,9 @@ def table(ds: xr.Dataset) -> str:
 
 
 if __name__ == "__main__":
-    config = parse_config(MainTableConfig, PRESETS, __doc__)
-    results = main(config)
-    text = table(results)
-    notes = ("Test accuracy (%), mean +- std over the evaluation models, every row in the same "
-             "protocol. " + ("Reduced CPU protocol (narrower network, short expert "
-                             "trajectories, few iterations, shorter evaluation): the published "
-                             "rows come from the full protocol and are printed for orientation "
-                             "only." if results.attrs["protocol"] == "reduced" else ""))
-    paths = write_outputs(results, NAME, table=text, notes=notes,
-                          plot=lambda nc, png: plot_bar(
-                              nc, png, hue="row", title="Fashion-MNIST: test accuracy"))
-    print(text)
-    print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
+    run_experiment(
+        NAME, MainTableConfig, PRESETS, __doc__, main, table,
+        notes="Test accuracy (%), mean +- std over the evaluation models, every row in the same "
+              "protocol; the published rows come from the full protocol.",
+        plot=lambda nc, png: plot_bar(nc, png, hue="row", title="Fashion-MNIST: test accuracy"),
+    )

@@ -135,5 +135,25 @@ def parse_config(cfg_type: type[Config], presets: Mapping[str, Config], descript
     return config_from_args(args, cfg_type, presets[args.preset] if args.preset else None)
 
 
+REDUCED_NOTE = ("Reduced CPU protocol (narrow ConvNet, short expert trajectories, few iterations, "
+                "shorter evaluation): compare rows with each other, not with published numbers.")
+
+
+def run_experiment(name: str, cfg_type: type[Config], presets: Mapping[str, Config],
+                   description: str, main: Callable[[Config], xr.Dataset],
+                   table: Callable[[xr.Dataset], str], plot: Callable[[Path, Path], Any],
+                   notes: str = "") -> xr.Dataset:
+    """The ``__main__`` of an experiment script: config from the command line, run, write the
+    three outputs (the reduced-protocol note added when it applies), print the table."""
+    results = main(parse_config(cfg_type, presets, description))
+    text = table(results)
+    if results.attrs.get("protocol") == "reduced":
+        notes = f"{notes} {REDUCED_NOTE}".strip()
+    paths = write_outputs(results, name, table=text, notes=notes, plot=plot)
+    print(text)
+    print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
+    return results
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
