@@ -1,0 +1,84 @@
+"""Shared pytest set-up.
+
+Scaling benchmarks (tests/test_benchmarks.py, helpers in tesla_func/benchmarking.py):
+
+- ``pytest tests/ --benchmark-only``: the issue's sizes; at the end of the session the curves are
+  written to ``results/benchmarks/scaling_<device>.{nc,png,md}`` and the ratio table is printed;
+- ``pytest tests/`` (CI): every point at tiny sizes, a smoke test of the benchmark code.
+
+Sizes are overridable by ``--bench-<field>`` options or ``TESLA_BENCH_<FIELD>`` variables (fields of
+:class:`tesla_func.benchmarking.ScalingConfig`), e.g. ``--bench-width 64 --bench-steps 5,10``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tesla_func.benchmarking import ScalingRun, resolve_config, write_scaling_report
+
+_SCALING = pytest.StashKey[ScalingRun]()
+_OPTIONS = ("device", "width", "num_images", "steps", "rss_steps", "threads", "rounds")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("tesla_func scaling benchmarks")
+    for name in _OPTIONS:
+        group.addoption(f"--bench-{name.replace('_', '-')}", default=None,
+                        help=f"ScalingConfig.{name} (else $TESLA_BENCH_{name.upper()})")
+    group.addoption("--bench-out", default=None,
+                    help="folder for scaling_<device>.{nc,png,md} of a --benchmark-only run "
+                         "(else $TESLA_BENCH_OUT, else results/benchmarks)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    full = bool(config.getoption("benchmark_only", default=False))
+    overrides = {name: config.getoption(f"bench_{name}") for name in _OPTIONS}
+    config.stash[_SCALING] = ScalingRun(resolve_config(full=full, overrides=overrides), full)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``scaling_point`` = (T, round, method): for each T of the config, round 0 of every
+    registered method (memory and warm-up, then timed), then the further timed rounds, method by
+    method, so that the methods at one T run side by side (ratios under the same load)."""
+    if "scaling_point" in metafunc.fixturenames:
+        from tesla_func.matching import METHODS
+
+        cfg = metafunc.config.stash[_SCALING].config
+        points = [(t, r, m) for t in cfg.steps for r in range(cfg.rounds) for m in METHODS]
+        ids = [f"T{t}-{m}" + (f"-round{r + 1}" if cfg.rounds > 1 else "") for t, r, m in points]
+        metafunc.parametrize("scaling_point", points, ids=ids)
+
+
+@pytest.fixture(scope="session")
+def scaling_run(pytestconfig: pytest.Config):
+    """The session's :class:`ScalingRun`, with torch's thread count set to its config's."""
+    import torch
+
+    run = pytestconfig.stash[_SCALING]
+    before = torch.get_num_threads()
+    torch.set_num_threads(run.config.threads)
+    yield run
+    torch.set_num_threads(before)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    run = session.config.stash.get(_SCALING, None)
+    if run is None or not run.full or not run.records:
+        return  # smoke runs write nothing under results/ (test_scaling_report checks the writer)
+    out = session.config.getoption("bench_out") or os.environ.get("TESLA_BENCH_OUT")
+    out = Path(out) if out else session.config.rootpath / "results" / "benchmarks"
+    device = run.config.device.split(":")[0]
+    run.report = write_scaling_report(run.dataset(), out, f"scaling_{device}")
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    run = config.stash.get(_SCALING, None)
+    paths = run.report if run is not None else None
+    if not paths:
+        return
+    terminalreporter.section("scaling benchmark: memory and time against T")
+    terminalreporter.write_line(Path(paths["table"]).read_text())
+    terminalreporter.write_line("written: " + ", ".join(str(p) for p in paths.values()))

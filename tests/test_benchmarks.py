@@ -1,0 +1,128 @@
+"""Scaling benchmarks: peak memory and wall time against T for every registered method.
+
+    pytest tests/ --benchmark-only  # the issue's sizes; writes results/benchmarks/scaling_<device>.*
+    pytest tests/                   # tiny sizes: a smoke test of this code, in seconds
+
+Each point (T, method) runs the method once untimed under :func:`measure_peak_memory` (the
+warm-up; on CPU the deterministic peak of live tensor bytes, on CUDA the allocator's peak), then
+once timed through pytest-benchmark (pedantic, one round), then, on CPU for T in ``rss_steps``,
+once more in a fresh subprocess for the process peak RSS. With ``rounds`` > 1 every method at
+that T is then timed again, round by round (unrolled, tesla, exact, unrolled, ...), and the
+fastest round is kept: the methods are compared under the same load. Sizes and options:
+tests/conftest.py and tesla_func/benchmarking.py. Wall-clock limits are never asserted; the
+deterministic memory claims (README's "extra memory" column) are, once the smallest and the
+largest T of a method are in.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+from tesla_func import METHODS, match_trajectory, measure_peak_memory
+from tesla_func.benchmarking import (
+    MEMORY_GROWTH_TARGET,
+    ScalingRun,
+    matching_args,
+    measure_rss,
+    release_freed_memory,
+    resolve_config,
+    synchronize,
+    write_scaling_report,
+)
+from tesla_func.results import load_dataset_nc
+
+pytest.importorskip("pytest_benchmark")
+
+
+def test_scaling(benchmark, scaling_run: ScalingRun, scaling_point: tuple[int, int, str]) -> None:
+    steps, round_, method = scaling_point
+    cfg = scaling_run.config
+    args = matching_args(cfg, steps)
+    if round_ == 0:  # the untimed warm-up, which also measures the memory
+        release_freed_memory()  # the previous point's heap
+        result, peak = measure_peak_memory(match_trajectory, **args, method=method,
+                                           device=cfg.device)
+    elif scaling_run.get(method, steps) is None:
+        pytest.skip(f"round 1 of {method} at T={steps} did not run")
+
+    times: list[tuple[float, float]] = []  # (wall, CPU) seconds
+
+    def timed() -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        match_trajectory(**args, method=method)
+        synchronize(cfg.device)
+        times.append((time.perf_counter() - wall, time.process_time() - cpu))
+
+    benchmark.pedantic(timed, rounds=1, iterations=1, warmup_rounds=0)
+    (wall, cpu), = times
+    benchmark.extra_info.update(method=method, steps=steps, round=round_ + 1, time_s=wall,
+                                cpu_s=cpu, threads=torch.get_num_threads(), width=cfg.width,
+                                num_images=cfg.num_images, device=cfg.device)
+    if round_ > 0:
+        scaling_run.add_round(method, steps, wall, cpu)
+        return
+    record = {"method": method, "steps": steps, "time_s": wall, "cpu_s": cpu,
+              "peak_bytes": peak.peak_bytes, "memory_kind": peak.kind, "loss": float(result.loss)}
+    if torch.device(cfg.device).type == "cpu" and steps in cfg.rss_steps:
+        release_freed_memory()
+        record.update(measure_rss(cfg, method, steps))
+    benchmark.extra_info.update(record)
+    scaling_run.add(record)
+
+    assert math.isfinite(record["loss"]) and record["peak_bytes"] > 0
+    state_bytes = sum(v.numel() * v.element_size() for v in args["start"].values())
+    _check_memory_claims(scaling_run, method, state_bytes)
+
+
+def _check_memory_claims(run: ScalingRun, method: str, state_bytes: int) -> None:
+    """README: ``tesla`` O(graph); ``exact`` O(graph + T params); ``unrolled`` O(T graph)."""
+    lo, hi = min(run.config.steps), max(run.config.steps)
+    first, last = run.get(method, lo), run.get(method, hi)
+    if lo == hi or first is None or last is None:
+        return
+    short, long = first["peak_bytes"], last["peak_bytes"]
+    what = f"{method}: peak {long} B at T={hi} vs {short} B at T={lo}"
+    if method == "tesla":
+        assert long <= MEMORY_GROWTH_TARGET * short, what
+    elif method == "exact":  # the T stored student states are the only growth allowed
+        assert long <= MEMORY_GROWTH_TARGET * short + (hi - lo) * state_bytes, what
+    elif method == "unrolled" and hi >= 4 * lo:  # grows with T (linearly: 7.3x from 5 to 40)
+        assert long >= 2 * short, what
+
+
+def test_scaling_report(scaling_run: ScalingRun, tmp_path) -> None:
+    """The writer of the session's report (run for real at the end of --benchmark-only)."""
+    cfg = scaling_run.config
+    missing = [(t, m) for t in cfg.steps for m in METHODS if scaling_run.get(m, t) is None]
+    if missing:
+        pytest.skip(f"needs every scaling point of this session first; missing {missing}")
+    paths = write_scaling_report(scaling_run.dataset(), tmp_path, "scaling")
+    ds = load_dataset_nc(paths["netcdf"])
+    assert ds["time_s"].dims == ("method", "steps")
+    assert ds["method"].values.tolist() == list(METHODS)
+    assert ds["steps"].values.tolist() == sorted(cfg.steps)
+    assert ds["time_s"].notnull().all() and (ds["peak_bytes"] > 0).all()
+    rss = ds["rss_bytes"].sel(steps=[t for t in cfg.steps if t in cfg.rss_steps])
+    assert rss.notnull().all() and (rss >= 0).all()
+    for key in ("device", "version_torch", "git_revision", "memory_kind", "session_wall_s"):
+        assert key in ds.attrs, key
+    assert ds.attrs["width"] == cfg.width and ds.attrs["threads"] == cfg.threads
+    assert ds.attrs["config"]["steps"] == list(cfg.steps)
+    assert paths["figure"].read_bytes().startswith(b"\x89PNG")
+    table = paths["table"].read_text()
+    for method in METHODS:
+        assert f"| {method} |" in table
+    assert "time / unrolled" in table and "peak / unrolled" in table
+
+
+def test_config_from_options_and_environment() -> None:
+    env = {"TESLA_BENCH_WIDTH": "64", "TESLA_BENCH_STEPS": "5 10", "TESLA_BENCH_RSS_STEPS": ""}
+    cfg = resolve_config(full=True, overrides={"steps": "5,10,20", "width": None}, environ=env)
+    assert (cfg.width, cfg.steps, cfg.rss_steps) == (64, (5, 10, 20), ())  # option beats variable
+    assert resolve_config(full=False, environ={}).width < resolve_config(full=True, environ={}).width
+    with pytest.raises(ValueError, match="TESLA_BENCH_ROUNDS / --bench-rounds = 'two'"):
+        resolve_config(full=True, environ={"TESLA_BENCH_ROUNDS": "two"})
