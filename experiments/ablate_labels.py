@@ -18,19 +18,23 @@ the published anchors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import xarray as xr
 
 from tesla_func.data import load_dataset
-from tesla_func.distill import LABEL_STRATEGIES, DistillConfig
+from tesla_func.distill import LABEL_STRATEGIES
 from tesla_func.experiment import (
-    distill_cached, ensure_experts, markdown_table, percent, random_real_baseline,
+    distill_cached,
+    distill_config,
+    ensure_experts,
+    expert_config,
+    markdown_table,
+    percent,
+    random_real_baseline,
     run_experiment,
 )
-from tesla_func.experts import ExpertConfig
 from tesla_func.plots import plot_accuracy_vs_iteration
 from tesla_func.results import make_dataset
 
@@ -69,49 +73,56 @@ PRESETS = {
     # CIFAR-10 at the authors' IPC 10 settings (ZCA, 30/2/20, lr_img 100, lr_lr 1e-5 on raw
     # beta = 1e-3: about 1e-5 / beta^2 = 10 on log beta), 1000 evaluation epochs.
     "paper": AblateLabelsConfig(
-        dataset="cifar10", ipcs=(1, 10), num_experts=20, expert_epochs_trained=50, width=128,
-        iterations=5000, syn_steps=30, expert_epochs=2, max_start_epoch=20, lr_img=100.0,
+        dataset="cifar10",
+        ipcs=(1, 10),
+        num_experts=20,
+        expert_epochs_trained=50,
+        width=128,
+        iterations=5000,
+        syn_steps=30,
+        expert_epochs=2,
+        max_start_epoch=20,
+        lr_img=100.0,
         batch_syn_max=500,
-        lr_lr=10.0, eval_every=500, eval_epochs=1000, eval_models=5, device="cuda",
+        lr_lr=10.0,
+        eval_every=500,
+        eval_epochs=1000,
+        eval_models=5,
+        device="cuda",
     ),
 }
-
-
-def _expert_config(cfg: AblateLabelsConfig) -> ExpertConfig:
-    return ExpertConfig(dataset=cfg.dataset, num_experts=cfg.num_experts,
-                        epochs=cfg.expert_epochs_trained, width=cfg.width)
-
-
-def _distill_config(cfg: AblateLabelsConfig, experts_dir: Path, ipc: int, labels: str,
-                    num_classes: int) -> DistillConfig:
-    return DistillConfig(
-        experts_dir=str(experts_dir), dataset=cfg.dataset, ipc=ipc, method=cfg.method,
-        labels=labels, iterations=cfg.iterations, syn_steps=cfg.syn_steps,
-        expert_epochs=cfg.expert_epochs, max_start_epoch=cfg.max_start_epoch,
-        batch_syn=min(ipc * num_classes, cfg.batch_syn_max), lr_img=cfg.lr_img,
-        lr_lr=cfg.lr_lr, lr_labels=cfg.lr_labels,
-        eval_every=cfg.eval_every, eval_epochs=cfg.eval_epochs, eval_models=cfg.eval_models,
-        seed=cfg.seed, device=cfg.device,
-    )
 
 
 def main(cfg: AblateLabelsConfig) -> xr.Dataset:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    experts_dir = ensure_experts(_expert_config(cfg), device=cfg.device)
+    experts_dir = ensure_experts(expert_config(cfg), device=cfg.device)
     dataset = load_dataset(cfg.dataset)  # loaded once, shared by every run
-    points = sorted({*range(cfg.eval_every, cfg.iterations, cfg.eval_every), cfg.iterations}
-                    if cfg.eval_every else {cfg.iterations})
+    points = sorted(
+        {*range(cfg.eval_every, cfg.iterations, cfg.eval_every), cfg.iterations}
+        if cfg.eval_every
+        else {cfg.iterations}
+    )
     accuracy = np.full((len(cfg.labels), len(cfg.ipcs), len(points)), np.nan)
     spread = np.full_like(accuracy, np.nan)
     baseline = np.full((len(cfg.ipcs), 2), np.nan)
     for j, ipc in enumerate(cfg.ipcs):
         for i, labels in enumerate(cfg.labels):
-            distiller = distill_cached(
-                _distill_config(cfg, experts_dir, ipc, labels, dataset.info.num_classes), dataset)
+            config = distill_config(
+                cfg,
+                experts_dir,
+                ipc,
+                cfg.method,
+                labels,
+                dataset.info.num_classes,
+                lr_labels=cfg.lr_labels,
+                eval_every=cfg.eval_every,
+            )
+            distiller = distill_cached(config, dataset)
             evals = distiller.state.evals
-            for it, mean, std in zip(evals["iteration"], evals["accuracy_mean"],
-                                     evals["accuracy_std"]):
+            for it, mean, std in zip(
+                evals["iteration"], evals["accuracy_mean"], evals["accuracy_std"]
+            ):
                 k = points.index(int(it))
                 accuracy[i, j, k], spread[i, j, k] = mean, std
         result = random_real_baseline(dataset, ipc, distiller.protocol(lr=0.01), cfg.seed)
@@ -121,13 +132,19 @@ def main(cfg: AblateLabelsConfig) -> xr.Dataset:
         {
             "accuracy": (("labels", "ipc", "iteration"), accuracy, {"units": "fraction"}),
             "accuracy_std": (("labels", "ipc", "iteration"), spread, {"units": "fraction"}),
-            "best_accuracy": (("labels", "ipc", "iteration"), best,
-                              {"units": "fraction", "long_name": "best so far"}),
+            "best_accuracy": (
+                ("labels", "ipc", "iteration"),
+                best,
+                {"units": "fraction", "long_name": "best so far"},
+            ),
             "random_real_accuracy": (("ipc",), baseline[:, 0], {"units": "fraction"}),
             "random_real_accuracy_std": (("ipc",), baseline[:, 1], {"units": "fraction"}),
         },
         coords={"labels": list(cfg.labels), "ipc": list(cfg.ipcs), "iteration": points},
-        config=cfg, seed=cfg.seed, device=cfg.device, experts_dir=str(experts_dir),
+        config=cfg,
+        seed=cfg.seed,
+        device=cfg.device,
+        experts_dir=str(experts_dir),
         protocol="reduced" if cfg != PRESETS["paper"] else "paper",
     )
 
@@ -140,20 +157,35 @@ def table(ds: xr.Dataset) -> str:
         for ipc in ds.ipc.values:
             point = ds.sel(labels=labels, ipc=ipc)
             final = point.isel(iteration=-1)
-            row.append(f"{percent(float(final.accuracy), float(final.accuracy_std))} "
-                       f"({100 * float(point.best_accuracy.max()):.1f})")
+            row.append(
+                f"{percent(float(final.accuracy), float(final.accuracy_std))} "
+                f"({100 * float(point.best_accuracy.max()):.1f})"
+            )
         rows.append(row)
-    rows.append(["random real (same count)"] + [
-        percent(float(ds.random_real_accuracy.sel(ipc=ipc)),
-                float(ds.random_real_accuracy_std.sel(ipc=ipc))) for ipc in ds.ipc.values])
+    rows.append(
+        ["random real (same count)"]
+        + [
+            percent(
+                float(ds.random_real_accuracy.sel(ipc=ipc)),
+                float(ds.random_real_accuracy_std.sel(ipc=ipc)),
+            )
+            for ipc in ds.ipc.values
+        ]
+    )
     return markdown_table(header, rows)
 
 
 if __name__ == "__main__":
     run_experiment(
-        NAME, AblateLabelsConfig, PRESETS, __doc__, main, table,
+        NAME,
+        AblateLabelsConfig,
+        PRESETS,
+        __doc__,
+        main,
+        table,
         notes="Test accuracy (%) on the real test set, mean +- std over the evaluation models; "
-              "'best' is the best evaluation over the run.",
+        "'best' is the best evaluation over the run.",
         plot=lambda nc, png: plot_accuracy_vs_iteration(
-            nc, png, var="accuracy", title="Label strategies: test accuracy vs iteration"),
+            nc, png, var="accuracy", title="Label strategies: test accuracy vs iteration"
+        ),
     )

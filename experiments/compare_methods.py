@@ -31,11 +31,27 @@ def compare(steps: int, width: int, num_images: int, lr: float, seed: int) -> li
     rows, results = [], {}
     for method in METHODS:
         tic = time.perf_counter()
-        result, peak = measure_peak_memory(match_trajectory, model, start, target, images, labels,
-                                           torch.tensor(lr), batches, method=method)
+        result, peak = measure_peak_memory(
+            match_trajectory,
+            model,
+            start,
+            target,
+            images,
+            labels,
+            torch.tensor(lr),
+            batches,
+            method=method,
+        )
         results[method] = result
-        rows.append(dict(steps=steps, method=method, loss=float(result.loss),
-                         peak_mb=peak.megabytes, seconds=time.perf_counter() - tic))
+        rows.append(
+            dict(
+                steps=steps,
+                method=method,
+                loss=float(result.loss),
+                peak_mb=peak.megabytes,
+                seconds=time.perf_counter() - tic,
+            )
+        )
     reference = results["unrolled"]
     for row in rows:
         got = results[row["method"]]
@@ -54,15 +70,19 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    header = f"{'T':>3} {'method':>9} {'loss':>10} {'cos dX':>9} {'relerr dX':>10} " \
-             f"{'relerr dlr':>10} {'peak MB':>8} {'seconds':>8}"
+    header = (
+        f"{'T':>3} {'method':>9} {'loss':>10} {'cos dX':>9} {'relerr dX':>10} "
+        f"{'relerr dlr':>10} {'peak MB':>8} {'seconds':>8}"
+    )
     print("Gradients compared with `unrolled` (exact MTT); peak = live tensor bytes, CPU.")
     print(header)
     for steps in args.steps:
         for r in compare(steps, args.width, args.num_images, args.lr, args.seed):
-            print(f"{r['steps']:>3} {r['method']:>9} {r['loss']:>10.6f} {r['cos_dX']:>9.6f} "
-                  f"{r['relerr_dX']:>10.2e} {r['relerr_dlr']:>10.2e} {r['peak_mb']:>8.1f} "
-                  f"{r['seconds']:>8.2f}")
+            print(
+                f"{r['steps']:>3} {r['method']:>9} {r['loss']:>10.6f} {r['cos_dX']:>9.6f} "
+                f"{r['relerr_dX']:>10.2e} {r['relerr_dlr']:>10.2e} {r['peak_mb']:>8.1f} "
+                f"{r['seconds']:>8.2f}"
+            )
 
 
 if __name__ == "__main__":

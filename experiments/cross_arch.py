@@ -18,14 +18,18 @@ import numpy as np
 import torch
 import xarray as xr
 
-from tesla_func.data import load_dataset
-from tesla_func.distill import DistillConfig
-from tesla_func.experiment import (
-    distill_cached, ensure_experts, markdown_table, percent, run_experiment,
-)
 from tesla_func.augment import DSA
+from tesla_func.data import load_dataset
 from tesla_func.evaluate import EvalConfig, evaluate, random_real_subset
-from tesla_func.experts import ExpertConfig
+from tesla_func.experiment import (
+    distill_cached,
+    distill_config,
+    ensure_experts,
+    expert_config,
+    markdown_table,
+    percent,
+    run_experiment,
+)
 from tesla_func.plots import plot_bar
 from tesla_func.results import make_dataset
 
@@ -61,59 +65,87 @@ class CrossArchConfig:
 
 PRESETS = {
     "paper": CrossArchConfig(
-        sets=("tesla/hard", "tesla/sla", "exact/hard"), resnet_width=64, vit_dim=128, vit_depth=6, num_experts=20, expert_epochs_trained=50,
-        width=128, iterations=5000, syn_steps=30, max_start_epoch=20, batch_syn_max=500,
-        eval_epochs=1000, eval_models=5, device="cuda",
+        sets=("tesla/hard", "tesla/sla", "exact/hard"),
+        resnet_width=64,
+        vit_dim=128,
+        vit_depth=6,
+        num_experts=20,
+        expert_epochs_trained=50,
+        width=128,
+        iterations=5000,
+        syn_steps=30,
+        max_start_epoch=20,
+        batch_syn_max=500,
+        eval_epochs=1000,
+        eval_models=5,
+        device="cuda",
     ),
 }
 
 
 def arch_kwargs(cfg: CrossArchConfig, arch: str) -> dict:
     """The constructor arguments of each architecture under ``cfg`` (widths reduced on CPU)."""
-    return {"convnet": {"width": cfg.width}, "convnetd4": {"width": cfg.width},
-            "resnet18": {"width": cfg.resnet_width},
-            "vit": {"dim": cfg.vit_dim, "depth": cfg.vit_depth,
-                    "mlp_dim": 2 * cfg.vit_dim}}[arch]
+    return {
+        "convnet": {"width": cfg.width},
+        "convnetd4": {"width": cfg.width},
+        "resnet18": {"width": cfg.resnet_width},
+        "vit": {"dim": cfg.vit_dim, "depth": cfg.vit_depth, "mlp_dim": 2 * cfg.vit_dim},
+    }[arch]
 
 
 def main(cfg: CrossArchConfig) -> xr.Dataset:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    experts_dir = ensure_experts(ExpertConfig(dataset=cfg.dataset, num_experts=cfg.num_experts,
-                                              epochs=cfg.expert_epochs_trained, width=cfg.width),
-                                 device=cfg.device)
+    experts_dir = ensure_experts(expert_config(cfg), device=cfg.device)
     dataset = load_dataset(cfg.dataset)
     k = dataset.info.num_classes
     training_sets = {}
-    images, classes = random_real_subset(dataset.train_images, dataset.train_labels, cfg.ipc,
-                                         torch.Generator().manual_seed(cfg.seed))
+    images, classes = random_real_subset(
+        dataset.train_images, dataset.train_labels, cfg.ipc, torch.Generator().manual_seed(cfg.seed)
+    )
     training_sets["random/real"] = (images, classes, 0.01)
     for name in cfg.sets:
         method, labels = name.split("/")
-        distiller = distill_cached(DistillConfig(
-            experts_dir=str(experts_dir), dataset=cfg.dataset, ipc=cfg.ipc, method=method,
-            labels=labels, iterations=cfg.iterations, syn_steps=cfg.syn_steps,
-            expert_epochs=cfg.expert_epochs, max_start_epoch=cfg.max_start_epoch,
-            batch_syn=min(cfg.ipc * k, cfg.batch_syn_max), lr_img=cfg.lr_img, lr_lr=cfg.lr_lr,
-            eval_epochs=cfg.eval_epochs, eval_models=3, seed=cfg.seed, device=cfg.device,
-        ), dataset)
+        # eval_models=3: the run's own final evaluation, as main_table's, so its runs are shared
+        run = distill_config(cfg, experts_dir, cfg.ipc, method, labels, k, eval_models=3)
+        distiller = distill_cached(run, dataset)
         synthetic = distiller.synthetic_set()
         training_sets[name] = (synthetic.images, synthetic.labels, synthetic.lr)
     accuracy = np.full((len(training_sets), len(cfg.archs), cfg.eval_models), np.nan)
     for i, (images, labels, lr) in enumerate(training_sets.values()):
         for j, arch in enumerate(cfg.archs):
-            protocol = EvalConfig(arch=arch, arch_kwargs=arch_kwargs(cfg, arch),
-                                  epochs=cfg.eval_epochs, lr=lr, num_models=cfg.eval_models,
-                                  seed=cfg.seed, device=cfg.device, progress=False)
-            result = evaluate(images, labels, dataset.test_images, dataset.test_labels,
-                              protocol, DSA(), num_classes=k)
+            protocol = EvalConfig(
+                arch=arch,
+                arch_kwargs=arch_kwargs(cfg, arch),
+                epochs=cfg.eval_epochs,
+                lr=lr,
+                num_models=cfg.eval_models,
+                seed=cfg.seed,
+                device=cfg.device,
+                progress=False,
+            )
+            result = evaluate(
+                images,
+                labels,
+                dataset.test_images,
+                dataset.test_labels,
+                protocol,
+                DSA(),
+                num_classes=k,
+            )
             accuracy[i, j] = result.accuracies
             print(f"{list(training_sets)[i]:>12} on {arch:>9}: {result}")
     return make_dataset(
         {"accuracy": (("set", "arch", "model"), accuracy, {"units": "fraction"})},
-        coords={"set": list(training_sets), "arch": list(cfg.archs),
-                "model": np.arange(cfg.eval_models)},
-        config=cfg, seed=cfg.seed, device=cfg.device, experts_dir=str(experts_dir),
+        coords={
+            "set": list(training_sets),
+            "arch": list(cfg.archs),
+            "model": np.arange(cfg.eval_models),
+        },
+        config=cfg,
+        seed=cfg.seed,
+        device=cfg.device,
+        experts_dir=str(experts_dir),
         protocol="paper" if cfg == PRESETS["paper"] else "reduced",
     )
 
@@ -132,10 +164,16 @@ def table(ds: xr.Dataset) -> str:
 
 if __name__ == "__main__":
     run_experiment(
-        NAME, CrossArchConfig, PRESETS, __doc__, main, table,
+        NAME,
+        CrossArchConfig,
+        PRESETS,
+        __doc__,
+        main,
+        table,
         notes="Test accuracy (%), mean +- std over the evaluation models; every architecture is "
-              "trained with the set's learned lr (random real: 0.01). On CPU ResNet-18 and ViT "
-              "are narrower than the standard networks.",
-        plot=lambda nc, png: plot_bar(nc, png, x="arch", hue="set",
-                                      title="Cross-architecture transfer"),
+        "trained with the set's learned lr (random real: 0.01). On CPU ResNet-18 and ViT "
+        "are narrower than the standard networks.",
+        plot=lambda nc, png: plot_bar(
+            nc, png, x="arch", hue="set", title="Cross-architecture transfer"
+        ),
     )

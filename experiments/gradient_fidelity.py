@@ -120,12 +120,16 @@ class FidelityConfig:
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
-            raise ValueError(f"FidelityConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+            raise ValueError(
+                f"FidelityConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}"
+            )
         last = max((*self.start_epochs, self.base_start_epoch)) + self.expert_epochs
         if last > self.expert_epochs_trained:
-            raise ValueError(f"start epochs up to {last - self.expert_epochs} with expert_epochs "
-                             f"{self.expert_epochs} need checkpoint {last}, but the experts are "
-                             f"trained for {self.expert_epochs_trained} epochs")
+            raise ValueError(
+                f"start epochs up to {last - self.expert_epochs} with expert_epochs "
+                f"{self.expert_epochs} need checkpoint {last}, but the experts are "
+                f"trained for {self.expert_epochs_trained} epochs"
+            )
         if min((*self.steps, self.base_steps, self.segments, self.batch_syn, self.ipc)) < 1:
             raise ValueError("steps, base_steps, segments, batch_syn and ipc must be >= 1")
         if min((*self.lrs, self.base_lr)) <= 0:
@@ -148,19 +152,42 @@ PRESETS = {
     # = 1e-3 is about 1e-5 / beta^2 = 10 on log beta), T up to 80, start epochs over the whole 50-epoch trajectory,
     # 1000 evaluation epochs, 3 seeds.
     "paper": FidelityConfig(
-        dataset="cifar10", num_experts=20, expert_epochs_trained=50, width=128, ipc=10,
-        batch_syn=100, steps=(1, 2, 5, 10, 20, 30, 50, 80), start_epochs=(0, 5, 10, 20, 30, 40, 48),
-        lrs=(1e-4, 1e-3, 3e-3, 1e-2, 3e-2), base_steps=30, base_start_epoch=10, base_lr=1e-2,
-        segments=10, distill_seeds=(0, 1, 2), distill_ipc=10, distill_iterations=5000,
-        distill_syn_steps=30, distill_max_start_epoch=20, distill_lr_init=1e-3, lr_img=100.0,
-        lr_lr=10.0, eval_epochs=1000, eval_models=5, threads=0, device="cuda",
+        dataset="cifar10",
+        num_experts=20,
+        expert_epochs_trained=50,
+        width=128,
+        ipc=10,
+        batch_syn=100,
+        steps=(1, 2, 5, 10, 20, 30, 50, 80),
+        start_epochs=(0, 5, 10, 20, 30, 40, 48),
+        lrs=(1e-4, 1e-3, 3e-3, 1e-2, 3e-2),
+        base_steps=30,
+        base_start_epoch=10,
+        base_lr=1e-2,
+        segments=10,
+        distill_seeds=(0, 1, 2),
+        distill_ipc=10,
+        distill_iterations=5000,
+        distill_syn_steps=30,
+        distill_max_start_epoch=20,
+        distill_lr_init=1e-3,
+        lr_img=100.0,
+        lr_lr=10.0,
+        eval_epochs=1000,
+        eval_models=5,
+        threads=0,
+        device="cuda",
     ),
 }
 
 
 def _expert_config(cfg: FidelityConfig) -> ExpertConfig:
-    return ExpertConfig(dataset=cfg.dataset, num_experts=cfg.num_experts,
-                        epochs=cfg.expert_epochs_trained, width=cfg.width)
+    return ExpertConfig(
+        dataset=cfg.dataset,
+        num_experts=cfg.num_experts,
+        epochs=cfg.expert_epochs_trained,
+        width=cfg.width,
+    )
 
 
 @contextlib.contextmanager
@@ -186,30 +213,48 @@ class Segment:
     expert: ExpertTrajectory  # params in the measuring dtype, on the device
     images: Tensor  # (N, C, H, W) random real images, ipc per class, class-major
     labels: Tensor  # (N,) class indices
-    batches: tuple[Tensor, ...]  # max T minibatches (batch_syn,) of indices; T steps use the first T
+    batches: tuple[
+        Tensor, ...
+    ]  # max T minibatches (batch_syn,) of indices; T steps use the first T
     augment: ReplayedDSA | None  # DSA parameters of max T steps, replayed in every pass
 
 
-def draw_segment(cfg: FidelityConfig, index: int, dataset: Dataset,
-                 experts: list[ExpertTrajectory], max_steps: int) -> Segment:
+def draw_segment(
+    cfg: FidelityConfig,
+    index: int,
+    dataset: Dataset,
+    experts: list[ExpertTrajectory],
+    max_steps: int,
+) -> Segment:
     """Segment ``index``: expert ``index % num_experts`` and draws from seed (cfg.seed, index)."""
     state = np.random.SeedSequence([cfg.seed, index]).generate_state(1, np.uint64)[0]
     gen = torch.Generator().manual_seed(int(state))
     dtype, device = DTYPES[cfg.dtype], torch.device(cfg.device)
-    images, labels = random_real_subset(dataset.train_images, dataset.train_labels, cfg.ipc, gen,
-                                        num_classes=dataset.info.num_classes)
+    images, labels = random_real_subset(
+        dataset.train_images,
+        dataset.train_labels,
+        cfg.ipc,
+        gen,
+        num_classes=dataset.info.num_classes,
+    )
     n, b = len(labels), cfg.batch_syn
     if b > n:
-        raise ValueError(f"FidelityConfig.batch_syn {b} is larger than the synthetic set "
-                         f"(ipc {cfg.ipc} x {dataset.info.num_classes} classes = {n} images)")
+        raise ValueError(
+            f"FidelityConfig.batch_syn {b} is larger than the synthetic set "
+            f"(ipc {cfg.ipc} x {dataset.info.num_classes} classes = {n} images)"
+        )
     per = n // b  # non-overlapping minibatches per permutation
     perms = [torch.randperm(n, generator=gen) for _ in range(math.ceil(max_steps / per))]
-    batches = tuple(p[j * b:(j + 1) * b].to(device) for p in perms for j in range(per))[:max_steps]
-    augment = (DSA().replayable([b] * max_steps, gen, device=device, dtype=dtype)
-               if cfg.dsa else None)
+    batches = tuple(p[j * b : (j + 1) * b].to(device) for p in perms for j in range(per))[
+        :max_steps
+    ]
+    augment = (
+        DSA().replayable([b] * max_steps, gen, device=device, dtype=dtype) if cfg.dsa else None
+    )
     expert = experts[index % len(experts)]
-    expert = dataclasses.replace(expert, params=tuple(
-        {k: v.to(device, dtype) for k, v in p.items()} for p in expert.params))
+    expert = dataclasses.replace(
+        expert, params=tuple({k: v.to(device, dtype) for k, v in p.items()} for p in expert.params)
+    )
     return Segment(expert, images.to(device, dtype), labels.to(device), batches, augment)
 
 
@@ -226,14 +271,16 @@ def agreement(approx: MatchResult, reference: MatchResult) -> dict[str, float]:
     }
 
 
-def measure_fidelity(cfg: FidelityConfig, dataset: Dataset,
-                     experts: list[ExpertTrajectory]) -> xr.Dataset:
+def measure_fidelity(
+    cfg: FidelityConfig, dataset: Dataset, experts: list[ExpertTrajectory]
+) -> xr.Dataset:
     """Every point of the three sweeps on every segment: agreement and per-method records."""
     points = cfg.points()
     model = ConvNet(experts[0].config).to(cfg.device, DTYPES[cfg.dtype])
     compared, per_method = [], []
-    bar = tqdm(total=cfg.segments * sum(t for t, _, _ in points), desc="tesla vs exact",
-               unit="step")
+    bar = tqdm(
+        total=cfg.segments * sum(t for t, _, _ in points), desc="tesla vs exact", unit="step"
+    )
     for index in range(cfg.segments):
         seg = draw_segment(cfg, index, dataset, experts, max(t for t, _, _ in points))
         for steps, start, lr in points:
@@ -242,21 +289,41 @@ def measure_fidelity(cfg: FidelityConfig, dataset: Dataset,
             for method in METHODS:
                 tic = time.perf_counter()
                 results[method] = match_trajectory(
-                    model, seg.expert.params[start], seg.expert.params[start + cfg.expert_epochs],
-                    seg.images, seg.labels, torch.tensor(lr, dtype=DTYPES[cfg.dtype]),
-                    seg.batches[:steps], method=method, augment=seg.augment)
-                per_method.append({**key, "method": method, "seconds": time.perf_counter() - tic,
-                                   "images_grad_norm": float(results[method].images_grad.norm()),
-                                   "lr_grad": float(results[method].lr_grad)})
-            compared.append({**key, "loss": float(results["exact"].loss),
-                             "expert": seg.expert.header.get("expert_index", -1),
-                             **agreement(results["tesla"], results["exact"])})
+                    model,
+                    seg.expert.params[start],
+                    seg.expert.params[start + cfg.expert_epochs],
+                    seg.images,
+                    seg.labels,
+                    torch.tensor(lr, dtype=DTYPES[cfg.dtype]),
+                    seg.batches[:steps],
+                    method=method,
+                    augment=seg.augment,
+                )
+                per_method.append(
+                    {
+                        **key,
+                        "method": method,
+                        "seconds": time.perf_counter() - tic,
+                        "images_grad_norm": float(results[method].images_grad.norm()),
+                        "lr_grad": float(results[method].lr_grad),
+                    }
+                )
+            compared.append(
+                {
+                    **key,
+                    "loss": float(results["exact"].loss),
+                    "expert": seg.expert.header.get("expert_index", -1),
+                    **agreement(results["tesla"], results["exact"]),
+                }
+            )
             bar.update(steps)
     bar.close()
     dims = ["steps", "start_epoch", "lr", "segment"]
-    ds = xr.merge([records_to_dataset(compared, dims),
-                   records_to_dataset(per_method, ["method", *dims])],
-                  join="exact", combine_attrs="drop")
+    ds = xr.merge(
+        [records_to_dataset(compared, dims), records_to_dataset(per_method, ["method", *dims])],
+        join="exact",
+        combine_attrs="drop",
+    )
     return ds.reindex({"method": list(METHODS)})  # a dict: reindex(method=...) means fill method
 
 
@@ -264,15 +331,28 @@ def measure_fidelity(cfg: FidelityConfig, dataset: Dataset,
 # Part 2: distillation with each method
 
 
-def _distill_config(cfg: FidelityConfig, experts_dir: Path, method: str, seed: int,
-                    num_classes: int) -> DistillConfig:
+def _distill_config(
+    cfg: FidelityConfig, experts_dir: Path, method: str, seed: int, num_classes: int
+) -> DistillConfig:
     return DistillConfig(
-        experts_dir=str(experts_dir), dataset=cfg.dataset, ipc=cfg.distill_ipc, method=method,
-        labels="hard", iterations=cfg.distill_iterations, syn_steps=cfg.distill_syn_steps,
-        expert_epochs=cfg.expert_epochs, max_start_epoch=cfg.distill_max_start_epoch,
+        experts_dir=str(experts_dir),
+        dataset=cfg.dataset,
+        ipc=cfg.distill_ipc,
+        method=method,
+        labels="hard",
+        iterations=cfg.distill_iterations,
+        syn_steps=cfg.distill_syn_steps,
+        expert_epochs=cfg.expert_epochs,
+        max_start_epoch=cfg.distill_max_start_epoch,
         batch_syn=min(cfg.distill_ipc * num_classes, cfg.distill_batch_syn_max),
-        lr_img=cfg.lr_img, lr_lr=cfg.lr_lr, lr_init=cfg.distill_lr_init or None, dsa=cfg.dsa,
-        eval_epochs=cfg.eval_epochs, eval_models=cfg.eval_models, seed=seed, device=cfg.device,
+        lr_img=cfg.lr_img,
+        lr_lr=cfg.lr_lr,
+        lr_init=cfg.distill_lr_init or None,
+        dsa=cfg.dsa,
+        eval_epochs=cfg.eval_epochs,
+        eval_models=cfg.eval_models,
+        seed=seed,
+        device=cfg.device,
     )
 
 
@@ -281,24 +361,44 @@ def distill_both(cfg: FidelityConfig, experts_dir: Path, dataset: Dataset) -> xr
     accuracy, log, reloaded = [], [], 0
     for seed in cfg.distill_seeds:
         for method in METHODS:
-            distiller = distill_cached(_distill_config(cfg, experts_dir, method, seed,
-                                                       dataset.info.num_classes), dataset)
+            distiller = distill_cached(
+                _distill_config(cfg, experts_dir, method, seed, dataset.info.num_classes), dataset
+            )
             reloaded += distiller.last_eval is None  # finished earlier: nothing evaluated yet
             result = distiller.last_eval or distiller.evaluate()
-            accuracy += [{"set": method, "seed": seed, "model": k, "accuracy": a}
-                         for k, a in enumerate(result.accuracies)]
+            accuracy += [
+                {"set": method, "seed": seed, "model": k, "accuracy": a}
+                for k, a in enumerate(result.accuracies)
+            ]
             steps = distiller.state.log  # per iteration
-            log += [{"method": method, "seed": seed, "iteration": i + 1, "matching_loss": loss,
-                     "learned_lr": lr, "seconds_per_iteration": sec}
-                    for i, (loss, lr, sec) in enumerate(zip(steps["loss"], steps["lr"],
-                                                            steps["seconds"]))]
-        baseline = random_real_baseline(dataset, cfg.distill_ipc,
-                                        distiller.protocol(lr=distiller.beta0), seed)
-        accuracy += [{"set": "random real", "seed": seed, "model": k, "accuracy": a}
-                     for k, a in enumerate(baseline.accuracies)]
-    ds = xr.merge([records_to_dataset(accuracy, ["set", "seed", "model"]),
-                   records_to_dataset(log, ["method", "seed", "iteration"])],
-                  join="exact", combine_attrs="drop")
+            log += [
+                {
+                    "method": method,
+                    "seed": seed,
+                    "iteration": i + 1,
+                    "matching_loss": loss,
+                    "learned_lr": lr,
+                    "seconds_per_iteration": sec,
+                }
+                for i, (loss, lr, sec) in enumerate(
+                    zip(steps["loss"], steps["lr"], steps["seconds"])
+                )
+            ]
+        baseline = random_real_baseline(
+            dataset, cfg.distill_ipc, distiller.protocol(lr=distiller.beta0), seed
+        )
+        accuracy += [
+            {"set": "random real", "seed": seed, "model": k, "accuracy": a}
+            for k, a in enumerate(baseline.accuracies)
+        ]
+    ds = xr.merge(
+        [
+            records_to_dataset(accuracy, ["set", "seed", "model"]),
+            records_to_dataset(log, ["method", "seed", "iteration"]),
+        ],
+        join="exact",
+        combine_attrs="drop",
+    )
     ds.attrs["runs_reloaded"] = reloaded  # of len(seeds) x len(METHODS), from the run cache
     # Table and figure order; a dict, since reindex(method=...) is its fill-method argument.
     return ds.reindex({"set": ["random real", *METHODS], "method": list(METHODS)})
@@ -324,9 +424,15 @@ def main(cfg: FidelityConfig) -> xr.Dataset:
         merged = xr.merge([fidelity, distilled], join="exact", combine_attrs="drop")
         runs = len(cfg.distill_seeds) * len(METHODS)
         ds = make_dataset(
-            dict(merged.data_vars), coords=dict(merged.coords), config=cfg, seed=cfg.seed,
-            device=cfg.device, experts_dir=str(experts_dir), base_point=cfg.base_point,
-            measured_dtype=cfg.dtype, seconds_experts=experts_seconds,
+            dict(merged.data_vars),
+            coords=dict(merged.coords),
+            config=cfg,
+            seed=cfg.seed,
+            device=cfg.device,
+            experts_dir=str(experts_dir),
+            base_point=cfg.base_point,
+            measured_dtype=cfg.dtype,
+            seconds_experts=experts_seconds,
             seconds_fidelity=fidelity_seconds,
             seconds_distill=distill_seconds,
             runs_reloaded=f"{distilled.attrs['runs_reloaded']} of {runs}",
@@ -341,11 +447,23 @@ def main(cfg: FidelityConfig) -> xr.Dataset:
 
 def plot(nc: Path, png: Path) -> None:
     """The sweeps (``png``) and the distillation accuracies (``<name>_distill.png``), from ``nc``."""
-    plot_sweeps(nc, png, variables=("images_cosine", "images_relative_error", "lr_relative_error"),
-                sweeps=SWEEPS, replicate=("segment",),
-                title="tesla (two-pass) vs exact gradient: mean +- std over segments")
-    plot_bar(nc, png.with_name(f"{png.stem}_distill.png"), var="accuracy", x=None, hue="set",
-             replicate=("model", "seed"), title="Distillation: tesla vs exact, same seeds")
+    plot_sweeps(
+        nc,
+        png,
+        variables=("images_cosine", "images_relative_error", "lr_relative_error"),
+        sweeps=SWEEPS,
+        replicate=("segment",),
+        title="tesla (two-pass) vs exact gradient: mean +- std over segments",
+    )
+    plot_bar(
+        nc,
+        png.with_name(f"{png.stem}_distill.png"),
+        var="accuracy",
+        x=None,
+        hue="set",
+        replicate=("model", "seed"),
+        title="Distillation: tesla vs exact, same seeds",
+    )
 
 
 def _mean_std(da: xr.DataArray) -> tuple[float, float]:
@@ -380,31 +498,62 @@ def table(ds: xr.Dataset) -> str:
         for value in line[dim].values:
             point = line.sel({dim: value})
             at = {**base, dim: value.item()}
-            rows.append([dim, at["steps"], at["start_epoch"], f"{at['lr']:g}",
-                         _pm(point.images_cosine, 4), _pm(point.images_relative_error),
-                         _pm(point.lr_relative_error),
-                         f"{100 * _mean_std(point.lr_sign_agreement)[0]:.0f}%"])
-    fidelity = markdown_table(["varied", "T", "start epoch", "beta", "cosine dL/dX",
-                               "rel. error dL/dX", "rel. error dL/dbeta", "dL/dbeta sign agrees"],
-                              rows)
+            rows.append(
+                [
+                    dim,
+                    at["steps"],
+                    at["start_epoch"],
+                    f"{at['lr']:g}",
+                    _pm(point.images_cosine, 4),
+                    _pm(point.images_relative_error),
+                    _pm(point.lr_relative_error),
+                    f"{100 * _mean_std(point.lr_sign_agreement)[0]:.0f}%",
+                ]
+            )
+    fidelity = markdown_table(
+        [
+            "varied",
+            "T",
+            "start epoch",
+            "beta",
+            "cosine dL/dX",
+            "rel. error dL/dX",
+            "rel. error dL/dbeta",
+            "dL/dbeta sign agrees",
+        ],
+        rows,
+    )
     drows = []
     for name in ds.set.values:
         acc = ds.accuracy.sel(set=name)
         is_run = name in ds.method.values
-        drows.append([f"distilled with `{name}`" if is_run else str(name),
-                      percent(*_mean_std(acc)),
-                      " / ".join(f"{100 * float(acc.sel(seed=s).mean()):.1f}" for s in ds.seed.values),
-                      f"{_final(ds, 'matching_loss', name):.4f}" if is_run else "-",
-                      f"{_final(ds, 'learned_lr', name, last=1):.4g}" if is_run else "-"])
+        drows.append(
+            [
+                f"distilled with `{name}`" if is_run else str(name),
+                percent(*_mean_std(acc)),
+                " / ".join(f"{100 * float(acc.sel(seed=s).mean()):.1f}" for s in ds.seed.values),
+                f"{_final(ds, 'matching_loss', name):.4f}" if is_run else "-",
+                f"{_final(ds, 'learned_lr', name, last=1):.4g}" if is_run else "-",
+            ]
+        )
     config = ds.attrs["config"]
-    distill = markdown_table([f"set (IPC {config['distill_ipc']})", "accuracy (%)",
-                              f"per seed {ds.seed.values.tolist()}",
-                              "matching loss, last 10 its", "final beta"], drows)
-    return (f"Gradient agreement of `tesla` with `exact` (mean +- std over "
-            f"{ds.sizes['segment']} segments; {ds.attrs['measured_dtype']}):\n\n{fidelity}\n\n"
-            f"Distillation, {config['distill_iterations']} iterations of T = "
-            f"{config['distill_syn_steps']} from the same seeds (accuracy mean +- std over seeds x "
-            f"{ds.sizes['model']} evaluation models):\n\n{distill}")
+    distill = markdown_table(
+        [
+            f"set (IPC {config['distill_ipc']})",
+            "accuracy (%)",
+            f"per seed {ds.seed.values.tolist()}",
+            "matching loss, last 10 its",
+            "final beta",
+        ],
+        drows,
+    )
+    return (
+        f"Gradient agreement of `tesla` with `exact` (mean +- std over "
+        f"{ds.sizes['segment']} segments; {ds.attrs['measured_dtype']}):\n\n{fidelity}\n\n"
+        f"Distillation, {config['distill_iterations']} iterations of T = "
+        f"{config['distill_syn_steps']} from the same seeds (accuracy mean +- std over seeds x "
+        f"{ds.sizes['model']} evaluation models):\n\n{distill}"
+    )
 
 
 def finding(ds: xr.Dataset) -> str:
@@ -418,15 +567,20 @@ def finding(ds: xr.Dataset) -> str:
     def along(dim: str) -> str:
         line = _line(ds, dim)
         values = [line.sel({dim: v}) for v in line[dim].values]
-        return (f"{', '.join(err(v) for v in values)} at {dim} = "
-                f"{', '.join(f'{v[dim].item():g}' for v in values)}")
+        return (
+            f"{', '.join(err(v) for v in values)} at {dim} = "
+            f"{', '.join(f'{v[dim].item():g}' for v in values)}"
+        )
 
     acc = {name: _mean_std(ds.accuracy.sel(set=name)) for name in ds.set.values}
     per_seed = (ds.accuracy.sel(set="exact") - ds.accuracy.sel(set="tesla")).mean("model") * 100
     spread = 100 * max(acc["exact"][1], acc["tesla"][1])
     gap = float(per_seed.mean())
-    verdict = ("within the spread over evaluation models" if abs(gap) <= spread
-               else "larger than the spread over evaluation models")
+    verdict = (
+        "within the spread over evaluation models"
+        if abs(gap) <= spread
+        else "larger than the spread over evaluation models"
+    )
     return (
         f"**Finding.** At the base point (T = {base['steps']}, start epoch "
         f"{base['start_epoch']}, beta = {base['lr']:g}) the two-pass `tesla` image gradient has "
@@ -448,15 +602,20 @@ if __name__ == "__main__":
     results = main(config)
     results.attrs["seconds_total"] = time.perf_counter() - started
     text = table(results)
-    notes = (finding(results) + "\n\n"
-             f"Wall time: {results.attrs['seconds_total'] / 60:.1f} min in all (gradient "
-             f"fidelity {results.attrs['seconds_fidelity'] / 60:.1f} min, distillation "
-             f"{results.attrs['seconds_distill'] / 60:.1f} min with "
-             f"{results.attrs['runs_reloaded']} runs reloaded from the cache, experts "
-             f"{results.attrs['seconds_experts'] / 60:.1f} min: 0 when cached). "
-             "Accuracies: test accuracy on the real test set; "
-             + ("reduced CPU protocol: compare the rows with each other, not with published "
-                "numbers." if results.attrs["protocol"] == "reduced" else "paper protocol."))
+    notes = (
+        finding(results) + "\n\n"
+        f"Wall time: {results.attrs['seconds_total'] / 60:.1f} min in all (gradient "
+        f"fidelity {results.attrs['seconds_fidelity'] / 60:.1f} min, distillation "
+        f"{results.attrs['seconds_distill'] / 60:.1f} min with "
+        f"{results.attrs['runs_reloaded']} runs reloaded from the cache, experts "
+        f"{results.attrs['seconds_experts'] / 60:.1f} min: 0 when cached). "
+        "Accuracies: test accuracy on the real test set; "
+        + (
+            "reduced CPU protocol: compare the rows with each other, not with published numbers."
+            if results.attrs["protocol"] == "reduced"
+            else "paper protocol."
+        )
+    )
     paths = write_outputs(results, NAME, table=text, notes=notes, plot=plot)
     print(text + "\n\n" + notes)
     print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))

@@ -14,19 +14,22 @@ results/main_table/main_table.{nc,png,md}.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import xarray as xr
 
 from tesla_func.data import load_dataset
-from tesla_func.distill import DistillConfig
 from tesla_func.experiment import (
-    distill_cached, ensure_experts, markdown_table, percent, random_real_baseline,
+    distill_cached,
+    distill_config,
+    ensure_experts,
+    expert_config,
+    markdown_table,
+    percent,
+    random_real_baseline,
     run_experiment,
 )
-from tesla_func.experts import ExpertConfig
 from tesla_func.plots import plot_bar
 from tesla_func.results import make_dataset
 
@@ -77,29 +80,26 @@ class MainTableConfig:
 
 PRESETS = {
     "paper": MainTableConfig(
-        ipcs=(1, 10, 50), unrolled_max_ipc=10, num_experts=20, expert_epochs_trained=50, width=128, iterations=5000, syn_steps=30,
-        max_start_epoch=20, batch_syn_max=500, eval_epochs=1000, eval_models=5, device="cuda",
+        ipcs=(1, 10, 50),
+        unrolled_max_ipc=10,
+        num_experts=20,
+        expert_epochs_trained=50,
+        width=128,
+        iterations=5000,
+        syn_steps=30,
+        max_start_epoch=20,
+        batch_syn_max=500,
+        eval_epochs=1000,
+        eval_models=5,
+        device="cuda",
     ),
 }
-
-
-def _distill_config(cfg: MainTableConfig, experts_dir: Path, ipc: int, method: str,
-                    labels: str, num_classes: int) -> DistillConfig:
-    return DistillConfig(
-        experts_dir=str(experts_dir), dataset=cfg.dataset, ipc=ipc, method=method, labels=labels,
-        iterations=cfg.iterations, syn_steps=cfg.syn_steps, expert_epochs=cfg.expert_epochs,
-        max_start_epoch=cfg.max_start_epoch, batch_syn=min(ipc * num_classes, cfg.batch_syn_max),
-        lr_img=cfg.lr_img, lr_lr=cfg.lr_lr, eval_epochs=cfg.eval_epochs,
-        eval_models=cfg.eval_models, seed=cfg.seed, device=cfg.device,
-    )
 
 
 def main(cfg: MainTableConfig) -> xr.Dataset:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    experts_dir = ensure_experts(ExpertConfig(dataset=cfg.dataset, num_experts=cfg.num_experts,
-                                              epochs=cfg.expert_epochs_trained, width=cfg.width),
-                                 device=cfg.device)
+    experts_dir = ensure_experts(expert_config(cfg), device=cfg.device)
     rows = ("random/real", *cfg.rows)
     accuracy = np.full((len(rows), len(cfg.ipcs), cfg.eval_models), np.nan)
     lr = np.full((len(rows), len(cfg.ipcs)), np.nan)
@@ -111,8 +111,9 @@ def main(cfg: MainTableConfig) -> xr.Dataset:
             if method == "unrolled" and ipc > cfg.unrolled_max_ipc:
                 continue
             distiller = distill_cached(
-                _distill_config(cfg, experts_dir, ipc, method, labels, dataset.info.num_classes),
-                dataset)
+                distill_config(cfg, experts_dir, ipc, method, labels, dataset.info.num_classes),
+                dataset,
+            )
             synthetic = distiller.synthetic_set()
             result = distiller.last_eval or distiller.evaluate(synthetic)  # None if resumed done
             accuracy[i, j] = result.accuracies
@@ -125,7 +126,10 @@ def main(cfg: MainTableConfig) -> xr.Dataset:
             "lr": (("row", "ipc"), lr, {"long_name": "evaluation lr (learned beta)"}),
         },
         coords={"row": list(rows), "ipc": list(cfg.ipcs), "model": np.arange(cfg.eval_models)},
-        config=cfg, seed=cfg.seed, device=cfg.device, experts_dir=str(experts_dir),
+        config=cfg,
+        seed=cfg.seed,
+        device=cfg.device,
+        experts_dir=str(experts_dir),
         protocol="paper" if cfg == PRESETS["paper"] else "reduced",
     )
 
@@ -139,8 +143,11 @@ def table(ds: xr.Dataset) -> str:
         cells = []
         for ipc in ipcs:
             values = ds.accuracy.sel(row=row, ipc=ipc).values
-            cells.append("-" if np.isnan(values).all() else
-                         percent(float(np.nanmean(values)), float(np.nanstd(values))))
+            cells.append(
+                "-"
+                if np.isnan(values).all()
+                else percent(float(np.nanmean(values)), float(np.nanstd(values)))
+            )
         rows.append([str(row).replace("/", " / ")] + cells)
     config = ds.attrs.get("config", {})
     for name, values in ANCHORS.get(config.get("dataset", ""), {}).items():
@@ -152,8 +159,13 @@ def table(ds: xr.Dataset) -> str:
 
 if __name__ == "__main__":
     run_experiment(
-        NAME, MainTableConfig, PRESETS, __doc__, main, table,
+        NAME,
+        MainTableConfig,
+        PRESETS,
+        __doc__,
+        main,
+        table,
         notes="Test accuracy (%), mean +- std over the evaluation models, every row in the same "
-              "protocol; the published rows come from the full protocol.",
+        "protocol; the published rows come from the full protocol.",
         plot=lambda nc, png: plot_bar(nc, png, hue="row", title="Fashion-MNIST: test accuracy"),
     )

@@ -14,8 +14,9 @@ from typing import Any, TypeVar
 Config = TypeVar("Config")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cfg_type: type,
-                         skip: tuple[str, ...] = ()) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser, cfg_type: type, skip: tuple[str, ...] = ()
+) -> None:
     """One flag per field of ``cfg_type`` (defaults None: 'not given')."""
     defaults = cfg_type()
     for field in dataclasses.fields(cfg_type):
@@ -25,8 +26,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cfg_type: type,
         value = getattr(defaults, field.name)
         hint = f"default: {value!r}"
         if isinstance(value, bool) or str(field.type).startswith("bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=hint)
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=hint
+            )
         elif isinstance(value, tuple):
             kind = type(value[0]) if value else str
             parser.add_argument(flag, nargs="+", type=kind, default=None, help=hint)
@@ -41,8 +43,9 @@ def _none_type(annotation: Any) -> type:
     return int if text.startswith("int") else float if text.startswith("float") else str
 
 
-def config_from_args(args: argparse.Namespace, cfg_type: type[Config],
-                     base: Config | None = None) -> Config:
+def config_from_args(
+    args: argparse.Namespace, cfg_type: type[Config], base: Config | None = None
+) -> Config:
     """``base`` (default: ``cfg_type()``) with the fields given on the command line replaced."""
     base = base if base is not None else cfg_type()
     changes = {}

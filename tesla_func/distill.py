@@ -93,21 +93,35 @@ class DistillConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        for name in ("ipc", "iterations", "syn_steps", "expert_epochs", "max_start_epoch",
-                     "eval_epochs", "eval_models", "checkpoint_every"):
+        for name in (
+            "ipc",
+            "iterations",
+            "syn_steps",
+            "expert_epochs",
+            "max_start_epoch",
+            "eval_epochs",
+            "eval_models",
+            "checkpoint_every",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"DistillConfig.{name} must be an int >= 1, got {value!r}")
-        if self.batch_syn is not None and (not isinstance(self.batch_syn, int) or self.batch_syn < 1):
-            raise ValueError(f"DistillConfig.batch_syn must be None or an int >= 1, got "
-                             f"{self.batch_syn!r}")
+        if self.batch_syn is not None and (
+            not isinstance(self.batch_syn, int) or self.batch_syn < 1
+        ):
+            raise ValueError(
+                f"DistillConfig.batch_syn must be None or an int >= 1, got {self.batch_syn!r}"
+            )
         if not isinstance(self.eval_every, int) or self.eval_every < 0:
-            raise ValueError(f"DistillConfig.eval_every must be an int >= 0, got {self.eval_every!r}")
+            raise ValueError(
+                f"DistillConfig.eval_every must be an int >= 0, got {self.eval_every!r}"
+            )
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; known: {sorted(METHODS)}")
         if self.labels not in LABEL_STRATEGIES:
-            raise ValueError(f"unknown label strategy {self.labels!r}; known: "
-                             f"{sorted(LABEL_STRATEGIES)}")
+            raise ValueError(
+                f"unknown label strategy {self.labels!r}; known: {sorted(LABEL_STRATEGIES)}"
+            )
         if self.init not in INITS:
             raise ValueError(f"unknown init {self.init!r}; known: {INITS}")
         for name in ("lr_img", "lr_lr", "lr_labels"):
@@ -140,8 +154,11 @@ class SyntheticSet:
     header: dict  # config, provenance, skipped-update count, ...
 
     def save(self, path: str | Path) -> None:
-        tensors = {"images": self.images, "labels": self.labels,
-                   "lr": torch.tensor(self.lr, dtype=torch.float64)}
+        tensors = {
+            "images": self.images,
+            "labels": self.labels,
+            "lr": torch.tensor(self.lr, dtype=torch.float64),
+        }
         if self.label_logits is not None:
             tensors["label_logits"] = self.label_logits
         save_tensors(path, tensors, self.header)
@@ -151,10 +168,17 @@ def load_synthetic(path: str | Path) -> SyntheticSet:
     """Read a synthetic set written by :meth:`SyntheticSet.save` (clear errors on bad files)."""
     tensors, header = load_tensors(path)
     if header.get("format") != FORMAT or not {"images", "labels", "lr"} <= set(tensors):
-        raise ValueError(f"{path} is not a tesla_func synthetic set (format "
-                         f"{header.get('format')!r}, tensors {sorted(tensors)})")
-    return SyntheticSet(tensors["images"], tensors["labels"], float(tensors["lr"]),
-                        tensors.get("label_logits"), header)
+        raise ValueError(
+            f"{path} is not a tesla_func synthetic set (format "
+            f"{header.get('format')!r}, tensors {sorted(tensors)})"
+        )
+    return SyntheticSet(
+        tensors["images"],
+        tensors["labels"],
+        float(tensors["lr"]),
+        tensors.get("label_logits"),
+        header,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,39 +203,57 @@ class _State:
     skipped: int  # updates skipped because something was not finite
 
 
-_LOG_FIELDS = ("loss", "lr", "images_grad_norm", "labels_grad_norm", "lr_grad_norm", "skipped",
-               "expert", "start_epoch", "seconds")
+_LOG_FIELDS = (
+    "loss",
+    "lr",
+    "images_grad_norm",
+    "labels_grad_norm",
+    "lr_grad_norm",
+    "skipped",
+    "expert",
+    "start_epoch",
+    "seconds",
+)
 _EVAL_FIELDS = ("iteration", "accuracy_mean", "accuracy_std")
 
 
 def _check_experts(cfg: DistillConfig, experts: list[ExpertTrajectory]) -> None:
     expert = experts[0]
     if expert.dataset != cfg.dataset:
-        raise ValueError(f"the experts in {cfg.experts_dir} were trained on {expert.dataset!r}, "
-                         f"but the config distils {cfg.dataset!r}")
+        raise ValueError(
+            f"the experts in {cfg.experts_dir} were trained on {expert.dataset!r}, "
+            f"but the config distils {cfg.dataset!r}"
+        )
     last_needed = cfg.max_start_epoch - 1 + cfg.expert_epochs
     shortest = min(e.epochs for e in experts)
     if last_needed > shortest:
-        raise ValueError(f"max_start_epoch {cfg.max_start_epoch} with expert_epochs "
-                         f"{cfg.expert_epochs} needs checkpoints up to epoch {last_needed}, but the "
-                         f"experts in {cfg.experts_dir} have {shortest} epochs")
+        raise ValueError(
+            f"max_start_epoch {cfg.max_start_epoch} with expert_epochs "
+            f"{cfg.expert_epochs} needs checkpoints up to epoch {last_needed}, but the "
+            f"experts in {cfg.experts_dir} have {shortest} epochs"
+        )
 
 
 def _check_sizes(cfg: DistillConfig, dataset: Dataset) -> int:
     counts = torch.bincount(dataset.train_labels, minlength=dataset.info.num_classes)
     smallest = int(counts.min())
     if cfg.ipc > smallest:
-        raise ValueError(f"ipc {cfg.ipc} is larger than the smallest class of {cfg.dataset} "
-                         f"({smallest} training images)")
+        raise ValueError(
+            f"ipc {cfg.ipc} is larger than the smallest class of {cfg.dataset} "
+            f"({smallest} training images)"
+        )
     n = cfg.ipc * dataset.info.num_classes
     if cfg.batch_syn is not None and cfg.batch_syn > n:
-        raise ValueError(f"batch_syn {cfg.batch_syn} is larger than the synthetic set "
-                         f"(ipc {cfg.ipc} x {dataset.info.num_classes} classes = {n} images)")
+        raise ValueError(
+            f"batch_syn {cfg.batch_syn} is larger than the synthetic set "
+            f"(ipc {cfg.ipc} x {dataset.info.num_classes} classes = {n} images)"
+        )
     return n
 
 
-def _initial_state(cfg: DistillConfig, dataset: Dataset, beta0: float,
-                   device: torch.device) -> _State:
+def _initial_state(
+    cfg: DistillConfig, dataset: Dataset, beta0: float, device: torch.device
+) -> _State:
     gen = torch.Generator().manual_seed(cfg.seed)
     k = dataset.info.num_classes
     picks = []
@@ -233,12 +275,18 @@ def _initial_state(cfg: DistillConfig, dataset: Dataset, beta0: float,
         logits = (margin * F.one_hot(classes, k).to(images.dtype)).to(device)
     log_lr = torch.tensor(math.log(beta0), dtype=images.dtype, device=device)
     return _State(
-        iteration=0, images=images, label_logits=logits, log_lr=log_lr,
+        iteration=0,
+        images=images,
+        label_logits=logits,
+        log_lr=log_lr,
         images_momentum=torch.zeros_like(images),
         logits_momentum=None if logits is None else torch.zeros_like(logits),
-        log_lr_momentum=torch.zeros_like(log_lr), generator=gen,
-        order=torch.zeros(0, dtype=torch.long), log={f: [] for f in _LOG_FIELDS},
-        evals={f: [] for f in _EVAL_FIELDS}, skipped=0,
+        log_lr_momentum=torch.zeros_like(log_lr),
+        generator=gen,
+        order=torch.zeros(0, dtype=torch.long),
+        log={f: [] for f in _LOG_FIELDS},
+        evals={f: [] for f in _EVAL_FIELDS},
+        skipped=0,
     )
 
 
@@ -248,17 +296,24 @@ def _initial_state(cfg: DistillConfig, dataset: Dataset, beta0: float,
 
 def _save_checkpoint(path: Path, cfg: DistillConfig, state: _State) -> None:
     tensors = {
-        "images": state.images, "log_lr": state.log_lr,
-        "images_momentum": state.images_momentum, "log_lr_momentum": state.log_lr_momentum,
-        "generator": state.generator.get_state(), "order": state.order,
+        "images": state.images,
+        "log_lr": state.log_lr,
+        "images_momentum": state.images_momentum,
+        "log_lr_momentum": state.log_lr_momentum,
+        "generator": state.generator.get_state(),
+        "order": state.order,
     }
     if state.label_logits is not None:
         tensors["label_logits"] = state.label_logits
         tensors["logits_momentum"] = state.logits_momentum
     for name, values in {**state.log, **{f"eval_{k}": v for k, v in state.evals.items()}}.items():
         tensors[f"log/{name}"] = torch.tensor(values, dtype=torch.float64)
-    header = {"format": "tesla_func.distill_checkpoint", "config": cfg.to_dict(),
-              "iteration": state.iteration, "skipped": state.skipped}
+    header = {
+        "format": "tesla_func.distill_checkpoint",
+        "config": cfg.to_dict(),
+        "iteration": state.iteration,
+        "skipped": state.skipped,
+    }
     save_tensors(path, tensors, header)
 
 
@@ -266,18 +321,28 @@ def _load_checkpoint(path: Path, cfg: DistillConfig, device: torch.device) -> _S
     tensors, header = load_tensors(path)
     saved = header.get("config")
     if saved != json.loads(json.dumps(cfg.to_dict())):
-        diffs = [f"{k}: saved {saved.get(k)!r} vs now {v!r}" for k, v in cfg.to_dict().items()
-                 if saved is None or saved.get(k) != v]
-        raise ValueError(f"{path} belongs to another run ({'; '.join(diffs[:8])}); use another "
-                         "output directory or the same config")
+        diffs = [
+            f"{k}: saved {saved.get(k)!r} vs now {v!r}"
+            for k, v in cfg.to_dict().items()
+            if saved is None or saved.get(k) != v
+        ]
+        raise ValueError(
+            f"{path} belongs to another run ({'; '.join(diffs[:8])}); use another "
+            "output directory or the same config"
+        )
     gen = torch.Generator()
     gen.set_state(tensors["generator"])
     on = {k: v.to(device) for k, v in tensors.items() if not k.startswith("log/")}
     return _State(
-        iteration=int(header["iteration"]), images=on["images"],
-        label_logits=on.get("label_logits"), log_lr=on["log_lr"],
-        images_momentum=on["images_momentum"], logits_momentum=on.get("logits_momentum"),
-        log_lr_momentum=on["log_lr_momentum"], generator=gen, order=tensors["order"],
+        iteration=int(header["iteration"]),
+        images=on["images"],
+        label_logits=on.get("label_logits"),
+        log_lr=on["log_lr"],
+        images_momentum=on["images_momentum"],
+        logits_momentum=on.get("logits_momentum"),
+        log_lr_momentum=on["log_lr_momentum"],
+        generator=gen,
+        order=tensors["order"],
         log={f: tensors[f"log/{f}"].tolist() for f in _LOG_FIELDS},
         evals={f: tensors[f"log/eval_{f}"].tolist() for f in _EVAL_FIELDS},
         skipped=int(header["skipped"]),
@@ -310,7 +375,9 @@ def _teacher_logits(model: ConvNet, params: dict[str, Tensor], images: Tensor) -
         model.train(was_training)
 
 
-def _sgd(param: Tensor, grad: Tensor, momentum: Tensor, lr: float, mu: float) -> tuple[Tensor, Tensor]:
+def _sgd(
+    param: Tensor, grad: Tensor, momentum: Tensor, lr: float, mu: float
+) -> tuple[Tensor, Tensor]:
     """torch.optim.SGD (no dampening): buf = mu * buf + g; p = p - lr * buf."""
     momentum = mu * momentum + grad
     return param - lr * momentum, momentum
@@ -319,29 +386,43 @@ def _sgd(param: Tensor, grad: Tensor, momentum: Tensor, lr: float, mu: float) ->
 class Distiller:
     """Runs :class:`DistillConfig`; ``run()`` returns the synthetic set and writes ``out_dir``."""
 
-    def __init__(self, cfg: DistillConfig, out_dir: str | Path, *, progress: bool = True,
-                 dataset: Dataset | None = None, experts: list[ExpertTrajectory] | None = None):
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        out_dir: str | Path,
+        *,
+        progress: bool = True,
+        dataset: Dataset | None = None,
+        experts: list[ExpertTrajectory] | None = None,
+    ):
         self.cfg, self.out, self.progress = cfg, Path(out_dir), progress
         self.device = torch.device(cfg.device)
         self.experts = experts if experts is not None else load_experts(cfg.experts_dir)
         _check_experts(cfg, self.experts)
         self.experts = [e.to(self.device) for e in self.experts]
         zca = bool(self.experts[0].header.get("dataset_info", {}).get("zca", False))
-        self.dataset = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_root,
-                                                                        zca=zca)
+        self.dataset = (
+            dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_root, zca=zca)
+        )
         if self.dataset.info.name != self.experts[0].dataset:
-            raise ValueError(f"dataset {self.dataset.info.name!r} is not the experts' "
-                             f"{self.experts[0].dataset!r}")
+            raise ValueError(
+                f"dataset {self.dataset.info.name!r} is not the experts' "
+                f"{self.experts[0].dataset!r}"
+            )
         self.n = _check_sizes(cfg, self.dataset)
         self.model = ConvNet(self.experts[0].config).to(self.device)
         self.beta0 = cfg.lr_init if cfg.lr_init is not None else self.experts[0].lr
         self.dsa = DSA() if cfg.dsa else None
-        self.classes = torch.arange(self.dataset.info.num_classes,
-                                    device=self.device).repeat_interleave(cfg.ipc)
+        self.classes = torch.arange(
+            self.dataset.info.num_classes, device=self.device
+        ).repeat_interleave(cfg.ipc)
         self.last_eval = None  # the EvalResult of the latest evaluation this process made
         checkpoint = self.out / _CHECKPOINT
-        self.state = (_load_checkpoint(checkpoint, cfg, self.device) if checkpoint.exists()
-                      else _initial_state(cfg, self.dataset, self.beta0, self.device))
+        self.state = (
+            _load_checkpoint(checkpoint, cfg, self.device)
+            if checkpoint.exists()
+            else _initial_state(cfg, self.dataset, self.beta0, self.device)
+        )
 
     # -- labels ---------------------------------------------------------------------------------
 
@@ -367,8 +448,11 @@ class Distiller:
         if cfg.labels == "learned":
             return F.softmax(s.label_logits, dim=-1)
         expert = self.experts[0]
-        epoch = (expert.epochs if cfg.labels == "sla-last"
-                 else cfg.max_start_epoch - 1 + cfg.expert_epochs)
+        epoch = (
+            expert.epochs
+            if cfg.labels == "sla-last"
+            else cfg.max_start_epoch - 1 + cfg.expert_epochs
+        )
         return F.softmax(_teacher_logits(self.model, expert.params[epoch], s.images), dim=-1)
 
     # -- the loop -------------------------------------------------------------------------------
@@ -382,13 +466,26 @@ class Distiller:
         expert = self.experts[e]
         batch = cfg.batch_syn or self.n
         batches = [b.to(self.device) for b in _minibatches(s, self.n, batch, cfg.syn_steps)]
-        augment = (self.dsa.replayable([batch] * cfg.syn_steps, s.generator, device=self.device,
-                                       dtype=s.images.dtype) if self.dsa is not None else None)
+        augment = (
+            self.dsa.replayable(
+                [batch] * cfg.syn_steps, s.generator, device=self.device, dtype=s.images.dtype
+            )
+            if self.dsa is not None
+            else None
+        )
         labels = self._labels_for(expert, t + cfg.expert_epochs)
         beta = s.log_lr.exp()
-        res = match_trajectory(self.model, expert.params[t], expert.params[t + cfg.expert_epochs],
-                               s.images, labels, beta, batches, method=cfg.method,
-                               augment=augment)
+        res = match_trajectory(
+            self.model,
+            expert.params[t],
+            expert.params[t + cfg.expert_epochs],
+            s.images,
+            labels,
+            beta,
+            batches,
+            method=cfg.method,
+            augment=augment,
+        )
         lr_grad = res.lr_grad * beta  # dL/dlog_beta
         parts = [res.loss, res.images_grad, lr_grad]
         if cfg.labels == "learned":
@@ -396,35 +493,54 @@ class Distiller:
         finite = all(bool(torch.isfinite(p).all()) for p in parts)
         if finite:
             if cfg.learns_images:
-                s.images, s.images_momentum = _sgd(s.images, res.images_grad, s.images_momentum,
-                                                   cfg.lr_img, cfg.momentum)
+                s.images, s.images_momentum = _sgd(
+                    s.images, res.images_grad, s.images_momentum, cfg.lr_img, cfg.momentum
+                )
             if cfg.labels == "learned":
-                s.label_logits, s.logits_momentum = _sgd(s.label_logits, res.labels_grad,
-                                                         s.logits_momentum, cfg.lr_labels,
-                                                         cfg.momentum)
-            s.log_lr, s.log_lr_momentum = _sgd(s.log_lr, lr_grad, s.log_lr_momentum, cfg.lr_lr,
-                                               cfg.momentum)
+                s.label_logits, s.logits_momentum = _sgd(
+                    s.label_logits, res.labels_grad, s.logits_momentum, cfg.lr_labels, cfg.momentum
+                )
+            s.log_lr, s.log_lr_momentum = _sgd(
+                s.log_lr, lr_grad, s.log_lr_momentum, cfg.lr_lr, cfg.momentum
+            )
         else:
             s.skipped += 1
         s.iteration += 1
-        norm = (lambda x: float(x.norm()) if x is not None else float("nan"))
-        for name, value in (("loss", float(res.loss)), ("lr", float(s.log_lr.exp())),
-                            ("images_grad_norm", norm(res.images_grad)),
-                            ("labels_grad_norm", norm(res.labels_grad) if cfg.labels == "learned"
-                             else float("nan")),
-                            ("lr_grad_norm", float(lr_grad.abs())), ("skipped", float(not finite)),
-                            ("expert", float(e)), ("start_epoch", float(t)),
-                            ("seconds", time.perf_counter() - tic)):
+        norm = lambda x: float(x.norm()) if x is not None else float("nan")
+        for name, value in (
+            ("loss", float(res.loss)),
+            ("lr", float(s.log_lr.exp())),
+            ("images_grad_norm", norm(res.images_grad)),
+            (
+                "labels_grad_norm",
+                norm(res.labels_grad) if cfg.labels == "learned" else float("nan"),
+            ),
+            ("lr_grad_norm", float(lr_grad.abs())),
+            ("skipped", float(not finite)),
+            ("expert", float(e)),
+            ("start_epoch", float(t)),
+            ("seconds", time.perf_counter() - tic),
+        ):
             s.log[name].append(value)
 
     def synthetic_set(self) -> SyntheticSet:
         s = self.state
-        header = {"format": FORMAT, "config": self.cfg.to_dict(), "iteration": s.iteration,
-                  "skipped_updates": s.skipped, "dataset_info": self.dataset.info.to_dict(),
-                  "architecture": self.experts[0].config.to_dict(), "provenance": provenance(self.device)}
-        return SyntheticSet(s.images.detach().cpu(), self.final_labels().detach().cpu(),
-                            float(s.log_lr.exp()), None if s.label_logits is None
-                            else s.label_logits.detach().cpu(), header)
+        header = {
+            "format": FORMAT,
+            "config": self.cfg.to_dict(),
+            "iteration": s.iteration,
+            "skipped_updates": s.skipped,
+            "dataset_info": self.dataset.info.to_dict(),
+            "architecture": self.experts[0].config.to_dict(),
+            "provenance": provenance(self.device),
+        }
+        return SyntheticSet(
+            s.images.detach().cpu(),
+            self.final_labels().detach().cpu(),
+            float(s.log_lr.exp()),
+            None if s.label_logits is None else s.label_logits.detach().cpu(),
+            header,
+        )
 
     def protocol(self, lr: float, arch: str = "convnet", **arch_kwargs: Any) -> EvalConfig:
         """The evaluation protocol of this run (PROTOCOL.md section 6 with cfg.eval_epochs and
@@ -432,23 +548,39 @@ class Distiller:
         if arch == "convnet" and not arch_kwargs:
             c = self.experts[0].config
             arch_kwargs = {"width": c.width, "depth": c.depth, "norm": c.norm}
-        return EvalConfig(arch=arch, arch_kwargs=arch_kwargs, epochs=self.cfg.eval_epochs, lr=lr,
-                          num_models=self.cfg.eval_models, seed=self.cfg.seed,
-                          device=self.cfg.device, progress=False)
+        return EvalConfig(
+            arch=arch,
+            arch_kwargs=arch_kwargs,
+            epochs=self.cfg.eval_epochs,
+            lr=lr,
+            num_models=self.cfg.eval_models,
+            seed=self.cfg.seed,
+            device=self.cfg.device,
+            progress=False,
+        )
 
     def evaluate(self, synthetic: SyntheticSet | None = None, protocol: EvalConfig | None = None):
         """Train fresh networks on the synthetic set (with its learned lr) and test them."""
         synthetic = synthetic or self.synthetic_set()
         protocol = protocol or self.protocol(lr=synthetic.lr)
-        return evaluate(synthetic.images, synthetic.labels, self.dataset.test_images,
-                        self.dataset.test_labels, protocol, DSA() if self.cfg.dsa else None,
-                        num_classes=self.dataset.info.num_classes)
+        return evaluate(
+            synthetic.images,
+            synthetic.labels,
+            self.dataset.test_images,
+            self.dataset.test_labels,
+            protocol,
+            DSA() if self.cfg.dsa else None,
+            num_classes=self.dataset.info.num_classes,
+        )
 
     def _record_eval(self) -> None:
         result = self.last_eval = self.evaluate()
         s = self.state
-        for name, value in (("iteration", s.iteration), ("accuracy_mean", result.mean),
-                            ("accuracy_std", result.std)):
+        for name, value in (
+            ("iteration", s.iteration),
+            ("accuracy_mean", result.mean),
+            ("accuracy_std", result.std),
+        ):
             s.evals[name].append(float(value))
         tqdm.write(f"iteration {s.iteration}: test accuracy {result}")
 
@@ -456,15 +588,27 @@ class Distiller:
         """The per-iteration log and the evaluations as one xarray Dataset."""
         s = self.state
         iters = np.arange(1, len(s.log["loss"]) + 1)
-        data = {name: (("iteration",), np.asarray(values, dtype=np.float64))
-                for name, values in s.log.items()}
+        data = {
+            name: (("iteration",), np.asarray(values, dtype=np.float64))
+            for name, values in s.log.items()
+        }
         data["eval_accuracy_mean"] = (("eval_iteration",), np.asarray(s.evals["accuracy_mean"]))
         data["eval_accuracy_std"] = (("eval_iteration",), np.asarray(s.evals["accuracy_std"]))
-        coords = {"iteration": iters,
-                  "eval_iteration": np.asarray(s.evals["iteration"], dtype=np.int64)}
-        return make_dataset(data, coords, config=self.cfg, seed=self.cfg.seed,
-                            device=self.cfg.device, skipped_updates=s.skipped,
-                            method=self.cfg.method, labels=self.cfg.labels, ipc=self.cfg.ipc)
+        coords = {
+            "iteration": iters,
+            "eval_iteration": np.asarray(s.evals["iteration"], dtype=np.int64),
+        }
+        return make_dataset(
+            data,
+            coords,
+            config=self.cfg,
+            seed=self.cfg.seed,
+            device=self.cfg.device,
+            skipped_updates=s.skipped,
+            method=self.cfg.method,
+            labels=self.cfg.labels,
+            ipc=self.cfg.ipc,
+        )
 
     def run(self, stop_after: int | None = None) -> SyntheticSet:
         """Run (or resume) to ``cfg.iterations``; ``stop_after`` stops early (tests of resume).
@@ -475,14 +619,24 @@ class Distiller:
         cfg, s = self.cfg, self.state
         self.out.mkdir(parents=True, exist_ok=True)
         last = cfg.iterations if stop_after is None else min(cfg.iterations, stop_after)
-        bar = tqdm(total=cfg.iterations, initial=s.iteration, desc=f"distill {cfg.method}/"
-                   f"{cfg.labels} ipc{cfg.ipc}", unit="it", disable=not self.progress)
+        bar = tqdm(
+            total=cfg.iterations,
+            initial=s.iteration,
+            desc=f"distill {cfg.method}/{cfg.labels} ipc{cfg.ipc}",
+            unit="it",
+            disable=not self.progress,
+        )
         while s.iteration < last:
             self.step()
             bar.update(1)
-            bar.set_postfix(loss=f"{s.log['loss'][-1]:.4f}", lr=f"{s.log['lr'][-1]:.2e}",
-                            skipped=s.skipped)
-            if cfg.eval_every and s.iteration % cfg.eval_every == 0 and s.iteration < cfg.iterations:
+            bar.set_postfix(
+                loss=f"{s.log['loss'][-1]:.4f}", lr=f"{s.log['lr'][-1]:.2e}", skipped=s.skipped
+            )
+            if (
+                cfg.eval_every
+                and s.iteration % cfg.eval_every == 0
+                and s.iteration < cfg.iterations
+            ):
                 self._record_eval()
             if s.iteration % cfg.checkpoint_every == 0 or s.iteration == last:
                 _save_checkpoint(self.out / _CHECKPOINT, cfg, s)

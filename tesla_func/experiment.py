@@ -45,10 +45,57 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV, "cache"))
 
 
+def expert_config(cfg: Any) -> ExpertConfig:
+    """The experts of an experiment config with fields dataset, num_experts,
+    expert_epochs_trained and width (the other expert settings are PROTOCOL.md's)."""
+    return ExpertConfig(
+        dataset=cfg.dataset,
+        num_experts=cfg.num_experts,
+        epochs=cfg.expert_epochs_trained,
+        width=cfg.width,
+    )
+
+
+def distill_config(
+    cfg: Any,
+    experts_dir: Path,
+    ipc: int,
+    method: str,
+    labels: str,
+    num_classes: int,
+    **changes: Any,
+) -> DistillConfig:
+    """The DistillConfig of one run of an experiment whose config has the distillation fields
+    (iterations, syn_steps, expert_epochs, max_start_epoch, batch_syn_max, lr_img, lr_lr,
+    eval_epochs, eval_models, seed, device); ``batch_syn = min(ipc * classes, batch_syn_max)``.
+    Experiments that agree on these fields produce the same config, hence share the cached run."""
+    fields = dict(
+        experts_dir=str(experts_dir),
+        dataset=cfg.dataset,
+        ipc=ipc,
+        method=method,
+        labels=labels,
+        iterations=cfg.iterations,
+        syn_steps=cfg.syn_steps,
+        expert_epochs=cfg.expert_epochs,
+        max_start_epoch=cfg.max_start_epoch,
+        batch_syn=min(ipc * num_classes, cfg.batch_syn_max),
+        lr_img=cfg.lr_img,
+        lr_lr=cfg.lr_lr,
+        eval_epochs=cfg.eval_epochs,
+        eval_models=cfg.eval_models,
+        seed=cfg.seed,
+        device=cfg.device,
+    )
+    return DistillConfig(**{**fields, **changes})
+
+
 def experts_dir(cfg: ExpertConfig) -> Path:
     """One folder per expert configuration, so experiments that agree on it share the experts."""
-    tag = (f"{cfg.dataset}-w{cfg.width}-d{cfg.depth}-{cfg.norm}-e{cfg.epochs}-n{cfg.num_experts}"
-           f"-lr{cfg.lr:g}-b{cfg.batch_size}-{'dsa' if cfg.dsa else 'nodsa'}-s{cfg.seed}")
+    tag = (
+        f"{cfg.dataset}-w{cfg.width}-d{cfg.depth}-{cfg.norm}-e{cfg.epochs}-n{cfg.num_experts}"
+        f"-lr{cfg.lr:g}-b{cfg.batch_size}-{'dsa' if cfg.dsa else 'nodsa'}-s{cfg.seed}"
+    )
     return cache_dir() / "experts" / tag
 
 
@@ -73,18 +120,28 @@ def distill_cached(cfg: DistillConfig, dataset: Dataset | None = None) -> Distil
     return distiller
 
 
-def random_real_baseline(dataset: Dataset, ipc: int, protocol: EvalConfig,
-                         seed: int = 0) -> EvalResult:
+def random_real_baseline(
+    dataset: Dataset, ipc: int, protocol: EvalConfig, seed: int = 0
+) -> EvalResult:
     """The field's baseline: ``ipc`` random real training images per class with hard labels,
     trained and tested in the same protocol as the distilled sets (DSA on every batch)."""
-    images, classes = random_real_subset(dataset.train_images, dataset.train_labels, ipc,
-                                         torch.Generator().manual_seed(seed))
-    return evaluate(images, classes, dataset.test_images, dataset.test_labels, protocol, DSA(),
-                    num_classes=dataset.info.num_classes)
+    images, classes = random_real_subset(
+        dataset.train_images, dataset.train_labels, ipc, torch.Generator().manual_seed(seed)
+    )
+    return evaluate(
+        images,
+        classes,
+        dataset.test_images,
+        dataset.test_labels,
+        protocol,
+        DSA(),
+        num_classes=dataset.info.num_classes,
+    )
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub Markdown table; floats with 4 significant digits."""
+
     def cell(value: Any) -> str:
         if isinstance(value, float):
             return "-" if math.isnan(value) else f"{value:.4g}"
@@ -105,10 +162,17 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in ["python", *sys.argv])
 
 
-def write_outputs(ds: xr.Dataset, name: str, *, plot: Callable[[Path, Path], Any],
-                  table: str, notes: str = "", out_dir: Path | None = None) -> dict[str, Path]:
+def write_outputs(
+    ds: xr.Dataset,
+    name: str,
+    *,
+    plot: Callable[[Path, Path], Any],
+    table: str,
+    notes: str = "",
+    out_dir: Path | None = None,
+) -> dict[str, Path]:
     """Write ``<name>.nc``, then the figure (from the saved file) and the Markdown table."""
-    out = (out_dir or RESULTS_DIR / name)
+    out = out_dir or RESULTS_DIR / name
     out.mkdir(parents=True, exist_ok=True)
     ds = ds.copy()
     ds.attrs["command"] = command_line()
@@ -117,32 +181,53 @@ def write_outputs(ds: xr.Dataset, name: str, *, plot: Callable[[Path, Path], Any
     plot(nc, png)
     device = ds.attrs.get("device", "unknown device")
     md = out / f"{name}.md"
-    atomic_write_text(md, f"# {name}\n\nMade by `{ds.attrs['command']}` at git revision "
-                          f"`{ds.attrs.get('git_revision', 'unknown')}` on {device}.\n\n"
-                          f"{table}\n\n{notes}".rstrip() + "\n")
+    atomic_write_text(
+        md,
+        f"# {name}\n\nMade by `{ds.attrs['command']}` at git revision "
+        f"`{ds.attrs.get('git_revision', 'unknown')}` on {device}.\n\n"
+        f"{table}\n\n{notes}".rstrip()
+        + "\n",
+    )
     return {"netcdf": nc, "figure": png, "table": md}
 
 
-def parse_config(cfg_type: type[Config], presets: Mapping[str, Config], description: str,
-                 argv: Sequence[str] | None = None) -> Config:
+def parse_config(
+    cfg_type: type[Config],
+    presets: Mapping[str, Config],
+    description: str,
+    argv: Sequence[str] | None = None,
+) -> Config:
     """Build a config from ``--preset NAME`` and ``--field value`` overrides of its fields."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(presets), default=None,
-                        help="start from a named preset instead of the small CPU default")
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(presets),
+        default=None,
+        help="start from a named preset instead of the small CPU default",
+    )
     add_config_arguments(parser, cfg_type)
     args = parser.parse_args(argv)
     return config_from_args(args, cfg_type, presets[args.preset] if args.preset else None)
 
 
-REDUCED_NOTE = ("Reduced CPU protocol (narrow ConvNet, short expert trajectories, few iterations, "
-                "shorter evaluation): compare rows with each other, not with published numbers.")
+REDUCED_NOTE = (
+    "Reduced CPU protocol (narrow ConvNet, short expert trajectories, few iterations, "
+    "shorter evaluation): compare rows with each other, not with published numbers."
+)
 
 
-def run_experiment(name: str, cfg_type: type[Config], presets: Mapping[str, Config],
-                   description: str, main: Callable[[Config], xr.Dataset],
-                   table: Callable[[xr.Dataset], str], plot: Callable[[Path, Path], Any],
-                   notes: str = "") -> xr.Dataset:
+def run_experiment(
+    name: str,
+    cfg_type: type[Config],
+    presets: Mapping[str, Config],
+    description: str,
+    main: Callable[[Config], xr.Dataset],
+    table: Callable[[xr.Dataset], str],
+    plot: Callable[[Path, Path], Any],
+    notes: str = "",
+) -> xr.Dataset:
     """The ``__main__`` of an experiment script: config from the command line, run, write the
     three outputs (the reduced-protocol note added when it applies), print the table."""
     results = main(parse_config(cfg_type, presets, description))

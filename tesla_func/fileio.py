@@ -58,7 +58,9 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any]) -> None:
+def save_tensors(
+    path: str | Path, tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any]
+) -> None:
     """Atomically write ``tensors`` (name -> tensor) and a JSON-able ``header`` as safetensors."""
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     blob = _st_save_bytes(contiguous, metadata={_HEADER_KEY: json.dumps(dict(header), default=str)})

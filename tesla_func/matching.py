@@ -4,7 +4,7 @@ The student starts at an expert checkpoint and takes T SGD steps on synthetic mi
 (proofs/README.md has the notation)::
 
     theta_0 = start,   g_i = grad_theta l(theta_i; A_i(X[b_i]), Y[b_i]),   theta_{i+1} = theta_i - beta g_i
-    L = ||theta_T - target||^2 / D,   D = ||start - target||^2                          (A1)
+    L = ||theta_T - target||^2 / D,   D = ||start - target||^2       (notation of proofs/README.md)
 
 where ``b_i`` is the i-th index batch and ``A_i`` the (replayed) augmentation of step i. Every method
 returns the same loss and gradients of L with respect to the images X, the label logits Y (soft
@@ -19,7 +19,7 @@ memory cost:
     ``v = -2 beta (theta_T - target) / D`` (proofs/b_two_pass.md). It treats every theta_i as a
     constant, so it is the gradient of the *first-order* loop
     ``theta_T = theta_0 - beta sum_i g(stopgrad(theta_i); ...)``: exact at T = 1, a truncation
-    for T >= 2 (the dropped terms are written out in proofs/b_two_pass.md).
+    for T >= 2 (the dropped terms: proofs/b_two_pass.md, Eq. B4).
 ``exact``
     the adjoint method (proofs/c_adjoint.md): keep the T states theta_i (or every k-th and
     recompute), then walk back with one graph at a time::
@@ -63,7 +63,7 @@ class StepCotangents(NamedTuple):
 class MatchResult(NamedTuple):
     """What every matching method returns (all tensors detached).
 
-    loss:        () the normalised trajectory error L of Eq. (A1)
+    loss:        () the normalised trajectory error L (proofs/README.md)
     images_grad: (N, C, H, W) dL/dX
     labels_grad: (N, K) dL/dY for float label logits; None for int class labels
     lr_grad:     () dL/dbeta
@@ -192,13 +192,15 @@ class Problem:
         twice-differentiable composite kernels (GroupNorm's backward costs several times its
         fused kernel): 1.2x the time of this step.
         """
-        loss, pullback = vjp(lambda theta: self.inner_loss(theta, self.images, self.labels, step),
-                             params)
+        loss, pullback = vjp(
+            lambda theta: self.inner_loss(theta, self.images, self.labels, step), params
+        )
         (g,) = _pull_once(pullback, torch.ones_like(loss))
         return g
 
-    def step_vjp(self, params: Params, step: int, *, wrt_params: bool
-                 ) -> tuple[Params, Callable[[Params], StepCotangents]]:
+    def step_vjp(
+        self, params: Params, step: int, *, wrt_params: bool
+    ) -> tuple[Params, Callable[[Params], StepCotangents]]:
         """g_i and the pullback of g_i over (theta_i if ``wrt_params``, X, Y if soft labels).
 
         One ``vjp`` call: the pullback maps a cotangent u (a parameter dict) to
@@ -211,19 +213,23 @@ class Problem:
             theta, rest = (primals[0], primals[1:]) if wrt_params else (params, primals)
             return self.step_grad(theta, rest[0], rest[1] if soft else self.labels, step)
 
-        primals = (*((params,) if wrt_params else ()), self.images,
-                   *((self.labels,) if soft else ()))
+        primals = (
+            *((params,) if wrt_params else ()),
+            self.images,
+            *((self.labels,) if soft else ()),
+        )
         g, pullback = vjp(g_of, *primals)
 
         def pull(cotangent: Params) -> StepCotangents:
             out = list(_pull_once(pullback, cotangent))
-            return StepCotangents(out.pop(0) if wrt_params else None, out[0],
-                                  out[1] if soft else None)
+            return StepCotangents(
+                out.pop(0) if wrt_params else None, out[0], out[1] if soft else None
+            )
 
         return g, pull
 
     def trajectory_loss(self, final: Params) -> Tensor:
-        """L = ||theta_T - target||^2 / D (Eq. A1)."""
+        """L = ||theta_T - target||^2 / D of the final student state theta_T."""
         return _sq_norm(_sub(final, self.target)) / self.denominator
 
     def run_steps(self, first: int, last: int, params: Params) -> Iterator[Step]:
@@ -247,8 +253,9 @@ def unrolled(p: Problem) -> MatchResult:
     def loss_of(images: Tensor, lr: Tensor, *labels: Tensor) -> Tensor:
         params = p.start
         for i in range(p.steps):
-            params = _axpy(-lr, p.step_grad(params, images, labels[0] if soft else p.labels, i),
-                           params)
+            params = _axpy(
+                -lr, p.step_grad(params, images, labels[0] if soft else p.labels, i), params
+            )
         return p.trajectory_loss(params)
 
     loss, pullback = vjp(loss_of, p.images, p.lr, *((p.labels,) if soft else ()))
@@ -264,8 +271,9 @@ class _DataGrads:
 
     @classmethod
     def zeros(cls, p: Problem) -> _DataGrads:
-        return cls(torch.zeros_like(p.images),
-                   torch.zeros_like(p.labels) if p.soft_labels else None)
+        return cls(
+            torch.zeros_like(p.images), torch.zeros_like(p.labels) if p.soft_labels else None
+        )
 
     def add(self, pulled: StepCotangents) -> None:
         """Add one step's u^T dg_i/dX (and u^T dg_i/dY)."""
@@ -276,11 +284,11 @@ class _DataGrads:
 
 
 def tesla(p: Problem) -> MatchResult:
-    """TESLA's two-pass gradient: the first-order truncation of ``unrolled`` (proofs/b_two_pass.md).
+    """TESLA's two-pass gradient: the first-order truncation of ``unrolled`` (proofs Eq. B3).
 
     Pass 1 (no graph): theta_T and G = sum_i g_i. Then L, dL/dbeta = -2 (theta_T - target).G / D and
-    v = -2 beta (theta_T - target) / D (Eq. B2). Pass 2 recomputes each g_i with a graph over the
-    images (and label logits) only and accumulates v^T dg_i/dX; theta_i is rebuilt from the
+    v = -2 beta (theta_T - target) / D (proofs/b_two_pass.md, Eq. B1). Pass 2 recomputes each
+    g_i with a graph over the images (and label logits) only and accumulates v^T dg_i/dX; theta_i is rebuilt from the
     recomputed g_i, so nothing of size T is stored. The last step is taken with its graph already
     in pass 1 (its vjp waits for v), so pass 2 recomputes only the T - 1 steps before it.
     """
@@ -311,7 +319,7 @@ def tesla(p: Problem) -> MatchResult:
 
 
 def exact(p: Problem) -> MatchResult:
-    """Exact adjoint gradient with one step graph alive at a time (proofs/c_adjoint.md, Eq. C2).
+    """Exact adjoint gradient with one step graph alive at a time (proofs/c_adjoint.md, Eqs. C1-C6).
 
     Forward (no graph): keep theta_i for i a multiple of ``checkpoint_every`` (k); the last step is
     taken with its graph, which the walk back uses first. Backward: for i from T - 1 down to 0,
@@ -371,8 +379,10 @@ METHODS: dict[str, Callable[[Problem], MatchResult]] = {
 
 def _check_params(name: str, params: object, model: nn.Module) -> Params:
     if not isinstance(params, Mapping):
-        raise TypeError(f"{name} must be a dict[str, Tensor] of the model's parameters, "
-                        f"got {type(params).__name__}")
+        raise TypeError(
+            f"{name} must be a dict[str, Tensor] of the model's parameters, "
+            f"got {type(params).__name__}"
+        )
     expected = dict(model.named_parameters())
     missing = sorted(set(expected) - set(params))
     unexpected = sorted(set(params) - set(expected))
@@ -387,8 +397,10 @@ def _check_params(name: str, params: object, model: nn.Module) -> Params:
         if not isinstance(value, Tensor):
             raise TypeError(f"{name}[{key!r}] must be a Tensor, got {type(value).__name__}")
         if value.shape != ref.shape:
-            raise ValueError(f"{name}[{key!r}] has shape {tuple(value.shape)} but the model's "
-                             f"parameter has shape {tuple(ref.shape)}")
+            raise ValueError(
+                f"{name}[{key!r}] has shape {tuple(value.shape)} but the model's "
+                f"parameter has shape {tuple(ref.shape)}"
+            )
         if not value.is_floating_point():
             raise TypeError(f"{name}[{key!r}] must be floating point, got {value.dtype}")
         out[key] = value.detach()
@@ -402,8 +414,10 @@ def _check_lr(lr: object, like: Tensor) -> Tensor:
         raise TypeError(f"lr must be a floating-point scalar tensor, got {lr!r}")
     value = float(lr.detach().reshape(()))
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"lr must be finite and > 0, got {value}; a negative or NaN student "
-                         "learning rate means the distillation diverged (parametrise it as exp(log_lr))")
+        raise ValueError(
+            f"lr must be finite and > 0, got {value}; a negative or NaN student "
+            "learning rate means the distillation diverged (parametrise it as exp(log_lr))"
+        )
     return lr.detach().reshape(()).to(dtype=like.dtype, device=like.device)
 
 
@@ -417,15 +431,19 @@ def _check_batches(batches: object, num_images: int, device: torch.device) -> tu
     out = []
     for i, index in enumerate(batches):
         if not isinstance(index, Tensor) or index.dtype != torch.long or index.dim() != 1:
-            raise TypeError(f"batches[{i}] must be a 1-D int64 (Long) tensor of indices, got "
-                            f"{getattr(index, 'dtype', type(index).__name__)} of shape "
-                            f"{tuple(getattr(index, 'shape', ()))}")
+            raise TypeError(
+                f"batches[{i}] must be a 1-D int64 (Long) tensor of indices, got "
+                f"{getattr(index, 'dtype', type(index).__name__)} of shape "
+                f"{tuple(getattr(index, 'shape', ()))}"
+            )
         if index.numel() == 0:
             raise ValueError(f"batches[{i}] is empty: every student step needs at least one image")
         lo, hi = int(index.min()), int(index.max())
         if lo < 0 or hi >= num_images:
-            raise ValueError(f"batches[{i}] holds indices in [{lo}, {hi}] but images has "
-                             f"{num_images} rows: indices must lie in [0, {num_images - 1}]")
+            raise ValueError(
+                f"batches[{i}] holds indices in [{lo}, {hi}] but images has "
+                f"{num_images} rows: indices must lie in [0, {num_images - 1}]"
+            )
         out.append(index.to(device))
     return tuple(out)
 
@@ -435,13 +453,16 @@ def _num_classes(model: nn.Module, params: Params, buffers: Params, images: Tens
     with torch.no_grad(), _batch_statistics_only(model):
         out = functional_call(model, (params, buffers), (images[:2],), strict=True)
     if out.dim() != 2:
-        raise ValueError(f"the model must map (N, ...) images to (N, K) logits, got an output of "
-                         f"shape {tuple(out.shape)}")
+        raise ValueError(
+            f"the model must map (N, ...) images to (N, K) logits, got an output of "
+            f"shape {tuple(out.shape)}"
+        )
     return out.shape[1]
 
 
-def make_problem(model, start, target, images, labels, lr, batches, augment=None,
-                 checkpoint_every: int = 1) -> Problem:
+def make_problem(
+    model, start, target, images, labels, lr, batches, augment=None, checkpoint_every: int = 1
+) -> Problem:
     """Validate the arguments of :func:`match_trajectory` and bundle them as a :class:`Problem`.
 
     Raises ``TypeError``/``ValueError`` naming the offending argument and the fix.
@@ -449,9 +470,11 @@ def make_problem(model, start, target, images, labels, lr, batches, augment=None
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module skeleton, got {type(model).__name__}")
     if not isinstance(images, Tensor) or not images.is_floating_point() or images.dim() < 2:
-        raise TypeError("images must be a floating-point tensor of shape (N, C, H, W), got "
-                        f"{getattr(images, 'dtype', type(images).__name__)} of shape "
-                        f"{tuple(getattr(images, 'shape', ()))}")
+        raise TypeError(
+            "images must be a floating-point tensor of shape (N, C, H, W), got "
+            f"{getattr(images, 'dtype', type(images).__name__)} of shape "
+            f"{tuple(getattr(images, 'shape', ()))}"
+        )
     if images.shape[0] == 0:
         raise ValueError("images is empty (N = 0)")
     if not torch.isfinite(images).all():
@@ -461,15 +484,21 @@ def make_problem(model, start, target, images, labels, lr, batches, augment=None
     target = _check_params("target", target, model)
     for key, value in start.items():
         if value.dtype != images.dtype or value.device != images.device:
-            raise TypeError(f"start[{key!r}] is {value.dtype} on {value.device} but images are "
-                            f"{images.dtype} on {images.device}: move both to one dtype/device")
+            raise TypeError(
+                f"start[{key!r}] is {value.dtype} on {value.device} but images are "
+                f"{images.dtype} on {images.device}: move both to one dtype/device"
+            )
         other = target[key]
         if other.dtype != value.dtype or other.device != value.device:
-            raise TypeError(f"target[{key!r}] is {other.dtype} on {other.device} but start is "
-                            f"{value.dtype} on {value.device}")
+            raise TypeError(
+                f"target[{key!r}] is {other.dtype} on {other.device} but start is "
+                f"{value.dtype} on {value.device}"
+            )
     if float(_sq_norm(_sub(start, target))) == 0.0:
-        raise ValueError("start and target are identical, so ||start - target||^2 = 0 and the "
-                         "normalised loss is undefined: pick target = a later expert checkpoint")
+        raise ValueError(
+            "start and target are identical, so ||start - target||^2 = 0 and the "
+            "normalised loss is undefined: pick target = a later expert checkpoint"
+        )
     buffers = {k: b.detach() for k, b in model.named_buffers()}
     lr = _check_lr(lr, images)
     batches = _check_batches(batches, images.shape[0], images.device)
@@ -485,25 +514,32 @@ def make_problem(model, start, target, images, labels, lr, batches, augment=None
     n = images.shape[0]
     if labels.is_floating_point():
         if labels.shape != (n, num_classes):
-            raise ValueError(f"float labels are label logits of shape (N, K) = ({n}, "
-                             f"{num_classes}), got {tuple(labels.shape)}")
+            raise ValueError(
+                f"float labels are label logits of shape (N, K) = ({n}, "
+                f"{num_classes}), got {tuple(labels.shape)}"
+            )
         if not torch.isfinite(labels).all():
             raise ValueError("label logits contain NaN or inf")
         labels = labels.to(dtype=images.dtype, device=images.device)
     elif labels.dtype == torch.long:
         if labels.shape != (n,):
-            raise ValueError(f"int labels are class indices of shape (N,) = ({n},), got "
-                             f"{tuple(labels.shape)}")
+            raise ValueError(
+                f"int labels are class indices of shape (N,) = ({n},), got {tuple(labels.shape)}"
+            )
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= num_classes:
-            raise ValueError(f"labels hold classes in [{lo}, {hi}] but the model has "
-                             f"{num_classes} outputs: classes must lie in [0, {num_classes - 1}]")
+            raise ValueError(
+                f"labels hold classes in [{lo}, {hi}] but the model has "
+                f"{num_classes} outputs: classes must lie in [0, {num_classes - 1}]"
+            )
         labels = labels.to(images.device)
     else:
-        raise TypeError(f"labels must be int64 class indices (N,) or float logits (N, K), got "
-                        f"{labels.dtype}")
-    return Problem(model, buffers, start, target, images, labels, lr, batches, augment,
-                   checkpoint_every)
+        raise TypeError(
+            f"labels must be int64 class indices (N,) or float logits (N, K), got {labels.dtype}"
+        )
+    return Problem(
+        model, buffers, start, target, images, labels, lr, batches, augment, checkpoint_every
+    )
 
 
 def match_trajectory(
@@ -519,7 +555,7 @@ def match_trajectory(
     *,
     checkpoint_every: int = 1,
 ) -> MatchResult:
-    """Trajectory-matching loss L (Eq. A1) and its gradients w.r.t. images, label logits and lr.
+    """Trajectory-matching loss L (proofs/README.md) and its gradients w.r.t. images, labels, lr.
 
     Args:
         model: skeleton ``nn.Module``; its parameters are replaced by ``start`` etc. through
@@ -542,7 +578,8 @@ def match_trajectory(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known methods: {sorted(METHODS)}")
-    problem = make_problem(model, start, target, images, labels, lr, batches, augment,
-                           checkpoint_every)
+    problem = make_problem(
+        model, start, target, images, labels, lr, batches, augment, checkpoint_every
+    )
     with _batch_statistics_only(model):
         return METHODS[method](problem)

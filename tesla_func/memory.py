@@ -68,8 +68,9 @@ class PeakMemory:
         return self.peak_bytes / 2**20
 
 
-def measure_peak_memory(fn: Callable[..., Any], *args, device: str | torch.device = "cpu",
-                        **kwargs) -> tuple[Any, PeakMemory]:
+def measure_peak_memory(
+    fn: Callable[..., Any], *args, device: str | torch.device = "cpu", **kwargs
+) -> tuple[Any, PeakMemory]:
     """Run ``fn(*args, **kwargs)``; return (its result, the peak memory it added).
 
     CUDA: ``torch.cuda.max_memory_allocated`` above the allocation at entry (the allocator's own
@@ -82,8 +83,9 @@ def measure_peak_memory(fn: Callable[..., Any], *args, device: str | torch.devic
         before = torch.cuda.memory_allocated(device)
         result = fn(*args, **kwargs)
         torch.cuda.synchronize(device)
-        return result, PeakMemory(torch.cuda.max_memory_allocated(device) - before,
-                                  "cuda-allocator")
+        return result, PeakMemory(
+            torch.cuda.max_memory_allocated(device) - before, "cuda-allocator"
+        )
     with LiveTensorTracker() as tracker:
         result = fn(*args, **kwargs)
     return result, PeakMemory(tracker.peak_bytes, "live-tensors")

@@ -64,6 +64,19 @@ def scaling_run(pytestconfig: pytest.Config):
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tests run torch single-threaded: their networks are tiny, and on a 2-core machine two
+    OpenMP threads per process made them up to 10x slower whenever anything else was running.
+    (The benchmarks set their own thread count through ``scaling_run``.)"""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     run = session.config.stash.get(_SCALING, None)
     if run is None or not run.full or not run.records:

@@ -15,15 +15,6 @@ from tesla_func.augment import DSA, FAMILIES, DSAParams
 from tesla_func.models import ConvNet, ConvNetConfig, init_params
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The machine's 2 cores are shared; tiny ops run far faster without OpenMP contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

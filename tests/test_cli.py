@@ -5,19 +5,10 @@ from __future__ import annotations
 import argparse
 
 import pytest
-import torch
 
 from tesla_func import cli
 from tesla_func.data import ENV_VAR
 from tesla_func.experts import load_experts
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_data_lists_every_dataset_and_where_it_looked(tmp_path, capsys, monkeypatch):

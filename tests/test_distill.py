@@ -23,8 +23,12 @@ def digits():
 @pytest.fixture(scope="module")
 def experts_dir(tmp_path_factory, digits):
     out = tmp_path_factory.mktemp("experts")
-    train_experts(ExpertConfig(dataset="digits", num_experts=2, epochs=3, width=8, seed=0,
-                               dsa=False), out, dataset=digits, progress=False)
+    train_experts(
+        ExpertConfig(dataset="digits", num_experts=2, epochs=3, width=8, seed=0, dsa=False),
+        out,
+        dataset=digits,
+        progress=False,
+    )
     return out
 
 
@@ -34,9 +38,20 @@ def experts(experts_dir):
 
 
 def config(experts_dir, **changes):
-    base = DistillConfig(experts_dir=str(experts_dir), dataset="digits", ipc=2, iterations=4,
-                         syn_steps=3, expert_epochs=1, max_start_epoch=2, batch_syn=10,
-                         eval_epochs=3, eval_models=1, checkpoint_every=2, dsa=True)
+    base = DistillConfig(
+        experts_dir=str(experts_dir),
+        dataset="digits",
+        ipc=2,
+        iterations=4,
+        syn_steps=3,
+        expert_epochs=1,
+        max_start_epoch=2,
+        batch_syn=10,
+        eval_epochs=3,
+        eval_models=1,
+        checkpoint_every=2,
+        dsa=True,
+    )
     return dataclasses.replace(base, **changes)
 
 
@@ -45,8 +60,9 @@ def make(cfg, out, digits, experts):
 
 
 @pytest.mark.parametrize("labels", ["hard", "sla", "sla-last", "learned", "sla-only"])
-def test_every_label_strategy_runs_and_writes_outputs(tmp_path, experts_dir, digits, experts,
-                                                      labels):
+def test_every_label_strategy_runs_and_writes_outputs(
+    tmp_path, experts_dir, digits, experts, labels
+):
     cfg = config(experts_dir, labels=labels)
     distiller = make(cfg, tmp_path, digits, experts)
     initial = distiller.state.images.clone()
@@ -71,15 +87,17 @@ def test_every_label_strategy_runs_and_writes_outputs(tmp_path, experts_dir, dig
 
 
 def test_learned_logits_start_near_one_hot(tmp_path, experts_dir, digits, experts):
-    distiller = make(config(experts_dir, labels="learned", label_init_confidence=0.8), tmp_path,
-                     digits, experts)
+    distiller = make(
+        config(experts_dir, labels="learned", label_init_confidence=0.8), tmp_path, digits, experts
+    )
     probs = torch.softmax(distiller.state.label_logits, -1)
     torch.testing.assert_close(probs.max(1).values, torch.full((20,), 0.8))
     assert torch.equal(probs.argmax(1), torch.arange(10).repeat_interleave(2))
 
 
-def test_sla_labels_come_from_the_target_checkpoint(tmp_path, experts_dir, digits, experts,
-                                                    monkeypatch):
+def test_sla_labels_come_from_the_target_checkpoint(
+    tmp_path, experts_dir, digits, experts, monkeypatch
+):
     seen = []
     real = distill_module.match_trajectory
 
@@ -95,12 +113,17 @@ def test_sla_labels_come_from_the_target_checkpoint(tmp_path, experts_dir, digit
     torch.testing.assert_close(labels, teacher)
 
 
-def test_non_finite_update_is_skipped_and_counted(tmp_path, experts_dir, digits, experts,
-                                                  monkeypatch):
+def test_non_finite_update_is_skipped_and_counted(
+    tmp_path, experts_dir, digits, experts, monkeypatch
+):
     def broken(*args, **kwargs):
         images = args[3]
-        return MatchResult(torch.tensor(float("nan")), torch.full_like(images, float("nan")),
-                           None, torch.tensor(float("inf")))
+        return MatchResult(
+            torch.tensor(float("nan")),
+            torch.full_like(images, float("nan")),
+            None,
+            torch.tensor(float("inf")),
+        )
 
     distiller = make(config(experts_dir), tmp_path, digits, experts)
     before = (distiller.state.images.clone(), distiller.state.log_lr.clone())
@@ -141,26 +164,35 @@ def test_resume_with_another_config_is_refused(tmp_path, experts_dir, digits, ex
         make(config(experts_dir, lr_img=5.0), tmp_path, digits, experts)
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(ipc=10_000), r"ipc 10000 is larger than the smallest class"),
-    (dict(batch_syn=21), r"batch_syn 21 is larger than the synthetic set \(ipc 2 x 10"),
-    (dict(max_start_epoch=3, expert_epochs=2), r"needs checkpoints up to epoch 4.*have 3 epochs"),
-    (dict(dataset="fashion-mnist"), r"trained on 'digits'.*distils 'fashion-mnist'"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(ipc=10_000), r"ipc 10000 is larger than the smallest class"),
+        (dict(batch_syn=21), r"batch_syn 21 is larger than the synthetic set \(ipc 2 x 10"),
+        (
+            dict(max_start_epoch=3, expert_epochs=2),
+            r"needs checkpoints up to epoch 4.*have 3 epochs",
+        ),
+        (dict(dataset="fashion-mnist"), r"trained on 'digits'.*distils 'fashion-mnist'"),
+    ],
+)
 def test_bad_setups_fail_before_any_work(tmp_path, experts_dir, digits, experts, changes, message):
     with pytest.raises(ValueError, match=message):
         make(config(experts_dir, **changes), tmp_path, digits, experts)
     assert not (tmp_path / "checkpoint.safetensors").exists()
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(syn_steps=0), "syn_steps must be an int >= 1"),
-    (dict(iterations=0), "iterations must be an int >= 1"),
-    (dict(method="adjoint"), "unknown method 'adjoint'"),
-    (dict(labels="soft"), "unknown label strategy 'soft'"),
-    (dict(lr_init=-0.1), "lr_init must be finite and > 0"),
-    (dict(lr_img=float("nan")), "lr_img must be finite"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(syn_steps=0), "syn_steps must be an int >= 1"),
+        (dict(iterations=0), "iterations must be an int >= 1"),
+        (dict(method="adjoint"), "unknown method 'adjoint'"),
+        (dict(labels="soft"), "unknown label strategy 'soft'"),
+        (dict(lr_init=-0.1), "lr_init must be finite and > 0"),
+        (dict(lr_img=float("nan")), "lr_img must be finite"),
+    ],
+)
 def test_bad_config_values(changes, message):
     with pytest.raises(ValueError, match=message):
         DistillConfig(**changes)

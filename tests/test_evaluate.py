@@ -36,15 +36,6 @@ TINY = EvalConfig(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Other engineers' jobs share the 2 cores; two OpenMP threads each then spin against them.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def digits():
     """(train images (1000, 1, 8, 8) float64 in [0, 1], labels, test images (797, ...), labels)."""

@@ -34,8 +34,17 @@ def ablate():
     return load_script("ablate_labels")
 
 
-TINY = dict(dataset="digits", num_experts=1, expert_epochs_trained=2, width=8, iterations=2,
-            syn_steps=2, expert_epochs=1, max_start_epoch=1, eval_epochs=2)
+TINY = dict(
+    dataset="digits",
+    num_experts=1,
+    expert_epochs_trained=2,
+    width=8,
+    iterations=2,
+    syn_steps=2,
+    expert_epochs=1,
+    max_start_epoch=1,
+    eval_epochs=2,
+)
 
 
 def assert_provenance(ds):
@@ -44,8 +53,9 @@ def assert_provenance(ds):
 
 
 def test_ablate_labels_runs_end_to_end(ablate, tmp_path):
-    cfg = ablate.AblateLabelsConfig(ipcs=(1, 2), labels=("hard", "sla-only"), eval_every=1,
-                                    eval_models=1, **TINY)
+    cfg = ablate.AblateLabelsConfig(
+        ipcs=(1, 2), labels=("hard", "sla-only"), eval_every=1, eval_models=1, **TINY
+    )
     ds = ablate.main(cfg)
     assert dict(ds.sizes) == {"labels": 2, "ipc": 2, "iteration": 2}
     assert np.isfinite(ds.accuracy.values).all()
@@ -55,8 +65,13 @@ def test_ablate_labels_runs_end_to_end(ablate, tmp_path):
     assert ds.attrs["config"]["labels"] == ("hard", "sla-only")
     text = ablate.table(ds)
     assert "sla-only" in text and "random real" in text
-    paths = write_outputs(ds, "ablate_labels", table=text, out_dir=tmp_path / "out",
-                          plot=lambda nc, png: plot_accuracy_vs_iteration(nc, png))
+    paths = write_outputs(
+        ds,
+        "ablate_labels",
+        table=text,
+        out_dir=tmp_path / "out",
+        plot=lambda nc, png: plot_accuracy_vs_iteration(nc, png),
+    )
     for path in paths.values():
         assert path.stat().st_size > 0
 
@@ -64,16 +79,21 @@ def test_ablate_labels_runs_end_to_end(ablate, tmp_path):
 def test_paper_preset_and_overrides_parse(ablate):
     from tesla_func.experiment import parse_config
 
-    cfg = parse_config(ablate.AblateLabelsConfig, ablate.PRESETS, "",
-                       ["--preset", "paper", "--ipcs", "1", "--labels", "hard", "sla"])
+    cfg = parse_config(
+        ablate.AblateLabelsConfig,
+        ablate.PRESETS,
+        "",
+        ["--preset", "paper", "--ipcs", "1", "--labels", "hard", "sla"],
+    )
     assert cfg.dataset == "cifar10" and cfg.width == 128
     assert cfg.ipcs == (1,) and cfg.labels == ("hard", "sla")
 
 
 def test_main_table_runs_end_to_end(tmp_path):
     main_table = load_script("main_table")
-    cfg = main_table.MainTableConfig(ipcs=(1, 2), rows=("tesla/hard", "unrolled/hard"),
-                                     unrolled_max_ipc=1, eval_models=2, **TINY)
+    cfg = main_table.MainTableConfig(
+        ipcs=(1, 2), rows=("tesla/hard", "unrolled/hard"), unrolled_max_ipc=1, eval_models=2, **TINY
+    )
     ds = main_table.main(cfg)
     assert dict(ds.sizes) == {"row": 3, "ipc": 2, "model": 2}
     assert list(ds.row.values) == ["random/real", "tesla/hard", "unrolled/hard"]
@@ -86,8 +106,15 @@ def test_main_table_runs_end_to_end(tmp_path):
 
 def test_cross_arch_runs_end_to_end(tmp_path):
     cross_arch = load_script("cross_arch")
-    cfg = cross_arch.CrossArchConfig(ipc=1, sets=("tesla/hard",), archs=("convnet", "vit"),
-                                     vit_dim=8, vit_depth=1, eval_models=1, **TINY)
+    cfg = cross_arch.CrossArchConfig(
+        ipc=1,
+        sets=("tesla/hard",),
+        archs=("convnet", "vit"),
+        vit_dim=8,
+        vit_depth=1,
+        eval_models=1,
+        **TINY,
+    )
     ds = cross_arch.main(cfg)
     assert dict(ds.sizes) == {"set": 2, "arch": 2, "model": 1}
     assert np.isfinite(ds.accuracy.values).all()

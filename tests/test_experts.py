@@ -25,15 +25,6 @@ TINY = ExpertConfig(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The 2 cores are shared; tiny nets run far faster without OpenMP threads competing.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset("digits")

@@ -19,8 +19,11 @@ from tesla_func.models import init_params
 from tests.reference import unrolled_reference
 
 RTOL = 1e-7
-SETTINGS = settings(max_examples=30, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 class TinyMLP(nn.Module):
@@ -28,8 +31,9 @@ class TinyMLP(nn.Module):
 
     def __init__(self, channels: int, side: int, classes: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(channels * side * side, 6), nn.Tanh(),
-                                 nn.Linear(6, classes))
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(channels * side * side, 6), nn.Tanh(), nn.Linear(6, classes)
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -51,14 +55,21 @@ def matching_cases(draw, min_steps=1, max_steps=6):
     n = draw(st.integers(2, 10))
     steps = draw(st.integers(min_steps, max_steps))
     if draw(st.booleans()):
-        model = ConvNet(channels=channels, num_classes=classes, image_size=side, width=3,
-                        depth=1, norm=draw(st.sampled_from(["instance", "none", "batch"]))).double()
+        model = ConvNet(
+            channels=channels,
+            num_classes=classes,
+            image_size=side,
+            width=3,
+            depth=1,
+            norm=draw(st.sampled_from(["instance", "none", "batch"])),
+        ).double()
     else:
         model = TinyMLP(channels, side, classes).double()
     start = {k: v.double() for k, v in init_params(model, gen).items()}
     scale = draw(st.sampled_from([0.01, 0.1]))
-    target = {k: v + scale * torch.randn(v.shape, generator=gen, dtype=v.dtype)
-              for k, v in start.items()}
+    target = {
+        k: v + scale * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in start.items()
+    }
     images = torch.randn(n, channels, side, side, generator=gen, dtype=torch.float64)
     if draw(st.booleans()):
         labels = torch.randint(0, classes, (n,), generator=gen)
@@ -85,8 +96,13 @@ def assert_close(actual, expected, what):
     if expected is None:
         assert actual is None, f"{what}: expected None"
         return
-    torch.testing.assert_close(actual.reshape(expected.shape), expected, rtol=RTOL,
-                               atol=RTOL * float(expected.abs().max()) + 1e-300, msg=what)
+    torch.testing.assert_close(
+        actual.reshape(expected.shape),
+        expected,
+        rtol=RTOL,
+        atol=RTOL * float(expected.abs().max()) + 1e-300,
+        msg=what,
+    )
 
 
 def assert_result_equals(result, reference, method):
@@ -103,9 +119,18 @@ def test_exact_equals_unrolled(case, checkpoint_every):
     model, start, target, images, labels, lr, batches, augment = case
     reference = unrolled_reference(model, start, target, images, labels, lr, batches, augment)
     for method in ("unrolled", "exact"):
-        result = match_trajectory(model, start, target, images, labels, lr, batches,
-                                  method=method, augment=augment,
-                                  checkpoint_every=checkpoint_every)
+        result = match_trajectory(
+            model,
+            start,
+            target,
+            images,
+            labels,
+            lr,
+            batches,
+            method=method,
+            augment=augment,
+            checkpoint_every=checkpoint_every,
+        )
         assert_result_equals(result, reference, method)
 
 
@@ -113,10 +138,12 @@ def test_exact_equals_unrolled(case, checkpoint_every):
 @given(case=matching_cases())
 def test_tesla_equals_first_order_unrolled(case):
     model, start, target, images, labels, lr, batches, augment = case
-    reference = unrolled_reference(model, start, target, images, labels, lr, batches, augment,
-                                   first_order=True)
-    result = match_trajectory(model, start, target, images, labels, lr, batches, method="tesla",
-                              augment=augment)
+    reference = unrolled_reference(
+        model, start, target, images, labels, lr, batches, augment, first_order=True
+    )
+    result = match_trajectory(
+        model, start, target, images, labels, lr, batches, method="tesla", augment=augment
+    )
     assert_result_equals(result, reference, "tesla")
 
 
@@ -124,8 +151,12 @@ def test_tesla_equals_first_order_unrolled(case):
 @given(case=matching_cases(min_steps=1, max_steps=1))
 def test_all_methods_agree_at_one_step(case):
     model, start, target, images, labels, lr, batches, augment = case
-    results = {m: match_trajectory(model, start, target, images, labels, lr, batches, method=m,
-                                   augment=augment) for m in METHODS}
+    results = {
+        m: match_trajectory(
+            model, start, target, images, labels, lr, batches, method=m, augment=augment
+        )
+        for m in METHODS
+    }
     for method, result in results.items():
         assert_result_equals(result, results["unrolled"], method)
 
@@ -134,8 +165,12 @@ def test_all_methods_agree_at_one_step(case):
 @given(case=matching_cases(min_steps=2))
 def test_loss_is_the_same_for_every_method(case):
     model, start, target, images, labels, lr, batches, augment = case
-    losses = [match_trajectory(model, start, target, images, labels, lr, batches, method=m,
-                               augment=augment).loss for m in METHODS]
+    losses = [
+        match_trajectory(
+            model, start, target, images, labels, lr, batches, method=m, augment=augment
+        ).loss
+        for m in METHODS
+    ]
     for loss in losses[1:]:
         torch.testing.assert_close(loss, losses[0], rtol=1e-12, atol=0)
 
@@ -150,8 +185,9 @@ def test_tesla_differs_from_unrolled_for_two_or_more_steps(steps, record_propert
     gen = torch.Generator().manual_seed(0)
     model = ConvNet(channels=1, num_classes=3, image_size=8, width=4, depth=2).double()
     start = {k: v.double() for k, v in init_params(model, gen).items()}
-    target = {k: v + 0.05 * torch.randn(v.shape, generator=gen, dtype=v.dtype)
-              for k, v in start.items()}
+    target = {
+        k: v + 0.05 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in start.items()
+    }
     images = torch.randn(12, 1, 8, 8, generator=gen, dtype=torch.float64)
     labels = torch.arange(12) % 3
     lr = torch.tensor(0.1, dtype=torch.float64)
@@ -172,13 +208,16 @@ def test_tesla_differs_from_unrolled_for_two_or_more_steps(steps, record_propert
         only_last[index] = False
     only_last &= torch.isin(torch.arange(12), last)
     if only_last.any():
-        torch.testing.assert_close(tesla.images_grad[only_last], full.images_grad[only_last],
-                                   rtol=1e-9, atol=1e-15)
+        torch.testing.assert_close(
+            tesla.images_grad[only_last], full.images_grad[only_last], rtol=1e-9, atol=1e-15
+        )
 
 
 def test_inputs_are_not_mutated():
     gen = torch.Generator().manual_seed(1)
-    model = ConvNet(channels=1, num_classes=3, image_size=8, width=4, depth=2, norm="batch").double()
+    model = ConvNet(
+        channels=1, num_classes=3, image_size=8, width=4, depth=2, norm="batch"
+    ).double()
     buffers_before = {k: v.clone() for k, v in model.state_dict().items()}
     start = {k: v.double() for k, v in init_params(model, gen).items()}
     target = {k: v + 0.01 for k, v in start.items()}
@@ -187,8 +226,9 @@ def test_inputs_are_not_mutated():
     lr = torch.tensor(0.05, dtype=torch.float64)
     copies = [t.clone() for t in (images, labels, lr, *start.values(), *target.values())]
     for method in METHODS:
-        match_trajectory(model, start, target, images, labels, lr, [torch.arange(6)] * 3,
-                         method=method)
+        match_trajectory(
+            model, start, target, images, labels, lr, [torch.arange(6)] * 3, method=method
+        )
     after = [images, labels, lr, *start.values(), *target.values()]
     for before, now in zip(copies, after):
         assert torch.equal(before, now)
@@ -208,9 +248,16 @@ def test_float32_matches_float64(method):
     batches = [torch.arange(4), torch.arange(4, 8), torch.arange(8)]
     r32 = match_trajectory(model, start, target, images, labels, 0.05, batches, method=method)
     model64 = model.double()
-    r64 = match_trajectory(model64, {k: v.double() for k, v in start.items()},
-                           {k: v.double() for k, v in target.items()}, images.double(), labels,
-                           torch.tensor(0.05, dtype=torch.float64), batches, method=method)
+    r64 = match_trajectory(
+        model64,
+        {k: v.double() for k, v in start.items()},
+        {k: v.double() for k, v in target.items()},
+        images.double(),
+        labels,
+        torch.tensor(0.05, dtype=torch.float64),
+        batches,
+        method=method,
+    )
     assert r32.images_grad.dtype == torch.float32
     torch.testing.assert_close(r32.images_grad.double(), r64.images_grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(r32.lr_grad.double(), r64.lr_grad, rtol=1e-4, atol=1e-6)

@@ -31,8 +31,17 @@ def _peak(method, steps):
     images = torch.randn(32, 1, 16, 16, generator=gen)
     labels = torch.arange(32) % 4
     batches = [torch.arange(32)] * steps
-    _, peak = measure_peak_memory(match_trajectory, model, start, target, images, labels,
-                                  torch.tensor(0.01), batches, method=method)
+    _, peak = measure_peak_memory(
+        match_trajectory,
+        model,
+        start,
+        target,
+        images,
+        labels,
+        torch.tensor(0.01),
+        batches,
+        method=method,
+    )
     assert peak.kind == "live-tensors"
     return peak.peak_bytes
 

@@ -29,15 +29,6 @@ SMALL = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Other engineers' jobs share the 2 cores; two OpenMP threads each then spin against them.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_every_architecture_has_a_small_instance():
     assert set(SMALL) == set(ARCHITECTURES)
 

@@ -33,16 +33,6 @@ from sympy.polys.rings import ring
 from torch import Tensor, nn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Every tensor here is tiny: on a busy 2-core machine each OpenMP hand-off costs ~20 ms, so
-    run this module on one intra-op thread and restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------------------------
 # (A) the expansion of the squared trajectory error, symbolic vectors in R^3, T = 3
 # --------------------------------------------------------------------------------------------

@@ -20,8 +20,15 @@ def args():
     images = torch.randn(6, 1, 8, 8, generator=gen)
     labels = torch.arange(6) % 3
     batches = [torch.arange(3), torch.arange(3, 6)]
-    return dict(model=model, start=start, target=target, images=images, labels=labels,
-                lr=torch.tensor(0.01), batches=batches)
+    return dict(
+        model=model,
+        start=start,
+        target=target,
+        images=images,
+        labels=labels,
+        lr=torch.tensor(0.01),
+        batches=batches,
+    )
 
 
 def call(args, **changes):
@@ -49,8 +56,11 @@ def test_missing_and_unexpected_keys_named(args):
     start = dict(args["start"])
     weight = start.pop("classifier.weight")
     start["classifier.wieght"] = weight
-    with pytest.raises(ValueError, match=r"start.*missing keys \['classifier.weight'\].*"
-                                         r"unexpected keys \['classifier.wieght'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"start.*missing keys \['classifier.weight'\].*"
+        r"unexpected keys \['classifier.wieght'\]",
+    ):
         call(args, start=start)
 
 
@@ -66,12 +76,15 @@ def test_identical_start_and_target(args):
         call(args, target=args["start"])
 
 
-@pytest.mark.parametrize("batches, message", [
-    ([], "batches is empty"),
-    ([torch.arange(0)], r"batches\[0\] is empty"),
-    ([torch.tensor([0, 6])], r"batches\[0\] holds indices in \[0, 6\].*\[0, 5\]"),
-    ([torch.tensor([-1, 2])], r"batches\[0\] holds indices in \[-1, 2\]"),
-])
+@pytest.mark.parametrize(
+    "batches, message",
+    [
+        ([], "batches is empty"),
+        ([torch.arange(0)], r"batches\[0\] is empty"),
+        ([torch.tensor([0, 6])], r"batches\[0\] holds indices in \[0, 6\].*\[0, 5\]"),
+        ([torch.tensor([-1, 2])], r"batches\[0\] holds indices in \[-1, 2\]"),
+    ],
+)
 def test_bad_batches(args, batches, message):
     with pytest.raises(ValueError, match=message):
         call(args, batches=batches)
@@ -119,8 +132,11 @@ def test_labels_wrong_dtype(args):
 
 
 def test_dtype_mismatch_named(args):
-    with pytest.raises(TypeError, match=r"start\['features.0.weight'\] is torch.float32.*"
-                                        r"images are torch.float64"):
+    with pytest.raises(
+        TypeError,
+        match=r"start\['features.0.weight'\] is torch.float32.*"
+        r"images are torch.float64",
+    ):
         call(args, images=args["images"].double())
 
 
