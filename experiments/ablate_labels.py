@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 import xarray as xr
 
 from tesla_func.data import load_dataset
@@ -65,7 +64,7 @@ class AblateLabelsConfig:
     eval_epochs: int = 150
     eval_models: int = 2
     seed: int = 0
-    threads: int = 0  # torch CPU threads; 0 = leave torch's default
+    threads: int = 0  # torch CPU threads on the command-line path; 0 = torch's default
     device: str = "cpu"
 
 
@@ -94,8 +93,6 @@ PRESETS = {
 
 
 def main(cfg: AblateLabelsConfig) -> xr.Dataset:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     experts_dir = ensure_experts(expert_config(cfg), device=cfg.device)
     dataset = load_dataset(cfg.dataset)  # loaded once, shared by every run
     points = sorted(

@@ -94,8 +94,6 @@ def arch_kwargs(cfg: CrossArchConfig, arch: str) -> dict:
 
 
 def main(cfg: CrossArchConfig) -> xr.Dataset:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     experts_dir = ensure_experts(expert_config(cfg), device=cfg.device)
     dataset = load_dataset(cfg.dataset)
     k = dataset.info.num_classes

@@ -36,11 +36,9 @@ numbers.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +59,7 @@ from tesla_func.experiment import (
     parse_config,
     percent,
     random_real_baseline,
+    torch_threads,
     write_outputs,
 )
 from tesla_func.experts import ExpertConfig, ExpertTrajectory, load_experts
@@ -188,18 +187,6 @@ def _expert_config(cfg: FidelityConfig) -> ExpertConfig:
         epochs=cfg.expert_epochs_trained,
         width=cfg.width,
     )
-
-
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    """torch's CPU thread count set to ``n`` (0: unchanged) for the block, restored after."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,7 +396,7 @@ def distill_both(cfg: FidelityConfig, experts_dir: Path, dataset: Dataset) -> xr
 
 
 def main(cfg: FidelityConfig) -> xr.Dataset:
-    with _threads(cfg.threads):
+    with torch_threads(cfg.threads):
         tic = time.perf_counter()
         experts_dir = ensure_experts(_expert_config(cfg), device=cfg.device)
         experts_seconds = time.perf_counter() - tic

@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 import xarray as xr
 
 from tesla_func.data import load_dataset
@@ -74,7 +73,7 @@ class MainTableConfig:
     eval_epochs: int = 200
     eval_models: int = 3
     seed: int = 0
-    threads: int = 0  # torch CPU threads; 0 = torch's default
+    threads: int = 0  # torch CPU threads on the command-line path; 0 = torch's default
     device: str = "cpu"
 
 
@@ -97,8 +96,6 @@ PRESETS = {
 
 
 def main(cfg: MainTableConfig) -> xr.Dataset:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     experts_dir = ensure_experts(expert_config(cfg), device=cfg.device)
     rows = ("random/real", *cfg.rows)
     accuracy = np.full((len(rows), len(cfg.ipcs), cfg.eval_models), np.nan)

@@ -54,7 +54,6 @@ LABEL_STRATEGIES: dict[str, str] = {
     "learned": "label logits Y initialised near one-hot, learned with their own lr",
     "sla-only": "SLA labels on frozen real images: only beta is learned",
 }
-SOFT_STRATEGIES = ("sla", "sla-last", "sla-only")
 INITS = ("real", "noise")
 FORMAT = "tesla_func.synthetic"
 _CHECKPOINT = "checkpoint.safetensors"

@@ -12,13 +12,14 @@ defaults are the small CPU run, a ``PRESETS`` dict (at least ``"paper"``), and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
 import os
 import shlex
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -218,6 +219,18 @@ REDUCED_NOTE = (
 )
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's CPU thread count set to ``n`` (0: unchanged) for the block, restored after."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_experiment(
     name: str,
     cfg_type: type[Config],
@@ -228,9 +241,12 @@ def run_experiment(
     plot: Callable[[Path, Path], Any],
     notes: str = "",
 ) -> xr.Dataset:
-    """The ``__main__`` of an experiment script: config from the command line, run, write the
-    three outputs (the reduced-protocol note added when it applies), print the table."""
-    results = main(parse_config(cfg_type, presets, description))
+    """The ``__main__`` of an experiment script: config from the command line, run (with the
+    config's ``threads``, restored after), write the three outputs (the reduced-protocol note
+    added when it applies), print the table."""
+    cfg = parse_config(cfg_type, presets, description)
+    with torch_threads(getattr(cfg, "threads", 0)):
+        results = main(cfg)
     text = table(results)
     if results.attrs.get("protocol") == "reduced":
         notes = f"{notes} {REDUCED_NOTE}".strip()
@@ -238,7 +254,3 @@ def run_experiment(
     print(text)
     print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
     return results
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -288,8 +288,8 @@ def tesla(p: Problem) -> MatchResult:
 
     Pass 1 (no graph): theta_T and G = sum_i g_i. Then L, dL/dbeta = -2 (theta_T - target).G / D and
     v = -2 beta (theta_T - target) / D (proofs/b_two_pass.md, Eq. B1). Pass 2 recomputes each
-    g_i with a graph over the images (and label logits) only and accumulates v^T dg_i/dX; theta_i is rebuilt from the
-    recomputed g_i, so nothing of size T is stored. The last step is taken with its graph already
+    g_i with a graph over the images (and label logits) only and accumulates v^T dg_i/dX;
+    theta_i is rebuilt from the recomputed g_i, so nothing of size T is stored. The last step is taken with its graph already
     in pass 1 (its vjp waits for v), so pass 2 recomputes only the T - 1 steps before it.
     """
     last = p.steps - 1
