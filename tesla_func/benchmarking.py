@@ -70,7 +70,7 @@ class ScalingConfig:
     # other jobs (load 7-9), 2 threads ran every method 4x slower at 4x the CPU time (OpenMP
     # threads spin at barriers waiting for a descheduled sibling). TESLA_BENCH_THREADS=2 when idle.
     threads: int = 1
-    rounds: int = 2  # timed calls per point, one per method in turn; the fastest is kept
+    rounds: int = 3  # timed calls per point, one per method in turn; the fastest is kept
     lr: float = 0.01  # student learning rate beta
     seed: int = 0
 

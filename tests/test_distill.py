@@ -134,6 +134,25 @@ def test_non_finite_update_is_skipped_and_counted(
     assert torch.equal(distiller.state.log_lr, before[1])
 
 
+@pytest.mark.parametrize("clip, expected_step", [(None, 40.0 * 0.1), (0.5, 0.5 * 0.1)])
+def test_lr_grad_clip_bounds_one_step_of_log_beta(
+    tmp_path, experts_dir, digits, experts, monkeypatch, clip, expected_step
+):
+    # A segment whose beta gradient is huge: without the clip, log(beta) jumps by lr_lr * 40.
+    def spike(model, start, target, images, labels, lr, *args, **kwargs):
+        return MatchResult(
+            torch.tensor(2.0), torch.zeros_like(images), None, torch.tensor(40.0) / lr
+        )
+
+    cfg = config(experts_dir, lr_lr=0.1, lr_grad_clip=clip)
+    distiller = make(cfg, tmp_path, digits, experts)
+    before = float(distiller.state.log_lr)
+    monkeypatch.setattr(distill_module, "match_trajectory", spike)
+    distiller.step()
+    assert before - float(distiller.state.log_lr) == pytest.approx(expected_step, rel=1e-5)
+    assert distiller.state.log["lr_grad_norm"] == [pytest.approx(40.0)]  # the unclipped value
+
+
 def test_killed_run_resumes_bitwise(tmp_path, experts_dir, digits, experts, monkeypatch):
     cfg = config(experts_dir, labels="learned", iterations=5, checkpoint_every=2)
     full = make(cfg, tmp_path / "full", digits, experts).run()
@@ -191,6 +210,7 @@ def test_bad_setups_fail_before_any_work(tmp_path, experts_dir, digits, experts,
         (dict(labels="soft"), "unknown label strategy 'soft'"),
         (dict(lr_init=-0.1), "lr_init must be finite and > 0"),
         (dict(lr_img=float("nan")), "lr_img must be finite"),
+        (dict(lr_grad_clip=0.0), "lr_grad_clip must be None or finite and > 0"),
     ],
 )
 def test_bad_config_values(changes, message):
