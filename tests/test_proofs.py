@@ -32,7 +32,6 @@ from sympy import QQ
 from sympy.polys.rings import ring
 from torch import Tensor, nn
 
-
 # --------------------------------------------------------------------------------------------
 # (A) the expansion of the squared trajectory error, symbolic vectors in R^3, T = 3
 # --------------------------------------------------------------------------------------------
