@@ -63,7 +63,7 @@ class AblateLabelsConfig:
     lr_labels: float = 5.0
     eval_every: int = 20  # iterations between evaluations (the curve's resolution)
     # evaluation protocol (PROTOCOL.md section 6, reduced: fewer epochs and models)
-    eval_epochs: int = 150
+    eval_epochs: int = 100
     eval_models: int = 2
     seed: int = 0
     threads: int = 0  # torch CPU threads on the command-line path; 0 = torch's default
