@@ -47,7 +47,7 @@ class AblateLabelsConfig:
     labels: tuple[str, ...] = tuple(LABEL_STRATEGIES)  # strategies compared
     method: str = "tesla"  # gradient method used for every run
     # experts (cached under ./cache). Kept small so that the whole default, expert training
-    # included, runs from a fresh checkout in about 10 minutes on a 2-core CPU.
+    # included, runs from a fresh checkout in about 12 minutes on a 2-core CPU.
     num_experts: int = 2
     expert_epochs_trained: int = 4  # epochs each expert is trained for (sla-last's teacher)
     width: int = 32  # ConvNet width of experts, students and evaluation models

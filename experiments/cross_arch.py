@@ -45,7 +45,8 @@ class CrossArchConfig:
     resnet_width: int = 8  # ResNet-18 first-stage width (64 is the standard network)
     vit_dim: int = 64  # ViT token width (library default 128)
     vit_depth: int = 4  # ViT blocks (library default 6)
-    # experts and distillation: the same as main_table's defaults, so its runs are reused
+    # experts and distillation: main_table's defaults of the revision that made
+    # results/cross_arch (main_table has since moved to T = 60, lr_img 1000, a clipped beta)
     num_experts: int = 3
     expert_epochs_trained: int = 6
     width: int = 32
@@ -56,6 +57,7 @@ class CrossArchConfig:
     batch_syn_max: int = 20
     lr_img: float = 300.0
     lr_lr: float = 1.0  # on log(beta): see DistillConfig.lr_lr
+    lr_grad_clip: float | None = None  # bound on |dL/dlog(beta)|: see DistillConfig.lr_grad_clip
     eval_epochs: int = 200
     eval_models: int = 2
     seed: int = 0

@@ -68,7 +68,7 @@ def distill_config(
 ) -> DistillConfig:
     """The DistillConfig of one run of an experiment whose config has the distillation fields
     (iterations, syn_steps, expert_epochs, max_start_epoch, batch_syn_max, lr_img, lr_lr,
-    eval_epochs, eval_models, seed, device; optionally lr_grad_clip, else no clip);
+    lr_grad_clip, eval_epochs, eval_models, seed, device);
     ``batch_syn = min(ipc * classes, batch_syn_max)``.
     Experiments that agree on these fields produce the same config, hence share the cached run."""
     fields = dict(
@@ -84,7 +84,7 @@ def distill_config(
         batch_syn=min(ipc * num_classes, cfg.batch_syn_max),
         lr_img=cfg.lr_img,
         lr_lr=cfg.lr_lr,
-        lr_grad_clip=getattr(cfg, "lr_grad_clip", None),
+        lr_grad_clip=cfg.lr_grad_clip,
         eval_epochs=cfg.eval_epochs,
         eval_models=cfg.eval_models,
         seed=cfg.seed,
