@@ -72,11 +72,12 @@ def test_save_leaves_its_input_alone_and_no_temporary_files(tmp_path):
 
 
 def test_a_failed_save_keeps_the_old_file(tmp_path):
-    path = save_dataset(_dataset(seed=1), tmp_path / "r.nc")
+    good = _dataset(seed=1)  # built once: its provenance carries a "created" time in seconds
+    path = save_dataset(good, tmp_path / "r.nc")
     bad = _dataset().assign(objects=(("method",), np.array([object(), object()], dtype=object)))
     with pytest.raises(ValueError, match="objects"):
         save_dataset(bad, path)
-    xr.testing.assert_identical(load_dataset_nc(path), _dataset(seed=1))
+    xr.testing.assert_identical(load_dataset_nc(path), good)
     assert os.listdir(tmp_path) == ["r.nc"]
 
 
