@@ -1,0 +1,152 @@
+"""Golden outputs: the synthetic sets a small fixed-seed distillation produces, pinned bit for bit.
+
+Every gradient method x every label strategy distils a few iterations on ``digits`` from the same
+tiny experts; the resulting images, labels, label logits and learned lr are stored in
+``tests/golden/distill.safetensors`` together with the experts' final weights. A refactoring that
+moves code without changing behaviour reproduces them exactly. A change that alters only the
+order of floating-point operations must show that the difference is rounding: the float64 runs
+stored beside them are compared at a relative tolerance of 1e-12, then the float32 golden file is
+regenerated in a commit that says why::
+
+    python tests/test_golden.py        # rewrite tests/golden/distill.safetensors
+
+Bitwise equality holds for the CPU kind, thread count (1, as the tests run) and torch version the
+file was written with (its header records them); elsewhere only the float64 tolerance is checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from tesla_func.data import Dataset, load_dataset
+from tesla_func.distill import DistillConfig, Distiller
+from tesla_func.experts import ExpertConfig, ExpertTrajectory, load_experts, train_experts
+from tesla_func.fileio import load_tensors, save_tensors
+from tesla_func.matching import METHODS
+
+GOLDEN = Path(__file__).parent / "golden" / "distill.safetensors"
+STRATEGIES = ("hard", "sla", "sla-last", "learned", "sla-only")
+FLOAT64_RUNS = (("tesla", "learned"), ("exact", "hard"))  # also run in float64 (rounding check)
+
+
+def _expert_config() -> ExpertConfig:
+    return ExpertConfig(dataset="digits", num_experts=2, epochs=3, width=8, seed=0, dsa=True)
+
+
+def _distill_config(experts_dir: Path, method: str, strategy: str) -> DistillConfig:
+    return DistillConfig(
+        experts_dir=str(experts_dir),
+        dataset="digits",
+        ipc=2,
+        method=method,
+        labels=strategy,
+        iterations=3,
+        syn_steps=3,
+        expert_epochs=1,
+        max_start_epoch=2,
+        batch_syn=10,
+        lr_img=100.0,
+        lr_lr=1.0,
+        lr_grad_clip=0.5,
+        lr_labels=5.0,
+        eval_epochs=1,
+        eval_models=1,
+        checkpoint_every=2,
+        dsa=True,
+        seed=3,
+    )
+
+
+def _as_float64(dataset: Dataset, experts: list[ExpertTrajectory]):
+    data64 = dataclasses.replace(
+        dataset,
+        train_images=dataset.train_images.double(),
+        test_images=dataset.test_images.double(),
+    )
+    experts64 = [
+        dataclasses.replace(e, params=tuple({k: v.double() for k, v in p.items()} for p in e.params))
+        for e in experts
+    ]
+    return data64, experts64
+
+
+def golden_runs(workdir: Path) -> dict[str, torch.Tensor]:
+    """Train the experts, distil every (method, strategy); name -> tensor of everything pinned."""
+    torch.set_num_threads(1)
+    dataset = load_dataset("digits")
+    experts_dir = workdir / "experts"
+    train_experts(_expert_config(), experts_dir, dataset=dataset, progress=False)
+    experts = load_experts(experts_dir)
+    out: dict[str, torch.Tensor] = {}
+    for i, expert in enumerate(experts):
+        for name, value in expert.params[-1].items():
+            out[f"expert{i}/{name}"] = value
+    runs = [(m, s, torch.float32) for m in METHODS for s in STRATEGIES]
+    runs += [(m, s, torch.float64) for m, s in FLOAT64_RUNS]
+    for method, strategy, dtype in runs:
+        cfg = _distill_config(experts_dir, method, strategy)
+        data, trajectories = (
+            (dataset, experts) if dtype == torch.float32 else _as_float64(dataset, experts)
+        )
+        tag = f"{method}/{strategy}" + ("/float64" if dtype == torch.float64 else "")
+        synthetic = Distiller(
+            cfg, workdir / tag.replace("/", "-"), progress=False, dataset=data, experts=trajectories
+        ).run()
+        out[f"{tag}/images"] = synthetic.images
+        out[f"{tag}/labels"] = synthetic.labels
+        out[f"{tag}/lr"] = torch.tensor(synthetic.lr, dtype=torch.float64)
+        if synthetic.label_logits is not None:
+            out[f"{tag}/label_logits"] = synthetic.label_logits
+    return out
+
+
+def _machine() -> dict[str, str]:
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": "1",
+        "torch": torch.__version__,
+    }
+
+
+@pytest.fixture(scope="module")
+def produced(tmp_path_factory) -> dict[str, torch.Tensor]:
+    return golden_runs(tmp_path_factory.mktemp("golden"))
+
+
+@pytest.fixture(scope="module")
+def golden() -> tuple[dict[str, torch.Tensor], dict]:
+    return load_tensors(GOLDEN)
+
+
+def test_same_keys_as_the_golden_file(produced, golden):
+    assert sorted(produced) == sorted(golden[0])
+
+
+def test_float64_runs_agree_to_rounding(produced, golden):
+    for key, expected in golden[0].items():
+        if "/float64/" in key:
+            torch.testing.assert_close(produced[key], expected, rtol=1e-12, atol=0, msg=key)
+
+
+def test_float32_outputs_are_bitwise_the_golden_ones(produced, golden):
+    tensors, header = golden
+    if header.get("machine") != _machine():
+        pytest.skip(f"golden file written on {header.get('machine')}, this is {_machine()}")
+    different = {
+        key: float((produced[key].double() - value.double()).abs().max())
+        for key, value in tensors.items()
+        if not torch.equal(produced[key], value)
+    }
+    assert not different, f"not bitwise the golden outputs (max abs differences): {different}"
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory() as tmp:
+        tensors = golden_runs(Path(tmp))
+    save_tensors(GOLDEN, tensors, {"format": "tesla_func.golden", "machine": _machine()})
+    print(f"wrote {len(tensors)} tensors to {GOLDEN}")
