@@ -46,9 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vjp
+from torch._subclasses.fake_tensor import is_fake
 
-Params = dict[str, Tensor]
-Augment = Callable[[Tensor, int], Tensor]
+from tesla_func.types import Params, StepAugment
+
 Step = tuple[int, Params, Params, Params]  # (i, theta_i, g_i, theta_{i+1})
 
 
@@ -148,8 +149,8 @@ class Problem:
     labels: Tensor  # (N,) int64 class indices, or (N, K) float label logits
     lr: Tensor  # () beta > 0
     batches: tuple[Tensor, ...]  # T index tensors (B_i,) into images
-    augment: Augment | None
-    checkpoint_every: int  # exact method: keep every k-th student state
+    augment: StepAugment | None
+    state_stride: int  # exact method: keep every k-th student state
 
     @property
     def steps(self) -> int:
@@ -321,7 +322,7 @@ def tesla(p: Problem) -> MatchResult:
 def exact(p: Problem) -> MatchResult:
     """Exact adjoint gradient with one step graph alive at a time (proofs/c_adjoint.md, Eqs. C1-C6).
 
-    Forward (no graph): keep theta_i for i a multiple of ``checkpoint_every`` (k); the last step is
+    Forward (no graph): keep theta_i for i a multiple of ``state_stride`` (k); the last step is
     taken with its graph, which the walk back uses first. Backward: for i from T - 1 down to 0,
     rebuild theta_i from its checkpoint (k > 1: once per segment of k steps) and take one vjp of
     (theta, X, Y) -> g_i with cotangent -beta lam_{i+1}::
@@ -333,7 +334,7 @@ def exact(p: Problem) -> MatchResult:
     Memory: one step graph + (T/k + k) parameter vectors. Compute: k = 1 needs no recomputation;
     k > 1 adds (k - 1)/k of a forward pass of gradients.
     """
-    k = p.checkpoint_every
+    k = p.state_stride
     last = p.steps - 1
     checkpoints: dict[int, Params] = {0: p.start}
     params = p.start
@@ -377,6 +378,12 @@ METHODS: dict[str, Callable[[Problem], MatchResult]] = {
 # Input validation and the public entry point.
 
 
+def _has_values(t: Tensor) -> bool:
+    """False for a tensor with a shape but no data (``FakeTensorMode``, as the memory planner
+    runs the methods): checks that read values are skipped for it, the shape checks still run."""
+    return not is_fake(t)
+
+
 def _check_params(name: str, params: object, model: nn.Module) -> Params:
     if not isinstance(params, Mapping):
         raise TypeError(
@@ -412,7 +419,7 @@ def _check_lr(lr: object, like: Tensor) -> Tensor:
         lr = torch.tensor(float(lr))
     if not isinstance(lr, Tensor) or lr.numel() != 1 or not lr.is_floating_point():
         raise TypeError(f"lr must be a floating-point scalar tensor, got {lr!r}")
-    value = float(lr.detach().reshape(()))
+    value = float(lr.detach().reshape(())) if _has_values(lr) else 1.0
     if not math.isfinite(value) or value <= 0:
         raise ValueError(
             f"lr must be finite and > 0, got {value}; a negative or NaN student "
@@ -438,7 +445,7 @@ def _check_batches(batches: object, num_images: int, device: torch.device) -> tu
             )
         if index.numel() == 0:
             raise ValueError(f"batches[{i}] is empty: every student step needs at least one image")
-        lo, hi = int(index.min()), int(index.max())
+        lo, hi = (int(index.min()), int(index.max())) if _has_values(index) else (0, 0)
         if lo < 0 or hi >= num_images:
             raise ValueError(
                 f"batches[{i}] holds indices in [{lo}, {hi}] but images has "
@@ -461,7 +468,7 @@ def _num_classes(model: nn.Module, params: Params, buffers: Params, images: Tens
 
 
 def make_problem(
-    model, start, target, images, labels, lr, batches, augment=None, checkpoint_every: int = 1
+    model, start, target, images, labels, lr, batches, augment=None, state_stride: int = 1
 ) -> Problem:
     """Validate the arguments of :func:`match_trajectory` and bundle them as a :class:`Problem`.
 
@@ -477,7 +484,7 @@ def make_problem(
         )
     if images.shape[0] == 0:
         raise ValueError("images is empty (N = 0)")
-    if not torch.isfinite(images).all():
+    if _has_values(images) and not torch.isfinite(images).all():
         raise ValueError("images contain NaN or inf; check the last image update (lower lr_img)")
     images = images.detach()
     start = _check_params("start", start, model)
@@ -494,7 +501,7 @@ def make_problem(
                 f"target[{key!r}] is {other.dtype} on {other.device} but start is "
                 f"{value.dtype} on {value.device}"
             )
-    if float(_sq_norm(_sub(start, target))) == 0.0:
+    if _has_values(start[next(iter(start))]) and float(_sq_norm(_sub(start, target))) == 0.0:
         raise ValueError(
             "start and target are identical, so ||start - target||^2 = 0 and the "
             "normalised loss is undefined: pick target = a later expert checkpoint"
@@ -504,8 +511,8 @@ def make_problem(
     batches = _check_batches(batches, images.shape[0], images.device)
     if augment is not None and not callable(augment):
         raise TypeError("augment must be None or a callable (x, step) -> x")
-    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
+    if not isinstance(state_stride, int) or state_stride < 1:
+        raise ValueError(f"state_stride must be an int >= 1, got {state_stride!r}")
 
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a Tensor, got {type(labels).__name__}")
@@ -518,7 +525,7 @@ def make_problem(
                 f"float labels are label logits of shape (N, K) = ({n}, "
                 f"{num_classes}), got {tuple(labels.shape)}"
             )
-        if not torch.isfinite(labels).all():
+        if _has_values(labels) and not torch.isfinite(labels).all():
             raise ValueError("label logits contain NaN or inf")
         labels = labels.to(dtype=images.dtype, device=images.device)
     elif labels.dtype == torch.long:
@@ -526,7 +533,7 @@ def make_problem(
             raise ValueError(
                 f"int labels are class indices of shape (N,) = ({n},), got {tuple(labels.shape)}"
             )
-        lo, hi = int(labels.min()), int(labels.max())
+        lo, hi = (int(labels.min()), int(labels.max())) if _has_values(labels) else (0, 0)
         if lo < 0 or hi >= num_classes:
             raise ValueError(
                 f"labels hold classes in [{lo}, {hi}] but the model has "
@@ -538,7 +545,7 @@ def make_problem(
             f"labels must be int64 class indices (N,) or float logits (N, K), got {labels.dtype}"
         )
     return Problem(
-        model, buffers, start, target, images, labels, lr, batches, augment, checkpoint_every
+        model, buffers, start, target, images, labels, lr, batches, augment, state_stride
     )
 
 
@@ -551,9 +558,9 @@ def match_trajectory(
     lr: Tensor | float,
     batches: Sequence[Tensor],
     method: str = "tesla",
-    augment: Augment | None = None,
+    augment: StepAugment | None = None,
     *,
-    checkpoint_every: int = 1,
+    state_stride: int = 1,
 ) -> MatchResult:
     """Trajectory-matching loss L (proofs/README.md) and its gradients w.r.t. images, labels, lr.
 
@@ -570,7 +577,7 @@ def match_trajectory(
         method: a key of :data:`METHODS`: "unrolled", "tesla" or "exact".
         augment: optional ``(x, step) -> x``; must give the same transform every time it is called
             with the same step (the two-pass and adjoint methods call it twice per step).
-        checkpoint_every: "exact" only: keep every k-th student state and recompute the others.
+        state_stride: "exact" only: keep every k-th student state and recompute the others.
 
     Returns:
         :class:`MatchResult` (loss, images_grad, labels_grad or None, lr_grad), all detached.
@@ -579,7 +586,7 @@ def match_trajectory(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known methods: {sorted(METHODS)}")
     problem = make_problem(
-        model, start, target, images, labels, lr, batches, augment, checkpoint_every
+        model, start, target, images, labels, lr, batches, augment, state_stride
     )
     with _batch_statistics_only(model):
         return METHODS[method](problem)

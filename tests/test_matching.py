@@ -114,8 +114,8 @@ def assert_result_equals(result, reference, method):
 
 
 @SETTINGS
-@given(case=matching_cases(), checkpoint_every=st.integers(1, 4))
-def test_exact_equals_unrolled(case, checkpoint_every):
+@given(case=matching_cases(), state_stride=st.integers(1, 4))
+def test_exact_equals_unrolled(case, state_stride):
     model, start, target, images, labels, lr, batches, augment = case
     reference = unrolled_reference(model, start, target, images, labels, lr, batches, augment)
     for method in ("unrolled", "exact"):
@@ -129,7 +129,7 @@ def test_exact_equals_unrolled(case, checkpoint_every):
             batches,
             method=method,
             augment=augment,
-            checkpoint_every=checkpoint_every,
+            state_stride=state_stride,
         )
         assert_result_equals(result, reference, method)
 

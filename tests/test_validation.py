@@ -140,9 +140,9 @@ def test_dtype_mismatch_named(args):
         call(args, images=args["images"].double())
 
 
-def test_checkpoint_every_must_be_positive(args):
-    with pytest.raises(ValueError, match="checkpoint_every must be an int >= 1"):
-        call(args, method="exact", checkpoint_every=0)
+def test_state_stride_must_be_positive(args):
+    with pytest.raises(ValueError, match="state_stride must be an int >= 1"):
+        call(args, method="exact", state_stride=0)
 
 
 def test_model_must_be_module(args):
