@@ -3,7 +3,7 @@ at the last epoch) vs learned label logits, plus SLA alone on frozen real images
 
     python experiments/ablate_labels.py                  # small CPU default (Fashion-MNIST)
     python experiments/ablate_labels.py --preset paper   # CIFAR-10 scale, for a GPU
-    python experiments/ablate_labels.py --ipcs 1 --iterations 50 --labels hard sla
+    python experiments/ablate_labels.py --ipcs 1 --distill.iterations 50 --label-strategies hard sla
 
 Trains (or reuses, from ./cache) the experts, distils one synthetic set per (label strategy, IPC)
 from the same seed, evaluates it every ``eval_every`` iterations, and reports test accuracy
@@ -17,144 +17,130 @@ the published anchors.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import xarray as xr
 
 from tesla_func.data import load_dataset
-from tesla_func.distill import LABEL_STRATEGIES
+from tesla_func.distill import DistillConfig
 from tesla_func.experiment import (
     distill_cached,
-    distill_config,
+    distill_run,
     ensure_experts,
-    expert_config,
-    markdown_table,
-    percent,
     random_real_baseline,
     run_experiment,
 )
+from tesla_func.experts import ExpertConfig
+from tesla_func.labels import LABEL_STRATEGIES
 from tesla_func.plots import plot_accuracy_vs_iteration
-from tesla_func.results import make_dataset
+from tesla_func.results import make_results, markdown_table, percent
 
 NAME = "ablate_labels"
 
 
 @dataclass(frozen=True)
 class AblateLabelsConfig:
-    dataset: str = "fashion-mnist"
-    ipcs: tuple[int, ...] = (1, 10)  # images per class
-    labels: tuple[str, ...] = tuple(LABEL_STRATEGIES)  # strategies compared
-    method: str = "tesla"  # gradient method used for every run
     # experts (cached under ./cache). Kept small so that the whole default, expert training
-    # included, runs from a fresh checkout in about 12 minutes on a 2-core CPU.
-    num_experts: int = 2
-    expert_epochs_trained: int = 4  # epochs each expert is trained for (sla-last's teacher)
-    width: int = 32  # ConvNet width of experts, students and evaluation models
-    # distillation (PROTOCOL.md section 4, scaled down)
-    iterations: int = 40
-    syn_steps: int = 20  # T
-    expert_epochs: int = 2  # M
-    max_start_epoch: int = 2  # targets reach epoch max_start_epoch - 1 + expert_epochs = 3
+    # included, runs from a fresh checkout in about 12 minutes on a 2-core CPU; the last epoch
+    # is sla-last's teacher.
+    experts: ExpertConfig = ExpertConfig(dataset="fashion-mnist", num_experts=2, epochs=4, width=32)
+    # distillation (docs/reference.md section 4, scaled down); method and seed are shared by
+    # every run, ipc / label_strategy / batch_syn / experts_dir are set per run
+    distill: DistillConfig = DistillConfig(
+        iterations=40,
+        syn_steps=20,
+        match_epochs=2,
+        max_start_epoch=2,  # targets reach epoch max_start_epoch - 1 + match_epochs = 3
+        lr_img=300.0,
+        lr_lr=1.0,
+        lr_grad_clip=0.5,
+        lr_labels=5.0,
+        eval_every=20,  # iterations between evaluations (the curve's resolution)
+        eval_epochs=100,  # evaluation protocol, reduced: fewer epochs and models
+        eval_models=2,
+    )
+    ipcs: tuple[int, ...] = (1, 10)  # images per class
+    label_strategies: tuple[str, ...] = tuple(LABEL_STRATEGIES)  # strategies compared
     batch_syn_max: int = 20  # batch_syn = min(ipc * classes, this)
-    lr_img: float = 300.0
-    lr_lr: float = 1.0  # on log(beta): see DistillConfig.lr_lr
-    lr_grad_clip: float = 0.5  # bound on |dL/dlog(beta)|: see DistillConfig.lr_grad_clip
-    lr_labels: float = 5.0
-    eval_every: int = 20  # iterations between evaluations (the curve's resolution)
-    # evaluation protocol (PROTOCOL.md section 6, reduced: fewer epochs and models)
-    eval_epochs: int = 100
-    eval_models: int = 2
-    seed: int = 0
     threads: int = 0  # torch CPU threads on the command-line path; 0 = torch's default
-    device: str = "cpu"
 
 
 PRESETS = {
     # CIFAR-10 at the authors' IPC 10 settings (ZCA, 30/2/20, lr_img 100, lr_lr 1e-5 on raw
     # beta = 1e-3: about 1e-5 / beta^2 = 10 on log beta), 1000 evaluation epochs.
     "paper": AblateLabelsConfig(
-        dataset="cifar10",
-        ipcs=(1, 10),
-        num_experts=20,
-        expert_epochs_trained=50,
-        width=128,
-        iterations=5000,
-        syn_steps=30,
-        expert_epochs=2,
-        max_start_epoch=20,
-        lr_img=100.0,
+        experts=ExpertConfig(dataset="cifar10", num_experts=20, epochs=50, width=128),
+        distill=dataclasses.replace(
+            AblateLabelsConfig.distill,
+            iterations=5000,
+            syn_steps=30,
+            max_start_epoch=20,
+            lr_img=100.0,
+            lr_lr=10.0,
+            eval_every=500,
+            eval_epochs=1000,
+            eval_models=5,
+            device="cuda",
+        ),
         batch_syn_max=500,
-        lr_lr=10.0,
-        eval_every=500,
-        eval_epochs=1000,
-        eval_models=5,
-        device="cuda",
     ),
 }
 
 
 def main(cfg: AblateLabelsConfig) -> xr.Dataset:
-    experts_dir = ensure_experts(expert_config(cfg), device=cfg.device)
-    dataset = load_dataset(cfg.dataset)  # loaded once, shared by every run
+    base = cfg.distill
+    experts_dir = ensure_experts(cfg.experts, device=base.device)
+    dataset = load_dataset(cfg.experts.dataset)  # loaded once, shared by every run
     points = sorted(
-        {*range(cfg.eval_every, cfg.iterations, cfg.eval_every), cfg.iterations}
-        if cfg.eval_every
-        else {cfg.iterations}
+        {*range(base.eval_every, base.iterations, base.eval_every), base.iterations}
+        if base.eval_every
+        else {base.iterations}
     )
-    accuracy = np.full((len(cfg.labels), len(cfg.ipcs), len(points)), np.nan)
-    spread = np.full_like(accuracy, np.nan)
+    shape = (len(cfg.label_strategies), len(cfg.ipcs), len(points))
+    accuracy, spread = np.full(shape, np.nan), np.full(shape, np.nan)
     baseline = np.full((len(cfg.ipcs), 2), np.nan)
     for j, ipc in enumerate(cfg.ipcs):
-        for i, labels in enumerate(cfg.labels):
-            config = distill_config(
-                cfg,
-                experts_dir,
-                ipc,
-                cfg.method,
-                labels,
-                dataset.info.num_classes,
-                lr_labels=cfg.lr_labels,
-                eval_every=cfg.eval_every,
-            )
-            distiller = distill_cached(config, dataset)
+        for i, strategy in enumerate(cfg.label_strategies):
+            run = distill_run(base, experts_dir, ipc=ipc, batch_syn_max=cfg.batch_syn_max,
+                              num_classes=dataset.info.num_classes, label_strategy=strategy)
+            distiller = distill_cached(run, dataset)
             evals = distiller.state.evals
             for it, mean, std in zip(
                 evals["iteration"], evals["accuracy_mean"], evals["accuracy_std"]
             ):
                 k = points.index(int(it))
                 accuracy[i, j, k], spread[i, j, k] = mean, std
-        result = random_real_baseline(dataset, ipc, distiller.protocol(lr=0.01), cfg.seed)
+        result = random_real_baseline(dataset, ipc, distiller.protocol(lr=0.01), base.seed)
         baseline[j] = result.mean, result.std
     best = np.fmax.accumulate(np.nan_to_num(accuracy, nan=-np.inf), axis=-1)
-    return make_dataset(
+    dims = ("label_strategy", "ipc", "iteration")
+    return make_results(
         {
-            "accuracy": (("labels", "ipc", "iteration"), accuracy, {"units": "fraction"}),
-            "accuracy_std": (("labels", "ipc", "iteration"), spread, {"units": "fraction"}),
-            "best_accuracy": (
-                ("labels", "ipc", "iteration"),
-                best,
-                {"units": "fraction", "long_name": "best so far"},
-            ),
+            "accuracy": (dims, accuracy, {"units": "fraction"}),
+            "accuracy_std": (dims, spread, {"units": "fraction"}),
+            "best_accuracy": (dims, best, {"units": "fraction", "long_name": "best so far"}),
             "random_real_accuracy": (("ipc",), baseline[:, 0], {"units": "fraction"}),
             "random_real_accuracy_std": (("ipc",), baseline[:, 1], {"units": "fraction"}),
         },
-        coords={"labels": list(cfg.labels), "ipc": list(cfg.ipcs), "iteration": points},
+        coords={"label_strategy": list(cfg.label_strategies), "ipc": list(cfg.ipcs),
+                "iteration": points},
         config=cfg,
-        seed=cfg.seed,
-        device=cfg.device,
+        seed=base.seed,
+        device=base.device,
         experts_dir=str(experts_dir),
         protocol="reduced" if cfg != PRESETS["paper"] else "paper",
     )
 
 
 def table(ds: xr.Dataset) -> str:
-    header = ["labels"] + [f"IPC {ipc}: final (best)" for ipc in ds.ipc.values]
+    header = ["label strategy"] + [f"IPC {ipc}: final (best)" for ipc in ds.ipc.values]
     rows = []
-    for labels in ds.labels.values:
-        row = [str(labels)]
+    for strategy in ds.label_strategy.values:
+        row = [str(strategy)]
         for ipc in ds.ipc.values:
-            point = ds.sel(labels=labels, ipc=ipc)
+            point = ds.sel(label_strategy=strategy, ipc=ipc)
             final = point.isel(iteration=-1)
             row.append(
                 f"{percent(float(final.accuracy), float(final.accuracy_std))} "

@@ -20,7 +20,7 @@ import xarray as xr
 
 from tesla_func.augment import DSA
 from tesla_func.evaluate import EvalConfig, evaluate
-from tesla_func.results import make_dataset, save_dataset
+from tesla_func.results import make_results, save_results
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def main(cfg: BenchConfig) -> xr.Dataset:
         times.append(row_t)
         accs.append(row_a)
         print(f"  speed-up loop / vmap: {row_t[1] / row_t[0]:.2f}x")
-    return make_dataset(
+    return make_results(
         {
             "time_s": (("augment", "engine"), times, {"units": "s"}),
             "mean_accuracy": (("augment", "engine"), accs, {"units": "fraction"}),
@@ -90,4 +90,4 @@ if __name__ == "__main__":
         )
     cfg = BenchConfig(**vars(parser.parse_args()))
     ds = main(cfg)
-    print(f"wrote {save_dataset(ds, cfg.out)}")
+    print(f"wrote {save_results(ds, cfg.out)}")

@@ -23,8 +23,7 @@ Part 2, distillation. Algorithm 1 with ``method="tesla"`` and with ``method="exa
 seed: the same initial images and the same expert / start-epoch / minibatch / DSA draws (the
 generator's use does not depend on the method), so only the gradient differs. Hard labels. The
 runs go through ``tesla_func.experiment.distill_cached`` (cache/runs/, one folder per config), so
-a killed run resumes and a run another experiment already made (experiments/main_table.py's IPC 1
-`tesla` / `exact` rows with the default settings) is reused. Each set is evaluated once at the
+a killed run resumes and a run another experiment already made is reused. Each set is evaluated once at the
 end, beside the random-real baseline of the same protocol (``random_real_baseline``: the same
 real images the distillation starts from, trained with the initial beta).
 
@@ -37,7 +36,6 @@ numbers.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,28 +43,24 @@ from pathlib import Path
 import numpy as np
 import torch
 import xarray as xr
-from torch import Tensor
 from tqdm.auto import tqdm
 
-from tesla_func.augment import DSA, ReplayedDSA
 from tesla_func.data import Dataset, load_dataset
 from tesla_func.distill import DistillConfig
-from tesla_func.evaluate import random_real_subset
 from tesla_func.experiment import (
     distill_cached,
+    distill_run,
     ensure_experts,
-    markdown_table,
-    parse_config,
-    percent,
     random_real_baseline,
-    torch_threads,
-    write_outputs,
+    run_experiment,
 )
 from tesla_func.experts import ExpertConfig, ExpertTrajectory, load_experts
-from tesla_func.matching import MatchResult, match_trajectory
+from tesla_func.fidelity import agreement, draw_segment
+from tesla_func.matching import match_trajectory
 from tesla_func.models import ConvNet
 from tesla_func.plots import plot_bar, plot_sweeps
-from tesla_func.results import make_dataset, records_to_dataset
+from tesla_func.results import make_results, markdown_table, percent, records_to_results
+from tesla_func.sampling import seeded_generator
 
 NAME = "gradient_fidelity"
 METHODS = ("tesla", "exact")  # compared; `exact` (= unrolled MTT up to rounding) is the reference
@@ -78,12 +72,25 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 class FidelityConfig:
     """Both parts of the experiment; the defaults are the small CPU run (about 10 minutes)."""
 
-    dataset: str = "fashion-mnist"
     # experts (cached under ./cache, shared with the other experiments)
-    num_experts: int = 3
-    expert_epochs_trained: int = 6  # E: checkpoints 0..E per expert
-    width: int = 32  # ConvNet width of experts, students and evaluation models
-    expert_epochs: int = 2  # M: target = start epoch + M (both parts)
+    experts: ExpertConfig = ExpertConfig(dataset="fashion-mnist", num_experts=3, epochs=6, width=32)
+    # part 2's runs (hard labels; method and seed set per run). Its match_epochs (M: target =
+    # start epoch + M), dsa, device and seed are part 1's too.
+    distill: DistillConfig = DistillConfig(
+        ipc=1,
+        iterations=100,
+        syn_steps=10,
+        match_epochs=2,
+        max_start_epoch=3,
+        lr_img=100.0,
+        # on log(beta). 1e-2 is what the committed results used; it barely moves beta (see
+        # DistillConfig.lr_lr: main_table's runs use 1.0, which distils much better).
+        lr_lr=1e-2,
+        eval_epochs=300,  # evaluation protocol, reduced: fewer epochs and models
+        eval_models=3,
+    )
+    distill_seeds: tuple[int, ...] = (0, 1)  # one tesla and one exact run per seed
+    batch_syn_max: int = 100  # part 2: batch_syn = min(ipc * classes, this)
     # part 1: gradient fidelity
     dtype: str = "float64"  # float64: the differences are the truncation's, not rounding's
     ipc: int = 10  # synthetic images per class, initialised from random real images
@@ -95,39 +102,20 @@ class FidelityConfig:
     base_start_epoch: int = 0
     base_lr: float = 1e-2  # the experts' training lr
     segments: int = 4  # random draws per point (the `segment` dim)
-    dsa: bool = True  # replayed DSA on the synthetic minibatches (both parts)
-    # part 2: distillation, tesla vs exact (PROTOCOL.md section 4, scaled down)
-    distill_seeds: tuple[int, ...] = (0, 1)  # one tesla and one exact run per seed
-    distill_ipc: int = 1
-    distill_iterations: int = 100
-    distill_syn_steps: int = 10  # T
-    distill_max_start_epoch: int = 3  # t ~ U{0 .. max - 1}
-    distill_batch_syn_max: int = 100  # batch_syn = min(ipc * classes, this)
-    distill_lr_init: float = 0.0  # initial beta; 0 = the experts' lr
-    lr_img: float = 100.0
-    # on log(beta). 1e-2 is what the committed results used; it barely moves beta (see
-    # DistillConfig.lr_lr: main_table's runs use 1.0, which distils much better).
-    lr_lr: float = 1e-2
-    # evaluation protocol (PROTOCOL.md section 6, reduced: fewer epochs and models)
-    eval_epochs: int = 300
-    eval_models: int = 3
-    seed: int = 0
     # torch CPU threads; 0 = leave torch's default. 1 because on 2 cores shared with other jobs
     # a second thread made a float64 step of 20 images 10x slower (8 s vs 0.8 s), measured here.
     threads: int = 1
-    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
+            raise ValueError(f"FidelityConfig.dtype must be one of {sorted(DTYPES)}, "
+                             f"got {self.dtype!r}")
+        last = max((*self.start_epochs, self.base_start_epoch)) + self.distill.match_epochs
+        if last > self.experts.epochs:
             raise ValueError(
-                f"FidelityConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}"
-            )
-        last = max((*self.start_epochs, self.base_start_epoch)) + self.expert_epochs
-        if last > self.expert_epochs_trained:
-            raise ValueError(
-                f"start epochs up to {last - self.expert_epochs} with expert_epochs "
-                f"{self.expert_epochs} need checkpoint {last}, but the experts are "
-                f"trained for {self.expert_epochs_trained} epochs"
+                f"start epochs up to {last - self.distill.match_epochs} with match_epochs "
+                f"{self.distill.match_epochs} need checkpoint {last}, but the experts are "
+                f"trained for {self.experts.epochs} epochs"
             )
         if min((*self.steps, self.base_steps, self.segments, self.batch_syn, self.ipc)) < 1:
             raise ValueError("steps, base_steps, segments, batch_syn and ipc must be >= 1")
@@ -148,13 +136,15 @@ class FidelityConfig:
 
 PRESETS = {
     # CIFAR-10 at the authors' IPC 10 settings (ZCA, 30/2/20, lr_img 100; lr_lr 1e-5 on raw beta
-    # = 1e-3 is about 1e-5 / beta^2 = 10 on log beta), T up to 80, start epochs over the whole 50-epoch trajectory,
-    # 1000 evaluation epochs, 3 seeds.
+    # = 1e-3 is about 1e-5 / beta^2 = 10 on log beta), T up to 80, start epochs over the whole
+    # 50-epoch trajectory, 1000 evaluation epochs, 3 seeds.
     "paper": FidelityConfig(
-        dataset="cifar10",
-        num_experts=20,
-        expert_epochs_trained=50,
-        width=128,
+        experts=ExpertConfig(dataset="cifar10", num_experts=20, epochs=50, width=128),
+        distill=dataclasses.replace(
+            FidelityConfig.distill, ipc=10, iterations=5000, syn_steps=30, max_start_epoch=20,
+            lr_init=1e-3, lr_lr=10.0, eval_epochs=1000, eval_models=5, device="cuda",
+        ),
+        distill_seeds=(0, 1, 2),
         ipc=10,
         batch_syn=100,
         steps=(1, 2, 5, 10, 20, 30, 50, 80),
@@ -162,185 +152,57 @@ PRESETS = {
         lrs=(1e-4, 1e-3, 3e-3, 1e-2, 3e-2),
         base_steps=30,
         base_start_epoch=10,
-        base_lr=1e-2,
         segments=10,
-        distill_seeds=(0, 1, 2),
-        distill_ipc=10,
-        distill_iterations=5000,
-        distill_syn_steps=30,
-        distill_max_start_epoch=20,
-        distill_lr_init=1e-3,
-        lr_img=100.0,
-        lr_lr=10.0,
-        eval_epochs=1000,
-        eval_models=5,
         threads=0,
-        device="cuda",
     ),
 }
-
-
-def _expert_config(cfg: FidelityConfig) -> ExpertConfig:
-    return ExpertConfig(
-        dataset=cfg.dataset,
-        num_experts=cfg.num_experts,
-        epochs=cfg.expert_epochs_trained,
-        width=cfg.width,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Part 1: gradient fidelity
-
-
-@dataclass(frozen=True)
-class Segment:
-    """One random draw shared by every point of the sweeps."""
-
-    expert: ExpertTrajectory  # params in the measuring dtype, on the device
-    images: Tensor  # (N, C, H, W) random real images, ipc per class, class-major
-    labels: Tensor  # (N,) class indices
-    batches: tuple[
-        Tensor, ...
-    ]  # max T minibatches (batch_syn,) of indices; T steps use the first T
-    augment: ReplayedDSA | None  # DSA parameters of max T steps, replayed in every pass
-
-
-def draw_segment(
-    cfg: FidelityConfig,
-    index: int,
-    dataset: Dataset,
-    experts: list[ExpertTrajectory],
-    max_steps: int,
-) -> Segment:
-    """Segment ``index``: expert ``index % num_experts`` and draws from seed (cfg.seed, index)."""
-    state = np.random.SeedSequence([cfg.seed, index]).generate_state(1, np.uint64)[0]
-    gen = torch.Generator().manual_seed(int(state))
-    dtype, device = DTYPES[cfg.dtype], torch.device(cfg.device)
-    images, labels = random_real_subset(
-        dataset.train_images,
-        dataset.train_labels,
-        cfg.ipc,
-        gen,
-        num_classes=dataset.info.num_classes,
-    )
-    n, b = len(labels), cfg.batch_syn
-    if b > n:
-        raise ValueError(
-            f"FidelityConfig.batch_syn {b} is larger than the synthetic set "
-            f"(ipc {cfg.ipc} x {dataset.info.num_classes} classes = {n} images)"
-        )
-    per = n // b  # non-overlapping minibatches per permutation
-    perms = [torch.randperm(n, generator=gen) for _ in range(math.ceil(max_steps / per))]
-    batches = tuple(p[j * b : (j + 1) * b].to(device) for p in perms for j in range(per))[
-        :max_steps
-    ]
-    augment = (
-        DSA().replayable([b] * max_steps, gen, device=device, dtype=dtype) if cfg.dsa else None
-    )
-    expert = experts[index % len(experts)]
-    expert = dataclasses.replace(
-        expert, params=tuple({k: v.to(device, dtype) for k, v in p.items()} for p in expert.params)
-    )
-    return Segment(expert, images.to(device, dtype), labels.to(device), batches, augment)
-
-
-def agreement(approx: MatchResult, reference: MatchResult) -> dict[str, float]:
-    """How close ``approx``'s gradients are to ``reference``'s (images: cosine, relative error;
-    lr: relative error and whether the signs agree)."""
-    a, b = approx.images_grad.flatten(), reference.images_grad.flatten()
-    da, db = float(approx.lr_grad), float(reference.lr_grad)
-    return {
-        "images_cosine": float(a @ b / (a.norm() * b.norm())),
-        "images_relative_error": float((a - b).norm() / b.norm()),
-        "lr_relative_error": abs(da - db) / abs(db) if db else math.inf,
-        "lr_sign_agreement": float(math.copysign(1, da) == math.copysign(1, db)),
-    }
 
 
 def measure_fidelity(
     cfg: FidelityConfig, dataset: Dataset, experts: list[ExpertTrajectory]
 ) -> xr.Dataset:
-    """Every point of the three sweeps on every segment: agreement and per-method records."""
-    points = cfg.points()
-    model = ConvNet(experts[0].config).to(cfg.device, DTYPES[cfg.dtype])
+    """Every point of the three sweeps on every segment: agreement and per-method records.
+
+    Segment ``i`` matches expert ``i % num_experts`` and draws its images, minibatches and DSA
+    from stream (seed, i), so every point of the sweeps sees the same draws."""
+    points, dtype, device = cfg.points(), DTYPES[cfg.dtype], cfg.distill.device
+    max_steps, m = max(t for t, _, _ in points), cfg.distill.match_epochs
+    model = ConvNet(experts[0].config).to(device, dtype)
     compared, per_method = [], []
-    bar = tqdm(
-        total=cfg.segments * sum(t for t, _, _ in points), desc="tesla vs exact", unit="step"
-    )
+    bar = tqdm(total=cfg.segments * sum(t for t, _, _ in points), desc="tesla vs exact",
+               unit="step")
     for index in range(cfg.segments):
-        seg = draw_segment(cfg, index, dataset, experts, max(t for t, _, _ in points))
+        seg = draw_segment(dataset, cfg.ipc, cfg.batch_syn, max_steps,
+                           seeded_generator(cfg.distill.seed, index), dsa=cfg.distill.dsa,
+                           device=device, dtype=dtype)
+        expert = experts[index % len(experts)]
+        params = [{k: v.to(device, dtype) for k, v in p.items()} for p in expert.params]
         for steps, start, lr in points:
             key = {"steps": steps, "start_epoch": start, "lr": lr, "segment": index}
             results = {}
             for method in METHODS:
                 tic = time.perf_counter()
-                results[method] = match_trajectory(
-                    model,
-                    seg.expert.params[start],
-                    seg.expert.params[start + cfg.expert_epochs],
-                    seg.images,
-                    seg.labels,
-                    torch.tensor(lr, dtype=DTYPES[cfg.dtype]),
-                    seg.batches[:steps],
-                    method=method,
+                results[method] = res = match_trajectory(
+                    model, params[start], params[start + m], seg.images, seg.labels,
+                    torch.tensor(lr, dtype=dtype), seg.batches[:steps], method=method,
                     augment=seg.augment,
                 )
-                per_method.append(
-                    {
-                        **key,
-                        "method": method,
-                        "seconds": time.perf_counter() - tic,
-                        "images_grad_norm": float(results[method].images_grad.norm()),
-                        "lr_grad": float(results[method].lr_grad),
-                    }
-                )
-            compared.append(
-                {
-                    **key,
-                    "loss": float(results["exact"].loss),
-                    "expert": seg.expert.header.get("expert_index", -1),
-                    **agreement(results["tesla"], results["exact"]),
-                }
-            )
+                per_method.append({**key, "method": method,
+                                   "seconds": time.perf_counter() - tic,
+                                   "images_grad_norm": float(res.images_grad.norm()),
+                                   "lr_grad": float(res.lr_grad)})
+            compared.append({**key, "loss": float(results["exact"].loss),
+                             "expert": expert.header.get("expert_index", -1),
+                             **agreement(results["tesla"], results["exact"])})
             bar.update(steps)
     bar.close()
     dims = ["steps", "start_epoch", "lr", "segment"]
     ds = xr.merge(
-        [records_to_dataset(compared, dims), records_to_dataset(per_method, ["method", *dims])],
+        [records_to_results(compared, dims), records_to_results(per_method, ["method", *dims])],
         join="exact",
         combine_attrs="drop",
     )
     return ds.reindex({"method": list(METHODS)})  # a dict: reindex(method=...) means fill method
-
-
-# ----------------------------------------------------------------------------------------------
-# Part 2: distillation with each method
-
-
-def _distill_config(
-    cfg: FidelityConfig, experts_dir: Path, method: str, seed: int, num_classes: int
-) -> DistillConfig:
-    return DistillConfig(
-        experts_dir=str(experts_dir),
-        dataset=cfg.dataset,
-        ipc=cfg.distill_ipc,
-        method=method,
-        labels="hard",
-        iterations=cfg.distill_iterations,
-        syn_steps=cfg.distill_syn_steps,
-        expert_epochs=cfg.expert_epochs,
-        max_start_epoch=cfg.distill_max_start_epoch,
-        batch_syn=min(cfg.distill_ipc * num_classes, cfg.distill_batch_syn_max),
-        lr_img=cfg.lr_img,
-        lr_lr=cfg.lr_lr,
-        lr_init=cfg.distill_lr_init or None,
-        dsa=cfg.dsa,
-        eval_epochs=cfg.eval_epochs,
-        eval_models=cfg.eval_models,
-        seed=seed,
-        device=cfg.device,
-    )
 
 
 def distill_both(cfg: FidelityConfig, experts_dir: Path, dataset: Dataset) -> xr.Dataset:
@@ -348,41 +210,26 @@ def distill_both(cfg: FidelityConfig, experts_dir: Path, dataset: Dataset) -> xr
     accuracy, log, reloaded = [], [], 0
     for seed in cfg.distill_seeds:
         for method in METHODS:
-            distiller = distill_cached(
-                _distill_config(cfg, experts_dir, method, seed, dataset.info.num_classes), dataset
-            )
+            run = distill_run(cfg.distill, experts_dir, ipc=cfg.distill.ipc,
+                              batch_syn_max=cfg.batch_syn_max,
+                              num_classes=dataset.info.num_classes, method=method, seed=seed)
+            distiller = distill_cached(run, dataset)
             reloaded += distiller.last_eval is None  # finished earlier: nothing evaluated yet
             result = distiller.last_eval or distiller.evaluate()
-            accuracy += [
-                {"set": method, "seed": seed, "model": k, "accuracy": a}
-                for k, a in enumerate(result.accuracies)
-            ]
+            accuracy += [{"set": method, "seed": seed, "model": k, "accuracy": a}
+                         for k, a in enumerate(result.accuracies)]
             steps = distiller.state.log  # per iteration
-            log += [
-                {
-                    "method": method,
-                    "seed": seed,
-                    "iteration": i + 1,
-                    "matching_loss": loss,
-                    "learned_lr": lr,
-                    "seconds_per_iteration": sec,
-                }
-                for i, (loss, lr, sec) in enumerate(
-                    zip(steps["loss"], steps["lr"], steps["seconds"])
-                )
-            ]
-        baseline = random_real_baseline(
-            dataset, cfg.distill_ipc, distiller.protocol(lr=distiller.beta0), seed
-        )
-        accuracy += [
-            {"set": "random real", "seed": seed, "model": k, "accuracy": a}
-            for k, a in enumerate(baseline.accuracies)
-        ]
+            log += [{"method": method, "seed": seed, "iteration": i + 1, "matching_loss": loss,
+                     "learned_lr": lr, "seconds_per_iteration": sec}
+                    for i, (loss, lr, sec) in enumerate(
+                        zip(steps["loss"], steps["lr"], steps["seconds"]))]
+        baseline = random_real_baseline(dataset, cfg.distill.ipc,
+                                        distiller.protocol(lr=distiller.beta0), seed)
+        accuracy += [{"set": "random real", "seed": seed, "model": k, "accuracy": a}
+                     for k, a in enumerate(baseline.accuracies)]
     ds = xr.merge(
-        [
-            records_to_dataset(accuracy, ["set", "seed", "model"]),
-            records_to_dataset(log, ["method", "seed", "iteration"]),
-        ],
+        [records_to_results(accuracy, ["set", "seed", "model"]),
+         records_to_results(log, ["method", "seed", "iteration"])],
         join="exact",
         combine_attrs="drop",
     )
@@ -391,66 +238,49 @@ def distill_both(cfg: FidelityConfig, experts_dir: Path, dataset: Dataset) -> xr
     return ds.reindex({"set": ["random real", *METHODS], "method": list(METHODS)})
 
 
-# ----------------------------------------------------------------------------------------------
-# The experiment
-
-
 def main(cfg: FidelityConfig) -> xr.Dataset:
-    with torch_threads(cfg.threads):
-        tic = time.perf_counter()
-        experts_dir = ensure_experts(_expert_config(cfg), device=cfg.device)
-        experts_seconds = time.perf_counter() - tic
-        experts = load_experts(experts_dir)
-        dataset = load_dataset(cfg.dataset)  # the experts' default normalisation (and ZCA)
-        tic = time.perf_counter()
-        fidelity = measure_fidelity(cfg, dataset, experts)
-        fidelity_seconds = time.perf_counter() - tic
-        tic = time.perf_counter()
-        distilled = distill_both(cfg, experts_dir, dataset)
-        distill_seconds = time.perf_counter() - tic
-        merged = xr.merge([fidelity, distilled], join="exact", combine_attrs="drop")
-        runs = len(cfg.distill_seeds) * len(METHODS)
-        ds = make_dataset(
-            dict(merged.data_vars),
-            coords=dict(merged.coords),
-            config=cfg,
-            seed=cfg.seed,
-            device=cfg.device,
-            experts_dir=str(experts_dir),
-            base_point=cfg.base_point,
-            measured_dtype=cfg.dtype,
-            seconds_experts=experts_seconds,
-            seconds_fidelity=fidelity_seconds,
-            seconds_distill=distill_seconds,
-            runs_reloaded=f"{distilled.attrs['runs_reloaded']} of {runs}",
-            expert_test_accuracy=[list(e.test_accuracy) for e in experts],
-            protocol="paper" if cfg == PRESETS["paper"] else "reduced",
-        )
-    units = {"seconds": "s", "accuracy": "fraction", "seconds_per_iteration": "s"}
-    for name, unit in units.items():
+    started = time.perf_counter()
+    experts_dir = ensure_experts(cfg.experts, device=cfg.distill.device)
+    experts_seconds = time.perf_counter() - started
+    experts = load_experts(experts_dir)
+    dataset = load_dataset(cfg.experts.dataset)  # the experts' default normalisation (and ZCA)
+    tic = time.perf_counter()
+    fidelity = measure_fidelity(cfg, dataset, experts)
+    fidelity_seconds = time.perf_counter() - tic
+    tic = time.perf_counter()
+    distilled = distill_both(cfg, experts_dir, dataset)
+    distill_seconds = time.perf_counter() - tic
+    merged = xr.merge([fidelity, distilled], join="exact", combine_attrs="drop")
+    runs = len(cfg.distill_seeds) * len(METHODS)
+    ds = make_results(
+        dict(merged.data_vars),
+        coords=dict(merged.coords),
+        config=cfg,
+        seed=cfg.distill.seed,
+        device=cfg.distill.device,
+        experts_dir=str(experts_dir),
+        base_point=cfg.base_point,
+        measured_dtype=cfg.dtype,
+        seconds_experts=experts_seconds,
+        seconds_fidelity=fidelity_seconds,
+        seconds_distill=distill_seconds,
+        seconds_total=time.perf_counter() - started,
+        runs_reloaded=f"{distilled.attrs['runs_reloaded']} of {runs}",
+        expert_test_accuracy=[list(e.test_accuracy) for e in experts],
+        protocol="paper" if cfg == PRESETS["paper"] else "reduced",
+    )
+    for name, unit in {"seconds": "s", "accuracy": "fraction", "seconds_per_iteration": "s"}.items():
         ds[name].attrs["units"] = unit
     return ds
 
 
 def plot(nc: Path, png: Path) -> None:
     """The sweeps (``png``) and the distillation accuracies (``<name>_distill.png``), from ``nc``."""
-    plot_sweeps(
-        nc,
-        png,
-        variables=("images_cosine", "images_relative_error", "lr_relative_error"),
-        sweeps=SWEEPS,
-        replicate=("segment",),
-        title="tesla (two-pass) vs exact gradient: mean +- std over segments",
-    )
-    plot_bar(
-        nc,
-        png.with_name(f"{png.stem}_distill.png"),
-        var="accuracy",
-        x=None,
-        hue="set",
-        replicate=("model", "seed"),
-        title="Distillation: tesla vs exact, same seeds",
-    )
+    plot_sweeps(nc, png, variables=("images_cosine", "images_relative_error", "lr_relative_error"),
+                sweeps=SWEEPS, replicate=("segment",),
+                title="tesla (two-pass) vs exact gradient: mean +- std over segments")
+    plot_bar(nc, png.with_name(f"{png.stem}_distill.png"), var="accuracy", x=None, hue="set",
+             replicate=("model", "seed"), title="Distillation: tesla vs exact, same seeds")
 
 
 def _mean_std(da: xr.DataArray) -> tuple[float, float]:
@@ -478,68 +308,37 @@ def _final(ds: xr.Dataset, var: str, method: str, last: int = 10) -> float:
 
 def table(ds: xr.Dataset) -> str:
     """Markdown: agreement along each sweep, then the distillation accuracies."""
-    base = ds.attrs["base_point"]
-    rows = []
+    base, rows = ds.attrs["base_point"], []
     for dim in SWEEPS:
         line = _line(ds, dim)
         for value in line[dim].values:
-            point = line.sel({dim: value})
-            at = {**base, dim: value.item()}
-            rows.append(
-                [
-                    dim,
-                    at["steps"],
-                    at["start_epoch"],
-                    f"{at['lr']:g}",
-                    _pm(point.images_cosine, 4),
-                    _pm(point.images_relative_error),
-                    _pm(point.lr_relative_error),
-                    f"{100 * _mean_std(point.lr_sign_agreement)[0]:.0f}%",
-                ]
-            )
-    fidelity = markdown_table(
-        [
-            "varied",
-            "T",
-            "start epoch",
-            "beta",
-            "cosine dL/dX",
-            "rel. error dL/dX",
-            "rel. error dL/dbeta",
-            "dL/dbeta sign agrees",
-        ],
-        rows,
-    )
+            p, at = line.sel({dim: value}), {**base, dim: value.item()}
+            rows.append([dim, at["steps"], at["start_epoch"], f"{at['lr']:g}",
+                         _pm(p.images_cosine, 4), _pm(p.images_relative_error),
+                         _pm(p.lr_relative_error),
+                         f"{100 * _mean_std(p.lr_sign_agreement)[0]:.0f}%"])
+    fidelity = markdown_table(["varied", "T", "start epoch", "beta", "cosine dL/dX",
+                               "rel. error dL/dX", "rel. error dL/dbeta", "dL/dbeta sign agrees"],
+                              rows)
     drows = []
     for name in ds.set.values:
-        acc = ds.accuracy.sel(set=name)
-        is_run = name in ds.method.values
-        drows.append(
-            [
-                f"distilled with `{name}`" if is_run else str(name),
-                percent(*_mean_std(acc)),
-                " / ".join(f"{100 * float(acc.sel(seed=s).mean()):.1f}" for s in ds.seed.values),
-                f"{_final(ds, 'matching_loss', name):.4f}" if is_run else "-",
-                f"{_final(ds, 'learned_lr', name, last=1):.4g}" if is_run else "-",
-            ]
-        )
-    config = ds.attrs["config"]
-    distill = markdown_table(
-        [
-            f"set (IPC {config['distill_ipc']})",
-            "accuracy (%)",
-            f"per seed {ds.seed.values.tolist()}",
-            "matching loss, last 10 its",
-            "final beta",
-        ],
-        drows,
-    )
+        acc, run = ds.accuracy.sel(set=name), name in ds.method.values
+        drows.append([
+            f"distilled with `{name}`" if run else str(name), percent(*_mean_std(acc)),
+            " / ".join(f"{100 * float(acc.sel(seed=s).mean()):.1f}" for s in ds.seed.values),
+            f"{_final(ds, 'matching_loss', name):.4f}" if run else "-",
+            f"{_final(ds, 'learned_lr', name, last=1):.4g}" if run else "-",
+        ])
+    config = ds.attrs["config"]["distill"]
+    distill = markdown_table([f"set (IPC {config['ipc']})", "accuracy (%)",
+                              f"per seed {ds.seed.values.tolist()}",
+                              "matching loss, last 10 its", "final beta"], drows)
     return (
         f"Gradient agreement of `tesla` with `exact` (mean +- std over "
         f"{ds.sizes['segment']} segments; {ds.attrs['measured_dtype']}):\n\n{fidelity}\n\n"
-        f"Distillation, {config['distill_iterations']} iterations of T = "
-        f"{config['distill_syn_steps']} from the same seeds (accuracy mean +- std over seeds x "
-        f"{ds.sizes['model']} evaluation models):\n\n{distill}"
+        f"Distillation, {config['iterations']} iterations of T = {config['syn_steps']} from the "
+        f"same seeds (accuracy mean +- std over seeds x {ds.sizes['model']} evaluation "
+        f"models):\n\n{distill}"
     )
 
 
@@ -563,11 +362,7 @@ def finding(ds: xr.Dataset) -> str:
     per_seed = (ds.accuracy.sel(set="exact") - ds.accuracy.sel(set="tesla")).mean("model") * 100
     spread = 100 * max(acc["exact"][1], acc["tesla"][1])
     gap = float(per_seed.mean())
-    verdict = (
-        "within the spread over evaluation models"
-        if abs(gap) <= spread
-        else "larger than the spread over evaluation models"
-    )
+    verdict = "within" if abs(gap) <= spread else "larger than"
     return (
         f"**Finding.** At the base point (T = {base['steps']}, start epoch "
         f"{base['start_epoch']}, beta = {base['lr']:g}) the two-pass `tesla` image gradient has "
@@ -579,30 +374,22 @@ def finding(ds: xr.Dataset) -> str:
         f"Distilled sets reached {percent(*acc['tesla'])}% with `tesla` and "
         f"{percent(*acc['exact'])}% with `exact` (random real {percent(*acc['random real'])}%); "
         f"exact - tesla = {', '.join(f'{v:+.1f}' for v in per_seed.values)} points per seed, "
-        f"{gap:+.1f} on average, {verdict} ({spread:.1f})."
+        f"{gap:+.1f} on average, {verdict} the spread over evaluation models ({spread:.1f})."
+    )
+
+
+def notes(ds: xr.Dataset) -> str:
+    """The finding, then where the time went."""
+    a = ds.attrs
+    return (
+        finding(ds) + "\n\n"
+        f"Wall time: {a['seconds_total'] / 60:.1f} min in all (gradient fidelity "
+        f"{a['seconds_fidelity'] / 60:.1f} min, distillation {a['seconds_distill'] / 60:.1f} min "
+        f"with {a['runs_reloaded']} runs reloaded from the cache, experts "
+        f"{a['seconds_experts'] / 60:.1f} min: 0 when cached). Accuracies: test accuracy on the "
+        "real test set."
     )
 
 
 if __name__ == "__main__":
-    config = parse_config(FidelityConfig, PRESETS, __doc__)
-    started = time.perf_counter()
-    results = main(config)
-    results.attrs["seconds_total"] = time.perf_counter() - started
-    text = table(results)
-    notes = (
-        finding(results) + "\n\n"
-        f"Wall time: {results.attrs['seconds_total'] / 60:.1f} min in all (gradient "
-        f"fidelity {results.attrs['seconds_fidelity'] / 60:.1f} min, distillation "
-        f"{results.attrs['seconds_distill'] / 60:.1f} min with "
-        f"{results.attrs['runs_reloaded']} runs reloaded from the cache, experts "
-        f"{results.attrs['seconds_experts'] / 60:.1f} min: 0 when cached). "
-        "Accuracies: test accuracy on the real test set; "
-        + (
-            "reduced CPU protocol: compare the rows with each other, not with published numbers."
-            if results.attrs["protocol"] == "reduced"
-            else "paper protocol."
-        )
-    )
-    paths = write_outputs(results, NAME, table=text, notes=notes, plot=plot)
-    print(text + "\n\n" + notes)
-    print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
+    run_experiment(NAME, FidelityConfig, PRESETS, __doc__, main, table, plot=plot, notes=notes)

@@ -4,7 +4,7 @@ at IPC 1, 10 and 50, with the published anchors printed beside.
     python experiments/main_table.py                   # small CPU default (reduced protocol;
                                                        # about 23 min on one thread here)
     python experiments/main_table.py --preset paper    # width 128, 1000-epoch evaluation, GPU
-    python experiments/main_table.py --ipcs 1 10 --methods tesla exact
+    python experiments/main_table.py --ipcs 1 10 --rows tesla/hard exact/hard
 
 Every row is distilled from the same experts and seed and evaluated in the same protocol (test
 accuracy on the real test set, mean +- std over the evaluation models). `unrolled` keeps T step
@@ -14,28 +14,28 @@ results/main_table/main_table.{nc,png,md}.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import xarray as xr
 
 from tesla_func.data import load_dataset
+from tesla_func.distill import DistillConfig
 from tesla_func.experiment import (
     distill_cached,
-    distill_config,
+    distill_run,
     ensure_experts,
-    expert_config,
-    markdown_table,
-    percent,
     random_real_baseline,
     run_experiment,
 )
+from tesla_func.experts import ExpertConfig
 from tesla_func.plots import plot_bar
-from tesla_func.results import make_dataset
+from tesla_func.results import make_results, markdown_table, percent
 
 NAME = "main_table"
 
-# PROTOCOL.md section 7: ConvNet-3 width 128, 1000-epoch evaluation (other papers' protocol).
+# docs/reference.md section 7: ConvNet-3 width 128, 1000-epoch evaluation (other papers' protocol).
 ANCHORS = {
     "fashion-mnist": {
         "random real (published, unverified)": (51.4, 73.8, 82.5),
@@ -53,97 +53,88 @@ ANCHOR_IPCS = (1, 10, 50)
 
 @dataclass(frozen=True)
 class MainTableConfig:
-    dataset: str = "fashion-mnist"
+    # experts (cached under ./cache, shared with the other experiments)
+    experts: ExpertConfig = ExpertConfig(dataset="fashion-mnist", num_experts=3, epochs=6, width=32)
+    # distillation; method, label strategy, ipc and batch_syn are set per row
+    distill: DistillConfig = DistillConfig(
+        # 50 keeps the default near 20 minutes here; 150 (about an hour) gained 0.9 / 0.1 points
+        # at IPC 10 for tesla / exact (results/main_table/main_table_150it.md)
+        iterations=50,
+        # Longer student trajectories matched IPC 10 better here (tesla, hard labels, test
+        # accuracy after 50 / 100 / 150 iterations): T = 20 79.5 / 78.5 / -, T = 40 80.7 / 80.4 /
+        # 81.1, T = 60 80.7 / 81.1 / 81.6
+        syn_steps=60,
+        match_epochs=2,
+        max_start_epoch=4,  # targets up to epoch 5 of the 6 trained
+        lr_img=1000.0,
+        lr_lr=1.0,
+        lr_grad_clip=0.5,
+        eval_every=50,  # also evaluate during the run (the log's accuracy-vs-iteration)
+        eval_epochs=200,  # evaluation, reduced protocol
+        eval_models=3,
+    )
     ipcs: tuple[int, ...] = (1, 10)  # add 50 with --ipcs 1 10 50 (about 3x the CPU time)
     # rows: (method, label strategy); random real is always added
     rows: tuple[str, ...] = ("tesla/hard", "tesla/sla", "exact/hard", "unrolled/hard")
     unrolled_max_ipc: int = 1  # skip `unrolled` above this IPC (its memory grows with T)
-    # experts (cached under ./cache, shared with the other experiments)
-    num_experts: int = 3
-    expert_epochs_trained: int = 6
-    width: int = 32
-    # distillation
-    # 50 keeps the default near 20 minutes here; 150 (about an hour) gained 0.9 / 0.1 points at
-    # IPC 10 for tesla / exact (results/main_table/main_table_150it.md)
-    iterations: int = 50
-    # Longer student trajectories matched IPC 10 better here (tesla, hard labels, test accuracy
-    # after 50 / 100 / 150 iterations): T = 20 79.5 / 78.5 / -, T = 40 80.7 / 80.4 / 81.1,
-    # T = 60 80.7 / 81.1 / 81.6
-    syn_steps: int = 60
-    expert_epochs: int = 2
-    max_start_epoch: int = 4  # targets up to epoch 5 of the 6 trained
     batch_syn_max: int = 20  # batch_syn = min(ipc * classes, this)
-    lr_img: float = 1000.0
-    lr_lr: float = 1.0  # on log(beta): see DistillConfig.lr_lr
-    lr_grad_clip: float = 0.5  # bound on |dL/dlog(beta)|: see DistillConfig.lr_grad_clip
-    eval_every: int = 50  # also evaluate during the run (the log's accuracy-vs-iteration)
-    # evaluation (reduced protocol)
-    eval_epochs: int = 200
-    eval_models: int = 3
-    seed: int = 0
     threads: int = 0  # torch CPU threads on the command-line path; 0 = torch's default
-    device: str = "cpu"
 
 
 PRESETS = {
     "paper": MainTableConfig(
+        experts=ExpertConfig(dataset="fashion-mnist", num_experts=20, epochs=50, width=128),
+        distill=dataclasses.replace(
+            MainTableConfig.distill,
+            iterations=5000,
+            syn_steps=30,
+            max_start_epoch=20,
+            eval_every=500,
+            eval_epochs=1000,
+            eval_models=5,
+            device="cuda",
+        ),
         ipcs=(1, 10, 50),
         unrolled_max_ipc=10,
-        num_experts=20,
-        expert_epochs_trained=50,
-        width=128,
-        iterations=5000,
-        syn_steps=30,
-        max_start_epoch=20,
         batch_syn_max=500,
-        eval_every=500,
-        eval_epochs=1000,
-        eval_models=5,
-        device="cuda",
     ),
 }
 
 
 def main(cfg: MainTableConfig) -> xr.Dataset:
-    experts_dir = ensure_experts(expert_config(cfg), device=cfg.device)
+    base = cfg.distill
+    experts_dir = ensure_experts(cfg.experts, device=base.device)
     rows = ("random/real", *cfg.rows)
-    accuracy = np.full((len(rows), len(cfg.ipcs), cfg.eval_models), np.nan)
+    accuracy = np.full((len(rows), len(cfg.ipcs), base.eval_models), np.nan)
     lr = np.full((len(rows), len(cfg.ipcs)), np.nan)
-    dataset = load_dataset(cfg.dataset)  # loaded once, shared by every run
+    dataset = load_dataset(cfg.experts.dataset)  # loaded once, shared by every run
     for j, ipc in enumerate(cfg.ipcs):
         distiller = None
         for i, row in enumerate(rows[1:], start=1):
-            method, labels = row.split("/")
+            method, strategy = row.split("/")
             if method == "unrolled" and ipc > cfg.unrolled_max_ipc:
                 continue
-            distiller = distill_cached(
-                distill_config(
-                    cfg,
-                    experts_dir,
-                    ipc,
-                    method,
-                    labels,
-                    dataset.info.num_classes,
-                    eval_every=cfg.eval_every,
-                ),
-                dataset,
-            )
+            run = distill_run(base, experts_dir, ipc=ipc, batch_syn_max=cfg.batch_syn_max,
+                              num_classes=dataset.info.num_classes, method=method,
+                              label_strategy=strategy)
+            distiller = distill_cached(run, dataset)
             synthetic = distiller.synthetic_set()
             result = distiller.last_eval or distiller.evaluate(synthetic)  # None if resumed done
             accuracy[i, j] = result.accuracies
             lr[i, j] = synthetic.lr
-        baseline = random_real_baseline(dataset, ipc, distiller.protocol(lr=0.01), cfg.seed)
+        baseline = random_real_baseline(dataset, ipc, distiller.protocol(lr=0.01), base.seed)
         accuracy[0, j], lr[0, j] = baseline.accuracies, 0.01
-    return make_dataset(
+    return make_results(
         {
             "accuracy": (("row", "ipc", "model"), accuracy, {"units": "fraction"}),
             "lr": (("row", "ipc"), lr, {"long_name": "evaluation lr (learned beta)"}),
         },
-        coords={"row": list(rows), "ipc": list(cfg.ipcs), "model": np.arange(cfg.eval_models)},
+        coords={"row": list(rows), "ipc": list(cfg.ipcs), "model": np.arange(base.eval_models)},
         config=cfg,
-        seed=cfg.seed,
-        device=cfg.device,
+        seed=base.seed,
+        device=base.device,
         experts_dir=str(experts_dir),
+        dataset=cfg.experts.dataset,
         protocol="paper" if cfg == PRESETS["paper"] else "reduced",
     )
 
@@ -163,8 +154,7 @@ def table(ds: xr.Dataset) -> str:
                 else percent(float(np.nanmean(values)), float(np.nanstd(values)))
             )
         rows.append([str(row).replace("/", " / ")] + cells)
-    config = ds.attrs.get("config", {})
-    for name, values in ANCHORS.get(config.get("dataset", ""), {}).items():
+    for name, values in ANCHORS.get(ds.attrs.get("dataset", ""), {}).items():
         by_ipc = dict(zip(ANCHOR_IPCS, values))
         tag = " [other protocol]" if reduced else ""
         rows.append([name + tag] + [f"{by_ipc[i]:.1f}" if i in by_ipc else "-" for i in ipcs])

@@ -1,7 +1,7 @@
 """Differentiable Siamese Augmentation (DSA), replayable: sample parameters once, apply them often.
 
 The two-pass and adjoint gradients recompute each student step, so step i must see the very same
-augmented minibatch in every pass (PROTOCOL.md section 9: fresh draws made the adjoint gradient 99%
+augmented minibatch in every pass (docs/reference.md section 9: fresh draws made the adjoint gradient 99%
 wrong). Hence two steps, as kornia does with ``forward_parameters`` / ``params=``:
 
     params = dsa.sample(batch_size, generator)   # all randomness, drawn from an explicit generator
@@ -10,7 +10,7 @@ wrong). Hence two steps, as kornia does with ``forward_parameters`` / ``params=`
 ``apply`` draws nothing, calls no ``.item()`` and never writes into ``x``, so it runs inside
 ``torch.func.grad`` / ``vjp`` and gradients reach the images.
 
-Families and ranges (PROTOCOL.md section 5, as in the DSA code's
+Families and ranges (docs/reference.md section 5, as in the DSA code's
 ``color_crop_cutout_flip_scale_rotate`` strategy), with per-sample parameters u ~ U[0, 1):
 
 =========  ==========================================================================

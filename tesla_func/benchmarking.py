@@ -1,8 +1,19 @@
 """Scaling benchmarks of the gradient methods: peak memory and wall time against T.
 
-The paper's headline is constant memory in T at a small runtime cost. ``tests/test_benchmarks.py``
-measures one point (method, T) per test on one synthetic matching problem and this module holds
-everything else, so the pytest files stay thin:
+The paper's headline is constant memory in T at a small runtime cost. Two ways in:
+
+- one call, for *your* model and settings: :func:`scaling_curves` takes ``make_args(T)``, a
+  function returning the keyword arguments of :func:`~tesla_func.matching.match_trajectory` for a
+  T-step problem (or a :class:`ScalingConfig` for the built-in ConvNet problem), measures every
+  method at every T side by side, and returns the curves as an xarray Dataset;
+  :func:`write_scaling_report` writes them as netCDF, a seaborn figure and a Markdown table::
+
+      from tesla_func.benchmarking import scaling_curves, write_scaling_report
+      curves = scaling_curves(lambda T: {**my_args, "batches": my_batches[:T]}, steps=(5, 10, 20))
+      write_scaling_report(curves, "results/mine", "scaling_mine")
+
+- ``pytest tests/ --benchmark-only``: ``tests/test_benchmarks.py`` measures one point (method, T)
+  per test under pytest-benchmark, with the pieces below:
 
 - :class:`ScalingConfig`: the problem sizes (ConvNet depth 3 on 3x32x32 inputs, a batch of 100
   synthetic images, width 32 on CPU / 128 on CUDA) and the T values, overridable by environment
@@ -10,7 +21,7 @@ everything else, so the pytest files stay thin:
 - :func:`matching_args`: the problem itself (random expert checkpoints and images, seeded);
 - :func:`measure_rss`: the process peak RSS of one call, in a fresh subprocess
   (``python -m tesla_func.benchmarking``), next to the library's deterministic live-tensor count;
-- :func:`scaling_dataset`, :func:`scaling_table`, :func:`write_scaling_report`: the curves as an
+- :func:`scaling_results`, :func:`scaling_table`, :func:`write_scaling_report`: the curves as an
   xarray Dataset (dims method x steps) saved as netCDF with provenance, a seaborn figure drawn from
   the saved file, and a Markdown table of memory and time ratios to ``unrolled``.
 
@@ -30,7 +41,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,10 +49,13 @@ from typing import Any
 import numpy as np
 import torch
 import xarray as xr
+from tqdm.auto import tqdm
 
 from tesla_func.matching import METHODS, match_trajectory
+from tesla_func.memory import measure_peak_memory
 from tesla_func.models import ConvNet, init_params
-from tesla_func.results import records_to_dataset
+from tesla_func.plots import plot_scaling
+from tesla_func.results import markdown_table, records_to_results, write_outputs
 
 ENV_PREFIX = "TESLA_BENCH_"
 REFERENCE = "unrolled"  # every ratio in the table is to this method
@@ -274,7 +288,7 @@ class ScalingRun:
         before = torch.get_num_threads()
         torch.set_num_threads(self.config.threads)  # provenance's device name reads the count
         try:
-            return scaling_dataset(self.records, self.config, memory_kind=", ".join(kinds),
+            return scaling_results(self.records, self.config, memory_kind=", ".join(kinds),
                                    full_sizes=self.full, session_wall_s=time.time() - self.started,
                                    load_average_start=list(self.load_at_start),
                                    load_average_end=list(_load_average()))
@@ -302,31 +316,35 @@ VARIABLE_ATTRS = {
 }
 
 
-def scaling_dataset(records: Sequence[Mapping[str, Any]], cfg: ScalingConfig,
-                    **attrs: Any) -> xr.Dataset:
+def scaling_results(records: Sequence[Mapping[str, Any]], config: ScalingConfig | Mapping,
+                    device: str | None = None, **attrs: Any) -> xr.Dataset:
     """Records ``{method, steps, time_s, peak_bytes, [rss_bytes, ...], loss}`` -> a Dataset with
-    dims (method, steps), the config, sizes, threads and provenance (torch version, git
-    revision, device) as attributes. ``attrs`` adds more (memory_kind, load averages, ...)."""
+    dims (method, steps), the config and provenance (torch version, git revision, device) as
+    attributes; a :class:`ScalingConfig` also adds its sizes, threads and rounds. ``attrs`` adds
+    more (memory_kind, load averages, ...)."""
     keep = ["method", "steps", *VARIABLE_ATTRS]
     rows = [{k: r.get(k, math.nan) for k in keep} for r in records]
-    ds = records_to_dataset(rows, ["method", "steps"], config=cfg, seed=cfg.seed,
-                            device=cfg.device, **attrs)
+    is_cfg = isinstance(config, ScalingConfig)
+    ds = records_to_results(rows, ["method", "steps"], config=config,
+                            seed=config.seed if is_cfg else None,
+                            device=config.device if is_cfg else device, **attrs)
     order = [m for m in METHODS if m in ds["method"].values]  # registry order: unrolled first
     ds = ds.sel({"method": order})  # (sel's own `method=` is a fill method)
     for name, var_attrs in VARIABLE_ATTRS.items():
         ds[name] = ds[name].astype(np.float64)
         ds[name].attrs.update(var_attrs)
     ds["steps"].attrs.update(long_name="T, student steps")
-    ds.attrs.update(width=cfg.width, depth=cfg.depth, num_images=cfg.num_images,
-                    image_size=cfg.image_size, channels=cfg.channels, num_classes=cfg.num_classes,
-                    threads=cfg.threads, rounds=cfg.rounds)
+    if is_cfg:
+        ds.attrs.update(width=config.width, depth=config.depth, num_images=config.num_images,
+                        image_size=config.image_size, channels=config.channels,
+                        num_classes=config.num_classes, threads=config.threads,
+                        rounds=config.rounds)
     return ds
 
 
 def scaling_table(ds: xr.Dataset) -> str:
     """Markdown: per T and method, time and peak memory and their ratios to ``unrolled``, then the
     issue's targets checked at the largest and smallest T."""
-    from tesla_func.experiment import markdown_table
 
     def ratio(var: str, method: str, steps: int) -> float:
         if REFERENCE not in ds["method"].values:
@@ -385,17 +403,78 @@ def scaling_table(ds: xr.Dataset) -> str:
 def write_scaling_report(ds: xr.Dataset, out_dir: str | Path, name: str) -> dict[str, Path]:
     """``<out_dir>/<name>.nc`` (with provenance), ``.png`` (memory and time vs T, drawn from the
     saved file) and ``.md`` (:func:`scaling_table`); returns their paths."""
-    from tesla_func.experiment import write_outputs
-    from tesla_func.plots import plot_scaling
-
-    sizes = (f"ConvNet depth {ds.attrs['depth']} width {ds.attrs['width']}, "
-             f"{ds.attrs['num_images']} images {ds.attrs['channels']}x{ds.attrs['image_size']}x"
-             f"{ds.attrs['image_size']}, torch threads: {ds.attrs['threads']}")
+    sizes = ds.attrs.get("sizes") or (
+        f"ConvNet depth {ds.attrs['depth']} width {ds.attrs['width']}, "
+        f"{ds.attrs['num_images']} images {ds.attrs['channels']}x{ds.attrs['image_size']}x"
+        f"{ds.attrs['image_size']}, torch threads: {ds.attrs['threads']}")
     return write_outputs(
-        ds, name, out_dir=Path(out_dir), table=scaling_table(ds),
+        ds, name, Path(out_dir), table=scaling_table(ds),
         plot=lambda nc, png: plot_scaling(nc, png, title=f"{sizes} ({ds.attrs['device']})"),
         notes=f"Sizes: {sizes}. torch {ds.attrs.get('version_torch')}.",
     )
+
+
+def scaling_curves(
+    make_args: Callable[[int], Mapping[str, Any]] | ScalingConfig,
+    *,
+    steps: Sequence[int] = (5, 10, 20, 40),
+    methods: Sequence[str] = tuple(METHODS),
+    rounds: int = 3,
+    device: str = "cpu",
+    sizes: str = "",
+) -> xr.Dataset:
+    """Peak memory and wall time of every method at every T, measured side by side.
+
+    ``make_args(T)`` returns the keyword arguments of ``match_trajectory`` (everything but
+    ``method``) for a T-step problem; a :class:`ScalingConfig` stands for its ConvNet problem (and
+    its steps, rounds and device). At each T, each method runs once under
+    :func:`~tesla_func.memory.measure_peak_memory` (also the warm-up), then ``rounds`` timed
+    calls, method by method in turn, of which the fastest is kept: the methods see the same load.
+    Returns a Dataset over (method, steps) with ``time_s``, ``cpu_s``, ``peak_bytes`` and
+    ``loss`` (the same for every method at a T: a sanity check), ready for
+    :func:`write_scaling_report`; ``sizes`` describes the problem in its table.
+    """
+    cfg = None
+    if isinstance(make_args, ScalingConfig):
+        cfg = make_args
+        steps, rounds, device = cfg.steps, cfg.rounds, cfg.device
+
+        def make_args(t: int, cfg: ScalingConfig = cfg) -> dict[str, Any]:
+            return matching_args(cfg, t)
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown methods {unknown}; known: {sorted(METHODS)}")
+    if rounds < 1 or not steps or min(steps) < 1:
+        raise ValueError(f"need rounds >= 1 and T values >= 1, got {rounds} and {steps}")
+    records = []
+    for t in tqdm(steps, desc="scaling", unit="T"):
+        args = dict(make_args(t))
+        at_t = {}
+        for method in methods:
+            release_freed_memory()
+            result, peak = measure_peak_memory(match_trajectory, **args, method=method,
+                                               device=device)
+            at_t[method] = {"method": method, "steps": t, "peak_bytes": peak.peak_bytes,
+                            "memory_kind": peak.kind, "loss": float(result.loss),
+                            "time_s": math.inf, "cpu_s": math.inf}
+        for _ in range(rounds):
+            for method in methods:
+                wall, cpu = time.perf_counter(), time.process_time()
+                match_trajectory(**args, method=method)
+                synchronize(device)
+                record = at_t[method]
+                record["time_s"] = min(record["time_s"], time.perf_counter() - wall)
+                record["cpu_s"] = min(record["cpu_s"], time.process_time() - cpu)
+        records += at_t.values()
+    config = cfg if cfg is not None else {"steps": list(steps), "methods": list(methods),
+                                          "rounds": rounds, "device": device}
+    kinds = sorted({r["memory_kind"] for r in records})
+    ds = scaling_results(records, config, device=device, memory_kind=", ".join(kinds),
+                         rounds=rounds, threads=torch.get_num_threads())
+    if sizes:
+        ds.attrs["sizes"] = sizes
+    return ds
 
 
 def main(argv: Sequence[str]) -> None:

@@ -3,20 +3,20 @@
     tesla-func data                         # which datasets are available, and where
     tesla-func experts --dataset fashion-mnist --num-experts 5 --epochs 50 --width 128 \\
         --out experts/fmnist                # train (or resume) expert trajectories
-    tesla-func distill --experts-dir experts/fmnist --ipc 10 --method exact --labels sla \\
-        --out runs/fmnist-ipc10             # distil (or resume) a synthetic set
+    tesla-func distill --experts-dir experts/fmnist --ipc 10 --method exact \\
+        --label-strategy sla --out runs/fmnist-ipc10   # distil (or resume) a synthetic set
     tesla-func evaluate --synthetic runs/fmnist-ipc10/synthetic.safetensors --num-models 5
     tesla-func evaluate --random-real 10 --dataset fashion-mnist   # the baseline
 
 Adding a subcommand: write ``_add_<name>_arguments(parser)`` and ``_run_<name>(args) -> int``
-and add one :class:`Command` line to :data:`COMMANDS`. Booleans are
-``argparse.BooleanOptionalAction`` (``--dsa`` / ``--no-dsa``), never ``type=bool``.
+and add one :class:`Command` line to :data:`COMMANDS`. The flags of a command that runs a config
+come from the config's fields (:mod:`tesla_func.configargs`), their help from the fields'
+comments; booleans are ``--dsa`` / ``--no-dsa``, never ``type=bool``.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,11 +25,13 @@ import torch
 
 from tesla_func.augment import DSA
 from tesla_func.configargs import add_config_arguments, config_from_args
-from tesla_func.data import DATASETS, ENV_VAR, available, load_dataset
-from tesla_func.distill import DistillConfig, Distiller, load_synthetic
-from tesla_func.evaluate import EvalConfig, evaluate, random_real_subset
+from tesla_func.data import ENV_VAR, available, load_dataset
+from tesla_func.distill import DistillConfig, Distiller
+from tesla_func.evaluate import EvalConfig, evaluate
 from tesla_func.experts import ExpertConfig, train_experts
-from tesla_func.results import save_dataset
+from tesla_func.results import save_results
+from tesla_func.sampling import per_class_indices
+from tesla_func.synthetic import load_synthetic
 
 
 @dataclass(frozen=True)
@@ -65,43 +67,18 @@ def _run_data(args: argparse.Namespace) -> int:
 # tesla-func experts
 # ----------------------------------------------------------------------------------------------
 
-_EXPERT_DEFAULTS = ExpertConfig()
-
-
 def _add_experts_arguments(parser: argparse.ArgumentParser) -> None:
-    d = _EXPERT_DEFAULTS
-    parser.add_argument("--dataset", choices=DATASETS, default=d.dataset)
+    add_config_arguments(parser, ExpertConfig)
+    parser.add_argument("--out", required=True,
+                        help="folder for expert_*.safetensors (an interrupted run resumes)")
     parser.add_argument("--root", default=None, help="folder holding the dataset's files")
-    parser.add_argument(
-        "--zca",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="ZCA-whiten the data (default: the dataset's own default)",
-    )
-    parser.add_argument("--num-experts", type=int, default=d.num_experts)
-    parser.add_argument("--epochs", type=int, default=d.epochs)
-    parser.add_argument("--width", type=int, default=d.width, help="ConvNet feature maps")
-    parser.add_argument("--depth", type=int, default=d.depth, help="ConvNet blocks")
-    parser.add_argument("--norm", choices=("instance", "none"), default=d.norm)
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--momentum", type=float, default=d.momentum)
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument(
-        "--dsa",
-        action=argparse.BooleanOptionalAction,
-        default=d.dsa,
-        help="DSA augmentation on every real batch",
-    )
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--out", required=True, help="folder for expert_*.safetensors")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--device", default="cpu", help="where the experts train")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="tqdm progress bars")
 
 
 def _run_experts(args: argparse.Namespace) -> int:
-    # Every ExpertConfig field has a flag of the same name (--num-experts -> num_experts).
-    cfg = ExpertConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ExpertConfig)})
+    cfg = config_from_args(args, ExpertConfig)
     paths = train_experts(cfg, args.out, root=args.root, device=args.device, progress=args.progress)
     print(f"{len(paths)} experts in {args.out}")
     return 0
@@ -116,7 +93,8 @@ def _add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, DistillConfig)
     parser.add_argument("--out", required=True,
                         help="run folder: checkpoint, synthetic.safetensors, log.nc (resumes)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="tqdm progress bar")
 
 
 def _run_distill(args: argparse.Namespace) -> int:
@@ -153,8 +131,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         images, labels, lr = synthetic.images, synthetic.labels, synthetic.lr
     else:
         dataset = load_dataset(args.dataset or "fashion-mnist", args.root)
-        images, labels = random_real_subset(dataset.train_images, dataset.train_labels,
-                                            args.random_real, torch.Generator().manual_seed(0))
+        index = per_class_indices(dataset.train_labels, args.random_real,
+                                  torch.Generator().manual_seed(0), dataset.info.num_classes,
+                                  dataset.info.class_names)
+        images, labels = dataset.train_images[index], dataset.train_labels[index]
         lr = 0.01
     arch_kwargs = {"width": args.width} if args.width else {}
     cfg = config_from_args(args, EvalConfig, EvalConfig(lr=args.lr or lr, arch_kwargs=arch_kwargs))
@@ -163,7 +143,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     print(f"test accuracy: {result}")
     if args.out:
         source = args.synthetic or f"random real, ipc {args.random_real}"
-        save_dataset(result.to_xarray(), args.out)
+        save_results(result.to_xarray(), args.out)
         print(f"wrote {args.out} ({source})")
     return 0
 

@@ -1,56 +1,178 @@
-"""Frozen config dataclasses <-> argparse flags: every field becomes ``--field-name``.
+"""Frozen config dataclasses: their validation helpers, and argparse flags made from their fields.
 
-Booleans take ``--flag/--no-flag`` (``argparse.BooleanOptionalAction``, never ``type=bool``),
-tuples take several values, ``None`` defaults take a string. Unset flags keep the base config's
-value, so a CLI only ever *builds a config*.
+Every field of a config becomes a flag: ``lr_img`` -> ``--lr-img``; a field holding another config
+nests with a dot: ``distill.lr_img`` -> ``--distill.lr-img``. Booleans take ``--flag/--no-flag``
+(``argparse.BooleanOptionalAction``, never ``type=bool``), tuples take several values, ``None``
+defaults parse by the field's annotation, dicts take JSON. Unset flags keep the base config's
+value, so a command line only ever *builds a config*.
+
+Each flag's help is the field's own comment in the class source (the comment lines just above the
+field and the one at the end of its line), so a config documents its fields once, in one place,
+and ``--help`` reads as that documentation.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import functools
+import inspect
+import io
+import json
+import math
+import textwrap
+import tokenize
 from typing import Any, TypeVar
 
 Config = TypeVar("Config")
 
 
-def add_config_arguments(
-    parser: argparse.ArgumentParser, cfg_type: type, skip: tuple[str, ...] = ()
-) -> None:
-    """One flag per field of ``cfg_type`` (defaults None: 'not given')."""
-    defaults = cfg_type()
-    for field in dataclasses.fields(cfg_type):
-        if field.name in skip:
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        value = getattr(defaults, field.name)
-        hint = f"default: {value!r}"
-        if isinstance(value, bool) or str(field.type).startswith("bool"):
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None, help=hint
+# ----------------------------------------------------------------------------------------------
+# Validation helpers for __post_init__: each raises ValueError naming Config.field and the rule.
+
+
+def check_positive_ints(config: object, names: tuple[str, ...]) -> None:
+    """Each named field must be an int >= 1 (bools are refused)."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(
+                f"{type(config).__name__}.{name} must be a positive int, got {value!r}"
             )
-        elif isinstance(value, tuple):
-            kind = type(value[0]) if value else str
-            parser.add_argument(flag, nargs="+", type=kind, default=None, help=hint)
-        else:
-            kind = type(value) if value is not None else _none_type(field.type)
-            parser.add_argument(flag, type=kind, default=None, help=hint)
 
 
-def _none_type(annotation: Any) -> type:
-    """The parser for a field whose default is None, from its annotation ('int | None' -> int)."""
-    text = str(annotation)
+def check_non_negative(config: object, names: tuple[str, ...]) -> None:
+    """Each named field must be a finite number >= 0."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(
+                f"{type(config).__name__}.{name} must be finite and >= 0, got {value!r}"
+            )
+
+
+def check_choice(config: object, name: str, choices: object) -> None:
+    """The named field must be one of ``choices`` (any container: a registry dict works)."""
+    value = getattr(config, name)
+    if value not in choices:
+        raise ValueError(
+            f"{type(config).__name__}.{name} {value!r} is unknown; known: {sorted(choices)}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Field documentation, read from the class source.
+
+
+@functools.cache
+def field_comments(cfg_type: type) -> dict[str, str]:
+    """``{field: its comment}`` from the source of ``cfg_type`` (empty where the source is gone).
+
+    The comment of a field is the run of ``#`` lines right above it plus the ``#`` comment at the
+    end of its own line.
+    """
+    try:
+        source = textwrap.dedent(inspect.getsource(cfg_type))
+    except (OSError, TypeError):
+        return {}
+    comments: dict[int, str] = {}  # line number -> comment text
+    own_line: set[int] = set()  # lines holding only a comment
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+            if not tok.line[: tok.start[1]].strip():
+                own_line.add(tok.start[0])
+    out = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            above, line = [], node.lineno - 1
+            while line in own_line:
+                above.insert(0, comments[line])
+                line -= 1
+            trailing = [comments[node.end_lineno]] if node.end_lineno not in own_line and (
+                node.end_lineno in comments) else []
+            text = " ".join(above + trailing)
+            if text:
+                out[node.target.id] = text
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags.
+
+
+def _is_config(value: object) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+def _parser_for(annotation: str, default: object) -> Any:
+    """The argparse ``type`` for a field: from its default, else from its annotation."""
+    if isinstance(default, dict) or annotation.startswith(("Mapping", "dict")):
+        return json.loads
+    if default is not None and not isinstance(default, tuple):
+        return type(default)
+    text = annotation.removeprefix("tuple[")
     return int if text.startswith("int") else float if text.startswith("float") else str
 
 
+def add_config_arguments(
+    parser: argparse.ArgumentParser,
+    cfg_type: type,
+    skip: tuple[str, ...] = (),
+    *,
+    base: object | None = None,
+    prefix: str = "",
+) -> None:
+    """One flag per field of ``cfg_type`` (nested configs with ``--<field>.<subfield>``).
+
+    ``base`` supplies the defaults shown in the help (default: ``cfg_type()``); flags default to
+    None, meaning 'not given'. ``skip`` names fields (``"distill.seed"`` for nested ones) that get
+    no flag.
+    """
+    base = base if base is not None else cfg_type()
+    docs = field_comments(cfg_type)
+    for field in dataclasses.fields(cfg_type):
+        name = prefix + field.name
+        if name in skip:
+            continue
+        value = getattr(base, field.name)
+        if _is_config(value):
+            add_config_arguments(parser, type(value), skip, base=value, prefix=name + ".")
+            continue
+        flag = "--" + name.replace("_", "-")
+        shown = f"{value!r}" if not isinstance(value, tuple) else " ".join(map(str, value))
+        doc = docs.get(field.name, "")
+        hint = f"{doc} (default: {shown})" if doc else f"default: {shown}"
+        hint = hint.replace("%", "%%")  # argparse formats help with %
+        annotation = str(field.type)
+        if isinstance(value, bool) or annotation.startswith("bool"):
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=None, help=hint)
+        elif isinstance(value, tuple) or annotation.startswith("tuple"):
+            parser.add_argument(flag, dest=name, nargs="+", type=_parser_for(annotation, value),
+                                default=None, help=hint)
+        else:
+            parser.add_argument(flag, dest=name, type=_parser_for(annotation, value),
+                                default=None, help=hint)
+
+
 def config_from_args(
-    args: argparse.Namespace, cfg_type: type[Config], base: Config | None = None
+    args: argparse.Namespace, cfg_type: type[Config], base: Config | None = None, prefix: str = ""
 ) -> Config:
-    """``base`` (default: ``cfg_type()``) with the fields given on the command line replaced."""
+    """``base`` (default: ``cfg_type()``) with the fields given on the command line replaced,
+    nested configs included."""
     base = base if base is not None else cfg_type()
     changes = {}
     for field in dataclasses.fields(cfg_type):
-        value = getattr(args, field.name, None)
+        name = prefix + field.name
+        current = getattr(base, field.name)
+        if _is_config(current):
+            nested = config_from_args(args, type(current), current, prefix=name + ".")
+            if nested != current:
+                changes[field.name] = nested
+            continue
+        value = getattr(args, name, None)
         if value is not None:
             changes[field.name] = tuple(value) if isinstance(value, list) else value
     return dataclasses.replace(base, **changes)

@@ -56,7 +56,7 @@ from torch import Tensor
 from tesla_func.models import ConvNetConfig
 
 ENV_VAR = "TESLA_FUNC_DATA"
-ZCA_EPS = 0.1  # PROTOCOL.md section 3: kornia ZCAWhitening(eps=0.1), as MTT and TESLA use
+ZCA_EPS = 0.1  # docs/reference.md section 3: kornia ZCAWhitening(eps=0.1), as MTT and TESLA use
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Evaluate a (distilled or real) training set: train fresh networks on it, test on real data.
 
-The protocol of MTT / TESLA (PROTOCOL.md section 6): a freshly initialised network is trained on
+The protocol of MTT / TESLA (docs/reference.md section 6): a freshly initialised network is trained on
 the set with SGD (lr = the learned beta for a distilled set, momentum 0.9, weight decay 5e-4,
 batch 256) for E epochs, the lr multiplied by 0.1 from epoch E // 2 on, DSA on every batch; the
 test accuracy on the real test set after the last epoch is reported as mean +- std over K models.
@@ -10,22 +10,23 @@ Two engines give the same numbers:
 ``vmap``
     the K models are trained at once: their parameters are stacked with
     :func:`torch.func.stack_module_state`-style ``(K, ...)`` dicts, the functional loss gradient of
-    one model is lifted with ``vmap(grad(loss))`` over (params, x, y), and SGD is a functional
-    update on the stacked dicts (:func:`sgd_step`). Models with buffers (BatchNorm) do not take
+    one model is lifted with ``vmap(grad(loss))`` over (params, x, y), and the functional SGD of
+    :mod:`tesla_func.optim` updates the stacked dicts. Models with buffers (BatchNorm) do not take
     this path.
 ``loop``
-    one ``nn.Module`` and one :class:`torch.optim.SGD` per model, trained one after another: the
-    reference for the vmap engine (and an independent check of :func:`sgd_step`), and the path
-    for BatchNorm models.
+    one ``nn.Module`` per model, trained one after another with ``loss.backward()`` and the same
+    functional SGD (bitwise :class:`torch.optim.SGD` on CPU): the reference for the vmap engine,
+    and the path for BatchNorm models.
 
 ``config.use_vmap=None`` (the default) picks vmap on CUDA and the loop on CPU: on the shared 2-core
 CPU here vmap ran at 0.37-0.41x the loop's speed end to end (K=5 ConvNet width 32, 100 images
 1x28x28, 300 epochs, with and without DSA; experiments/bench_eval_vmap.py) and 0.5-0.7x per step.
 The CUDA default is the usual expectation for small models, not measured here.
 
-Model ``k`` draws everything from three generators seeded from ``(config.seed, k)`` only: its
-initial weights, its batch order (one permutation per epoch) and its augmentation (one ``augment``
-call per batch). So the engines agree, and model ``k`` is the same network whatever K is.
+Model ``k`` draws everything from three generators seeded from ``(config.seed, k)`` only
+(:func:`tesla_func.sampling.seeded_generator`): its initial weights, its batch order (one
+permutation per epoch) and its augmentation (one ``augment`` call per batch). So the engines agree,
+and model ``k`` is the same network whatever K is.
 
 Labels are hard ``(N,)`` class indices or soft ``(N, K)`` *probabilities* (rows summing to 1),
 trained with cross-entropy against those probabilities. A distilled set with learned label
@@ -53,11 +54,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
-from tesla_func.models import build_model, check_positive_ints, init_params
-
-Params = dict[str, Tensor]
-# (x: (B, C, H, W), generator) -> (B, C, H, W) freshly augmented; a tesla_func.augment.DSA() is one.
-Augment = Callable[[Tensor, torch.Generator], Tensor]
+from tesla_func.configargs import check_positive_ints
+from tesla_func.models import build_model, init_params
+from tesla_func.optim import sgd
+from tesla_func.results import make_results
+from tesla_func.sampling import seeded_generator
+from tesla_func.types import Params, RandomAugment
 
 _SOFT_LABEL_ATOL = 1e-3  # rows of soft labels must sum to 1 within this (float32 softmax: ~1e-6)
 
@@ -144,9 +146,7 @@ class EvalResult:
         """An xarray Dataset with ``accuracy`` over dim ``model``; each keyword becomes a length-1
         dim with that coordinate (``to_xarray(method="tesla", ipc=10)``) so results from several
         runs combine with ``xr.concat`` / ``xr.combine_by_coords``."""
-        from tesla_func.results import make_dataset  # xarray is only needed here
-
-        ds = make_dataset(
+        ds = make_results(
             {"accuracy": (("model",), np.asarray(self.accuracies), {"units": "fraction"})},
             coords={"model": np.arange(len(self.accuracies))},
             config=self.config,
@@ -164,85 +164,7 @@ class EvalResult:
 
 
 # ----------------------------------------------------------------------------------------------
-# Functional SGD on name -> tensor dicts (stacked or not: every op is elementwise).
-
-
-class SGDState(NamedTuple):
-    """Momentum buffers (None before the first step, as in torch.optim.SGD)."""
-
-    momentum_buffer: Params | None
-
-
-def sgd_init() -> SGDState:
-    return SGDState(momentum_buffer=None)
-
-
-def sgd_step(
-    params: Params,
-    grads: Params,
-    state: SGDState,
-    *,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-) -> tuple[Params, SGDState]:
-    """One step of :class:`torch.optim.SGD` (dampening 0, no Nesterov), returning new dicts::
-
-        g   = grad + weight_decay * p
-        buf = g                      (first step)
-        buf = momentum * buf + g     (later steps)
-        p   = p - lr * buf
-
-    written with the same tensor ops as torch's foreach implementation, so the two agree to the
-    last bit on CPU.
-    """
-    g = {
-        k: grads[k].add(params[k], alpha=weight_decay) if weight_decay else grads[k] for k in params
-    }
-    if momentum:
-        old = state.momentum_buffer
-        g = {k: g[k].clone() if old is None else old[k].mul(momentum).add(g[k]) for k in g}
-        state = SGDState(momentum_buffer=g)
-    return {k: params[k].add(g[k], alpha=-lr) for k in params}, state
-
-
-# ----------------------------------------------------------------------------------------------
 # Inputs
-
-
-def random_real_subset(
-    images: Tensor,
-    labels: Tensor,
-    ipc: int,
-    generator: torch.Generator,
-    num_classes: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """``ipc`` distinct random images of every class: the 'random real' baseline.
-
-    images: (N, C, H, W); labels: (N,) int class indices in [0, num_classes) (num_classes defaults
-    to labels.max() + 1). Returns (num_classes * ipc, C, H, W) images and their (num_classes * ipc,)
-    labels, class-major (class 0's images first).
-    """
-    if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
-        raise ValueError(f"labels must be (N,) = ({images.shape[0]},), got {tuple(labels.shape)}")
-    if labels.numel() == 0:
-        raise ValueError("random_real_subset got an empty set")
-    if not isinstance(ipc, int) or ipc < 1:
-        raise ValueError(f"ipc must be a positive int, got {ipc!r}")
-    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
-    counts = torch.bincount(labels.long().cpu(), minlength=num_classes)
-    smallest = int(counts.min())
-    if ipc > smallest:
-        raise ValueError(
-            f"ipc {ipc} exceeds the smallest class count {smallest} "
-            f"(class {int(counts.argmin())} of {num_classes})"
-        )
-    chosen = []
-    for c in range(num_classes):
-        members = torch.nonzero(labels.cpu() == c).flatten()  # (count_c,)
-        chosen.append(members[torch.randperm(len(members), generator=generator)[:ipc]])
-    index = torch.cat(chosen).to(images.device)
-    return images[index], labels[index]
 
 
 def _check_sets(
@@ -306,12 +228,6 @@ def _check_sets(
     return num_classes
 
 
-def _generator(seed: int, model: int, stream: int) -> torch.Generator:
-    """Stream ``stream`` of model ``model``: depends on (seed, model, stream) only, not on K."""
-    state = np.random.SeedSequence([seed, model, stream]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
 _INIT, _ORDER, _AUGMENT = 0, 1, 2  # the three streams of a model
 
 
@@ -331,21 +247,42 @@ class _Sets(NamedTuple):
     test_labels: Tensor  # (M,) long
 
 
+def accuracy(
+    logits_of: Callable[[Tensor], Tensor], images: Tensor, labels: Tensor, batch_size: int = 1024
+) -> Tensor:
+    """Fraction of ``images`` (M, C, H, W) whose argmax logit is their label ``labels`` (M,).
+
+    ``logits_of`` maps a batch (b, C, H, W) to logits (..., b, K): one network, or K networks at
+    once under vmap, giving (K,) fractions. Runs without a graph, ``batch_size`` images at a time
+    (memory only; the result does not depend on it). Put modules in eval mode first.
+    """
+    correct = 0
+    with torch.no_grad():
+        for part in _batches(images.shape[0], batch_size):
+            correct = correct + (logits_of(images[part]).argmax(dim=-1) == labels[part]).sum(-1)
+    return torch.as_tensor(correct, dtype=torch.float64) / images.shape[0]
+
+
 def _train_vmap(
-    skeleton: nn.Module, inits: list[Params], sets: _Sets, cfg: EvalConfig, augment: Augment | None
+    skeleton: nn.Module,
+    inits: list[Params],
+    sets: _Sets,
+    cfg: EvalConfig,
+    augment: RandomAugment | None,
 ) -> tuple[list[float], Params]:
     images, labels, test_images, test_labels = sets
     k_models, n = len(inits), images.shape[0]
     params = {name: torch.stack([p[name] for p in inits]) for name in inits[0]}  # name -> (K, ...)
-    orders = [_generator(cfg.seed, k, _ORDER) for k in range(k_models)]
-    augs = [_generator(cfg.seed, k, _AUGMENT) for k in range(k_models)]
+    orders = [seeded_generator(cfg.seed, k, _ORDER) for k in range(k_models)]
+    augs = [seeded_generator(cfg.seed, k, _AUGMENT) for k in range(k_models)]
 
     def loss(p: Params, x: Tensor, y: Tensor) -> Tensor:
         """One model's batch loss: x (B, C, H, W), y (B,) or (B, classes)."""
         return F.cross_entropy(functional_call(skeleton, p, (x,), strict=True), y)
 
     grads_of = vmap(grad(loss))  # over (params (K, ...), x (K, B, ...), y (K, B, ...))
-    state = sgd_init()
+    optimizer = sgd(cfg.momentum, cfg.weight_decay)
+    state = optimizer.init(params)
     for epoch in tqdm(
         range(cfg.epochs), desc=f"evaluate {cfg.arch} x{k_models} (vmap)", disable=not cfg.progress
     ):
@@ -357,31 +294,26 @@ def _train_vmap(
             x, y = images[idx], labels[idx]  # (K, B, C, H, W), (K, B) or (K, B, classes)
             if augment is not None:  # outside vmap: each model its own call, generator and family
                 x = torch.stack([augment(x[k], augs[k]) for k in range(k_models)])
-            params, state = sgd_step(
-                params,
-                grads_of(params, x, y),
-                state,
-                lr=lr,
-                momentum=cfg.momentum,
-                weight_decay=cfg.weight_decay,
-            )
+            params, state = optimizer.update(params, grads_of(params, x, y), state, lr)
 
     logits_of = vmap(
         lambda p, x: functional_call(skeleton, p, (x,), strict=True), in_dims=(0, None)
     )
-    correct = torch.zeros(k_models, dtype=torch.long, device=images.device)
-    with torch.no_grad():
-        for part in _batches(test_images.shape[0], cfg.test_batch_size):
-            pred = logits_of(params, test_images[part]).argmax(dim=-1)  # (K, b)
-            correct += (pred == test_labels[part]).sum(dim=1)
-    return (correct.double() / test_images.shape[0]).tolist(), params
+    tested = accuracy(lambda x: logits_of(params, x), test_images, test_labels,
+                      cfg.test_batch_size)  # (K,)
+    return tested.tolist(), params
 
 
 def _train_loop(
-    skeleton: nn.Module, inits: list[Params], sets: _Sets, cfg: EvalConfig, augment: Augment | None
+    skeleton: nn.Module,
+    inits: list[Params],
+    sets: _Sets,
+    cfg: EvalConfig,
+    augment: RandomAugment | None,
 ) -> tuple[list[float], Params]:
     images, labels, test_images, test_labels = sets
     n, accuracies, finals = images.shape[0], [], []
+    optimizer = sgd(cfg.momentum, cfg.weight_decay)
     bar = tqdm(
         total=cfg.epochs * len(inits),
         desc=f"evaluate {cfg.arch} x{len(inits)} (loop)",
@@ -389,33 +321,36 @@ def _train_loop(
     )
     for k, init in enumerate(inits):
         model = copy.deepcopy(skeleton)  # fresh buffers (BatchNorm running stats) for each model
+        params = dict(model.named_parameters())
         with torch.no_grad():
-            for name, p in model.named_parameters():
+            for name, p in params.items():
                 p.copy_(init[name])
-        opt = torch.optim.SGD(
-            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-        order, aug = _generator(cfg.seed, k, _ORDER), _generator(cfg.seed, k, _AUGMENT)
+        state = optimizer.init(params)
+        order = seeded_generator(cfg.seed, k, _ORDER)
+        aug = seeded_generator(cfg.seed, k, _AUGMENT)
         model.train()
         for epoch in range(cfg.epochs):
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr_at(epoch)
             perm = torch.randperm(n, generator=order).to(images.device)  # (N,)
             for part in _batches(n, cfg.batch_size):
                 x, y = images[perm[part]], labels[perm[part]]
                 if augment is not None:
                     x = augment(x, aug)
-                opt.zero_grad(set_to_none=True)
+                for p in params.values():
+                    p.grad = None
                 F.cross_entropy(model(x), y).backward()
-                opt.step()
+                with torch.no_grad():
+                    stepped, state = optimizer.update(
+                        {name: p.detach() for name, p in params.items()},
+                        {name: p.grad for name, p in params.items()},
+                        state,
+                        cfg.lr_at(epoch),
+                    )
+                    for name, p in params.items():
+                        p.copy_(stepped[name])
             bar.update(1)
         model.eval()
-        correct = 0
-        with torch.no_grad():
-            for part in _batches(test_images.shape[0], cfg.test_batch_size):
-                correct += int((model(test_images[part]).argmax(dim=1) == test_labels[part]).sum())
-        accuracies.append(correct / test_images.shape[0])
-        finals.append({name: p.detach().clone() for name, p in model.named_parameters()})
+        accuracies.append(float(accuracy(model, test_images, test_labels, cfg.test_batch_size)))
+        finals.append({name: p.detach().clone() for name, p in params.items()})
     bar.close()
     return accuracies, {name: torch.stack([f[name] for f in finals]) for name in finals[0]}
 
@@ -426,7 +361,7 @@ def evaluate(
     test_images: Tensor,
     test_labels: Tensor,
     config: EvalConfig = EvalConfig(),
-    augment: Augment | None = None,
+    augment: RandomAugment | None = None,
     *,
     num_classes: int | None = None,
 ) -> EvalResult:
@@ -457,7 +392,10 @@ def evaluate(
     )
     skeleton = skeleton.to(dtype=dtype)
     inits = [
-        {k: v.to(device) for k, v in init_params(skeleton, _generator(cfg.seed, k, _INIT)).items()}
+        {
+            k: v.to(device)
+            for k, v in init_params(skeleton, seeded_generator(cfg.seed, k, _INIT)).items()
+        }
         for k in range(cfg.num_models)
     ]
     skeleton = skeleton.to(device)
@@ -495,7 +433,7 @@ def evaluate_whole_set(
     test_images: Tensor,
     test_labels: Tensor,
     config: EvalConfig = WHOLE_SET_CONFIG,
-    augment: Augment | None = None,
+    augment: RandomAugment | None = None,
     *,
     num_classes: int | None = None,
 ) -> EvalResult:

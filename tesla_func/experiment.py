@@ -1,10 +1,13 @@
-"""What every experiment script shares: cached experts, presets, and writing its three outputs.
+"""What every experiment script shares: cached experts and runs, presets, and its three outputs.
 
 An experiment is a thin script (``experiments/*.py``) with a frozen config dataclass whose
-defaults are the small CPU run, a ``PRESETS`` dict (at least ``"paper"``), and
-``main(cfg) -> xarray.Dataset``. It writes under ``results/<name>/``:
+defaults are the small CPU run and which *nests* the library's configs (``experts:
+ExpertConfig``, ``distill: DistillConfig``; variants are made with ``dataclasses.replace``), a
+``PRESETS`` dict (at least ``"paper"``), and ``main(cfg) -> xarray.Dataset``. Its command line
+is derived from the config like every other command's (``--distill.lr-img 300``, ``--ipcs 1 10``:
+:mod:`tesla_func.configargs`). It writes under ``results/<name>/``:
 
-- ``<name>.nc``: the results Dataset with its config, seed, versions, git revision and device;
+- ``<name>.nc``: the results with their config, seed, versions, git revision and device;
 - ``<name>.png``: a seaborn figure drawn from the saved ``.nc`` only;
 - ``<name>.md``: a Markdown table of the headline numbers, with the command that made them.
 """
@@ -13,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
-import math
 import os
-import shlex
-import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,10 +31,10 @@ from tesla_func.augment import DSA
 from tesla_func.configargs import add_config_arguments, config_from_args
 from tesla_func.data import Dataset
 from tesla_func.distill import DistillConfig, Distiller
-from tesla_func.evaluate import EvalConfig, EvalResult, evaluate, random_real_subset
+from tesla_func.evaluate import EvalConfig, EvalResult, evaluate
 from tesla_func.experts import ExpertConfig, train_experts
-from tesla_func.fileio import atomic_write_text
-from tesla_func.results import save_dataset
+from tesla_func.results import write_outputs
+from tesla_func.sampling import per_class_indices
 
 CACHE_ENV = "TESLA_FUNC_CACHE"
 RESULTS_DIR = Path("results")
@@ -42,55 +43,9 @@ Config = TypeVar("Config")
 
 
 def cache_dir() -> Path:
-    """Where trained experts are kept between runs: $TESLA_FUNC_CACHE or ./cache."""
+    """Where trained experts and distillation runs are kept between runs: $TESLA_FUNC_CACHE or
+    ./cache."""
     return Path(os.environ.get(CACHE_ENV, "cache"))
-
-
-def expert_config(cfg: Any) -> ExpertConfig:
-    """The experts of an experiment config with fields dataset, num_experts,
-    expert_epochs_trained and width (the other expert settings are PROTOCOL.md's)."""
-    return ExpertConfig(
-        dataset=cfg.dataset,
-        num_experts=cfg.num_experts,
-        epochs=cfg.expert_epochs_trained,
-        width=cfg.width,
-    )
-
-
-def distill_config(
-    cfg: Any,
-    experts_dir: Path,
-    ipc: int,
-    method: str,
-    labels: str,
-    num_classes: int,
-    **changes: Any,
-) -> DistillConfig:
-    """The DistillConfig of one run of an experiment whose config has the distillation fields
-    (iterations, syn_steps, expert_epochs, max_start_epoch, batch_syn_max, lr_img, lr_lr,
-    lr_grad_clip, eval_epochs, eval_models, seed, device);
-    ``batch_syn = min(ipc * classes, batch_syn_max)``.
-    Experiments that agree on these fields produce the same config, hence share the cached run."""
-    fields = dict(
-        experts_dir=str(experts_dir),
-        dataset=cfg.dataset,
-        ipc=ipc,
-        method=method,
-        labels=labels,
-        iterations=cfg.iterations,
-        syn_steps=cfg.syn_steps,
-        expert_epochs=cfg.expert_epochs,
-        max_start_epoch=cfg.max_start_epoch,
-        batch_syn=min(ipc * num_classes, cfg.batch_syn_max),
-        lr_img=cfg.lr_img,
-        lr_lr=cfg.lr_lr,
-        lr_grad_clip=cfg.lr_grad_clip,
-        eval_epochs=cfg.eval_epochs,
-        eval_models=cfg.eval_models,
-        seed=cfg.seed,
-        device=cfg.device,
-    )
-    return DistillConfig(**{**fields, **changes})
 
 
 def experts_dir(cfg: ExpertConfig) -> Path:
@@ -109,15 +64,37 @@ def ensure_experts(cfg: ExpertConfig, *, device: str = "cpu", progress: bool = T
     return out
 
 
+def distill_run(
+    base: DistillConfig,
+    experts: Path,
+    *,
+    ipc: int,
+    batch_syn_max: int,
+    num_classes: int,
+    **changes: Any,
+) -> DistillConfig:
+    """The run ``base`` at ``ipc`` images per class on the experts in ``experts``, with
+    ``batch_syn = min(ipc * num_classes, batch_syn_max)`` and any other field ``changes``."""
+    return dataclasses.replace(
+        base,
+        experts_dir=str(experts),
+        ipc=ipc,
+        batch_syn=min(ipc * num_classes, batch_syn_max),
+        **changes,
+    )
+
+
 def run_dir(cfg: DistillConfig) -> Path:
     """Where the distillation run of ``cfg`` lives: one folder per config (hash of all fields), so
     experiments that ask for the same run share it, and a killed run resumes."""
     digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
-    return cache_dir() / "runs" / f"{cfg.dataset}-ipc{cfg.ipc}-{cfg.method}-{cfg.labels}-{digest}"
+    name = f"ipc{cfg.ipc}-{cfg.method}-{cfg.label_strategy}-{digest}"
+    return cache_dir() / "runs" / name
 
 
 def distill_cached(cfg: DistillConfig, dataset: Dataset | None = None) -> Distiller:
-    """Run (or resume, or just reload) the distillation of ``cfg``; returns the finished Distiller."""
+    """Run (or resume, or just reload) the distillation of ``cfg``; returns the finished
+    Distiller."""
     distiller = Distiller(cfg, run_dir(cfg), dataset=dataset)
     distiller.run()
     return distiller
@@ -128,12 +105,11 @@ def random_real_baseline(
 ) -> EvalResult:
     """The field's baseline: ``ipc`` random real training images per class with hard labels,
     trained and tested in the same protocol as the distilled sets (DSA on every batch)."""
-    images, classes = random_real_subset(
-        dataset.train_images, dataset.train_labels, ipc, torch.Generator().manual_seed(seed)
-    )
+    index = per_class_indices(dataset.train_labels, ipc, torch.Generator().manual_seed(seed),
+                              dataset.info.num_classes, dataset.info.class_names)
     return evaluate(
-        images,
-        classes,
+        dataset.train_images[index],
+        dataset.train_labels[index],
         dataset.test_images,
         dataset.test_labels,
         protocol,
@@ -142,65 +118,14 @@ def random_real_baseline(
     )
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub Markdown table; floats with 4 significant digits."""
-
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return "-" if math.isnan(value) else f"{value:.4g}"
-        return str(value)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def percent(mean: float, std: float) -> str:
-    """An accuracy fraction pair as the field prints it: '73.2 +- 0.4'."""
-    return f"{100 * mean:.1f} +- {100 * std:.1f}"
-
-
-def command_line() -> str:
-    """The command that is running, to be written beside its results."""
-    return " ".join(shlex.quote(a) for a in ["python", *sys.argv])
-
-
-def write_outputs(
-    ds: xr.Dataset,
-    name: str,
-    *,
-    plot: Callable[[Path, Path], Any],
-    table: str,
-    notes: str = "",
-    out_dir: Path | None = None,
-) -> dict[str, Path]:
-    """Write ``<name>.nc``, then the figure (from the saved file) and the Markdown table."""
-    out = out_dir or RESULTS_DIR / name
-    out.mkdir(parents=True, exist_ok=True)
-    ds = ds.copy()
-    ds.attrs["command"] = command_line()
-    nc = save_dataset(ds, out / f"{name}.nc")
-    png = out / f"{name}.png"
-    plot(nc, png)
-    device = ds.attrs.get("device", "unknown device")
-    md = out / f"{name}.md"
-    atomic_write_text(
-        md,
-        f"# {name}\n\nMade by `{ds.attrs['command']}` at git revision "
-        f"`{ds.attrs.get('git_revision', 'unknown')}` on {device}.\n\n"
-        f"{table}\n\n{notes}".rstrip()
-        + "\n",
-    )
-    return {"netcdf": nc, "figure": png, "table": md}
-
-
 def parse_config(
     cfg_type: type[Config],
     presets: Mapping[str, Config],
     description: str,
     argv: Sequence[str] | None = None,
 ) -> Config:
-    """Build a config from ``--preset NAME`` and ``--field value`` overrides of its fields."""
+    """Build a config from ``--preset NAME`` and ``--field value`` overrides of its fields
+    (nested ones as ``--distill.lr-img``)."""
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -241,18 +166,21 @@ def run_experiment(
     main: Callable[[Config], xr.Dataset],
     table: Callable[[xr.Dataset], str],
     plot: Callable[[Path, Path], Any],
-    notes: str = "",
+    notes: str | Callable[[xr.Dataset], str] = "",
+    argv: Sequence[str] | None = None,
 ) -> xr.Dataset:
     """The ``__main__`` of an experiment script: config from the command line, run (with the
-    config's ``threads``, restored after), write the three outputs (the reduced-protocol note
-    added when it applies), print the table."""
-    cfg = parse_config(cfg_type, presets, description)
+    config's ``threads``, restored after), write the three outputs under ``results/<name>/``
+    (``notes`` may be written from the results; the reduced-protocol note is added when it
+    applies), print the table."""
+    cfg = parse_config(cfg_type, presets, description, argv)
     with torch_threads(getattr(cfg, "threads", 0)):
         results = main(cfg)
     text = table(results)
+    notes = notes(results) if callable(notes) else notes
     if results.attrs.get("protocol") == "reduced":
         notes = f"{notes} {REDUCED_NOTE}".strip()
-    paths = write_outputs(results, name, table=text, notes=notes, plot=plot)
-    print(text)
+    paths = write_outputs(results, name, RESULTS_DIR / name, table=text, notes=notes, plot=plot)
+    print(text + (f"\n\n{notes}" if notes else ""))
     print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
     return results

@@ -1,6 +1,6 @@
 """Expert trajectories (MTT's "buffer"): train N networks on real data, keep every epoch's weights.
 
-PROTOCOL.md section 3: SGD lr 0.01, momentum 0, weight decay 0, batch 256, DSA on every real
+docs/reference.md section 3: SGD lr 0.01, momentum 0, weight decay 0, batch 256, DSA on every real
 batch; the initial weights and the weights after every epoch are kept, with the test accuracy.
 
 On disk, one file per expert, ``<out>/expert_007.safetensors``, written atomically once the expert
@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -40,10 +39,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tesla_func.augment import DSA
-from tesla_func.data import Dataset, load_dataset
+from tesla_func.configargs import check_choice, check_positive_ints
+from tesla_func.data import DATASETS, Dataset, load_dataset
+from tesla_func.evaluate import accuracy
 from tesla_func.fileio import load_tensors, save_tensors
 from tesla_func.models import ConvNet, ConvNetConfig, init_params
+from tesla_func.optim import SGDState, sgd
 from tesla_func.provenance import provenance
+from tesla_func.sampling import seeded_generator
 
 FORMAT = "tesla_func.expert"
 FORMAT_VERSION = 1
@@ -52,7 +55,7 @@ STATELESS_NORMS = ("instance", "none")
 
 @dataclass(frozen=True)
 class ExpertConfig:
-    """How experts are trained; saved in every expert file. Defaults follow PROTOCOL.md sec. 3."""
+    """How experts are trained; saved in every expert file. Defaults: docs/reference.md section 3."""
 
     dataset: str = "fashion-mnist"  # a name in tesla_func.data.DATASETS
     zca: bool | None = None  # ZCA-whiten the data; None = the dataset's default
@@ -69,10 +72,8 @@ class ExpertConfig:
     seed: int = 0  # base seed; expert i draws from streams of (seed, i)
 
     def __post_init__(self) -> None:
-        for name in ("num_experts", "epochs", "width", "depth", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ExpertConfig.{name} must be a positive int, got {value!r}")
+        check_positive_ints(self, ("num_experts", "epochs", "width", "depth", "batch_size"))
+        check_choice(self, "dataset", DATASETS)
         if self.norm not in STATELESS_NORMS:
             raise ValueError(
                 f"ExpertConfig.norm must be one of {STATELESS_NORMS}, got {self.norm!r}: "
@@ -131,16 +132,13 @@ def _key(epoch: int, name: str) -> str:
     return f"epoch_{epoch:03d}/{name}"
 
 
-_STREAMS = {"init": 0, "shuffle": 1, "augment": 2}
+_STREAMS = {"init": 0, "shuffle": 1, "augment": 2}  # expert i draws from (seed, i, stream)
 
 
 def _generator(seed: int, index: int, stream: str) -> torch.Generator:
-    """An independent CPU generator per (base seed, expert, purpose), via numpy's SeedSequence.
-
-    Separate streams keep e.g. the shuffling order unchanged when DSA is switched off.
-    """
-    state = np.random.SeedSequence([seed, index, _STREAMS[stream]]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    """Expert ``index``'s generator for one purpose; separate streams keep e.g. the shuffling
+    order unchanged when DSA is switched off."""
+    return seeded_generator(seed, index, _STREAMS[stream])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,19 +148,14 @@ def _generator(seed: int, index: int, stream: str) -> torch.Generator:
 EpochCallback = Callable[[int, int, float], None]  # (expert index, epoch, test accuracy)
 
 
-def evaluate_accuracy(
-    model: torch.nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1000
-) -> float:
-    """Fraction of (N, C, H, W) ``images`` that ``model`` classifies as ``labels`` (N,)."""
+def _test_accuracy(model: torch.nn.Module, data: _Tensors) -> float:
+    """Test accuracy of ``model`` in eval mode (its mode is restored)."""
     was_training = model.training
     model.eval()
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(labels), batch_size):
-            logits = model(images[start : start + batch_size])
-            correct += int((logits.argmax(1) == labels[start : start + batch_size]).sum())
-    model.train(was_training)
-    return correct / max(len(labels), 1)
+    try:
+        return float(accuracy(model, data.test_x, data.test_y, batch_size=1000))
+    finally:
+        model.train(was_training)
 
 
 def train_experts(
@@ -236,10 +229,10 @@ def _train_one(
 ) -> None:
     arch = cfg.model_config(dataset)
     model = _skeleton(arch).to(device)
-    names = [n for n, _ in model.named_parameters()]
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
+    params = dict(model.named_parameters())
+    names = list(params)
+    optimizer = sgd(cfg.momentum, cfg.weight_decay)
+    state = optimizer.init(params)
     shuffle_gen = _generator(cfg.seed, index, "shuffle")
     augment_gen = _generator(cfg.seed, index, "augment")
     partial = _partial_dir(out, index)
@@ -249,14 +242,12 @@ def _train_one(
         _set_params(model, {n: tensors[f"params/{n}"] for n in names})
         shuffle_gen.set_state(tensors["rng/shuffle"])
         augment_gen.set_state(tensors["rng/augment"])
-        for n, p in model.named_parameters():
-            if f"momentum/{n}" in tensors:
-                optimizer.state[p]["momentum_buffer"] = tensors[f"momentum/{n}"].to(device)
+        state = SGDState({name: tensors[f"momentum/{name}"].to(device) for name in state.momentum})
     else:
         last = 0
         _set_params(model, init_params(model, _generator(cfg.seed, index, "init")))
-        acc = evaluate_accuracy(model, data.test_x, data.test_y)
-        _save_epoch(partial, 0, model, optimizer, shuffle_gen, augment_gen, cfg, acc, 0.0)
+        acc = _test_accuracy(model, data)
+        _save_epoch(partial, 0, model, state, shuffle_gen, augment_gen, cfg, acc, 0.0)
         if on_epoch is not None:
             on_epoch(index, 0, acc)
 
@@ -280,13 +271,22 @@ def _train_one(
             x, y = data.train_x[batch], data.train_y[batch]
             if dsa is not None:
                 x = dsa(x, augment_gen)
+            for p in params.values():
+                p.grad = None
             loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            with torch.no_grad():
+                stepped, state = optimizer.update(
+                    {name: p.detach() for name, p in params.items()},
+                    {name: p.grad for name, p in params.items()},
+                    state,
+                    cfg.lr,
+                )
+                for name, p in params.items():
+                    p.copy_(stepped[name])
         seconds = time.perf_counter() - start
-        acc = evaluate_accuracy(model, data.test_x, data.test_y)
-        _save_epoch(partial, epoch, model, optimizer, shuffle_gen, augment_gen, cfg, acc, seconds)
+        acc = _test_accuracy(model, data)
+        _save_epoch(partial, epoch, model, state, shuffle_gen, augment_gen, cfg, acc, seconds)
         bar.set_postfix(loss=f"{loss.item():.3f}", test_acc=f"{acc:.4f}")
         if on_epoch is not None:
             on_epoch(index, epoch, acc)
@@ -314,7 +314,7 @@ def _save_epoch(
     partial: Path,
     epoch: int,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    state: SGDState,
     shuffle_gen: torch.Generator,
     augment_gen: torch.Generator,
     cfg: ExpertConfig,
@@ -325,10 +325,7 @@ def _save_epoch(
     tensors = {f"params/{n}": p for n, p in model.named_parameters()}
     tensors["rng/shuffle"] = shuffle_gen.get_state()
     tensors["rng/augment"] = augment_gen.get_state()
-    for n, p in model.named_parameters():
-        buf = optimizer.state.get(p, {}).get("momentum_buffer")
-        if buf is not None:
-            tensors[f"momentum/{n}"] = buf
+    tensors.update({f"momentum/{n}": buf for n, buf in state.momentum.items()})
     header = {
         "format": f"{FORMAT}.partial",
         "expert_config": cfg.to_dict(),

@@ -19,20 +19,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from tesla_func.configargs import check_positive_ints
+
 Norm = Literal["instance", "batch", "none"]
 Pool = Literal["avg", "max", "none"]
 NORMS: tuple[str, ...] = ("instance", "batch", "none")
 POOLS: tuple[str, ...] = ("avg", "max", "none")
-
-
-def check_positive_ints(config: object, names: tuple[str, ...]) -> None:
-    """Raise ``ValueError`` naming ``Config.field`` unless each named field is an int >= 1."""
-    for name in names:
-        value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(
-                f"{type(config).__name__}.{name} must be a positive int, got {value!r}"
-            )
 
 
 def _merge_config(cls: type, config: object | None, overrides: dict) -> object:

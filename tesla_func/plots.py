@@ -1,7 +1,7 @@
 """Figures drawn from saved results only.
 
 Every ``plot_*`` function takes the path of a netCDF file written by
-:func:`tesla_func.results.save_dataset`, draws with seaborn on a fresh
+:func:`tesla_func.results.save_results`, draws with seaborn on a fresh
 :class:`matplotlib.figure.Figure` (no pyplot state, no global backend or style change), writes the
 PNG atomically and returns the figure. Dims not named as x, hue or style are *replicates*
 (``model``, ``seed``, ``repeat``, ...): lines show their mean and a +- 1 std band, bars their mean
@@ -22,7 +22,7 @@ import xarray as xr
 from matplotlib.figure import Figure
 
 from tesla_func.fileio import atomic_path
-from tesla_func.results import load_dataset_nc
+from tesla_func.results import load_results
 
 _STYLE = "whitegrid"
 _DPI = 120
@@ -100,7 +100,7 @@ def plot_accuracy_vs_iteration(
     method and label strategy). Solid: mean +- std over replicates; dashed: the best mean so far
     (what a run that keeps its best synthetic set reports).
     """
-    ds = load_dataset_nc(path)
+    ds = load_results(path)
     da = _variable(ds, var, path)
     if x not in da.dims:
         raise KeyError(f"{var} in {path} has no dim {x!r}; its dims are {da.dims}")
@@ -153,7 +153,7 @@ def plot_scaling(
     ``peak_bytes``, ``rss_bytes`` by default). Memory variables absent from the file are skipped;
     line style tells the memory variables apart.
     """
-    ds = load_dataset_nc(path)
+    ds = load_results(path)
     mems = [m for m in memory_vars if m in ds.data_vars]
     panels = (["memory"] if mems else []) + (["time"] if time_var in ds.data_vars else [])
     if not panels:
@@ -212,7 +212,7 @@ def plot_bar(
     """Grouped bars of mean +- std of ``var`` (an accuracy table): groups along ``x``, one bar
     colour per ``hue`` value, each bar annotated 'mean +- std'. ``x`` / ``hue`` may be None or a
     dim the file lacks (one group / one colour); dims left over must be replicate dims."""
-    ds = load_dataset_nc(path)
+    ds = load_results(path)
     da = _variable(ds, var, path)
     scale = _percent(da)
     x = x if x in da.dims else None
@@ -344,13 +344,13 @@ def plot_sweeps(
     """One-factor-at-a-time sweeps: each variable against each swept dim, the others held fixed.
 
     The file stores the sweeps on the full grid of the swept dims, unmeasured combinations NaN
-    (:func:`tesla_func.results.records_to_dataset` writes them so); ``ds.attrs[base]`` maps each
+    (:func:`tesla_func.results.records_to_results` writes them so); ``ds.attrs[base]`` maps each
     swept dim to its base value. Panel (row = variable, column = swept dim ``d``) shows the
     variable against ``d`` with every other swept dim selected at its base value: mean +- 1 std
     over the ``replicate`` dims, one line per combination of any remaining dims. Dims in
     ``log_x`` get a logarithmic axis.
     """
-    ds = load_dataset_nc(path)
+    ds = load_results(path)
     point = ds.attrs.get(base)
     if not isinstance(point, dict) or any(d not in point for d in sweeps):
         raise KeyError(

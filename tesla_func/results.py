@@ -1,13 +1,15 @@
-"""Results as xarray Datasets with named dims and provenance, saved as netCDF.
+"""Results: xarray Datasets with named dims and provenance, saved as netCDF; their tables and files.
 
-Every experiment returns an ``xarray.Dataset`` whose dims name what was varied (``method``,
-``labels``, ``ipc``, ``model``, ``iteration``, ``seed``, ``steps``, ...) and whose attributes say
-how it was made: the config (JSON), the seed, library versions, git revision and device
+Every experiment returns an ``xarray.Dataset`` (called *results* here, to keep "dataset" for image
+data) whose dims name what was varied (``method``, ``label_strategy``, ``ipc``, ``model``,
+``iteration``, ``seed``, ``steps``, ...) and whose attributes say how it was made: the config
+(JSON), the seed, library versions, git revision and device
 (:func:`tesla_func.provenance.provenance`). Plots read these files only.
+:func:`write_outputs` writes the three files of an experiment: ``.nc``, ``.png`` and ``.md``.
 
-netCDF attributes can hold only strings and numbers, so :func:`save_dataset` stores any other
+netCDF attributes can hold only strings and numbers, so :func:`save_results` stores any other
 attribute value (dicts, lists, bools, None, dataclass configs) as a JSON string and lists those
-names in the attribute ``json_attrs``; :func:`load_dataset_nc` decodes them again, so a dataset
+names in the attribute ``json_attrs``; :func:`load_results` decodes them again, so a dataset
 round-trips with ``attrs["config"]`` a dict.
 """
 
@@ -16,7 +18,10 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-from collections.abc import Iterable, Mapping, Sequence
+import math
+import shlex
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +29,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from tesla_func.fileio import atomic_path
+from tesla_func.fileio import atomic_path, atomic_write_text
 from tesla_func.provenance import provenance
 
 _JSON_ATTRS = "json_attrs"  # attribute listing which other attributes hold JSON
@@ -45,7 +50,7 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def make_dataset(
+def make_results(
     data_vars: Mapping[str, Any],
     coords: Mapping[str, Any] | None = None,
     *,
@@ -72,18 +77,18 @@ def make_dataset(
     return ds
 
 
-def records_to_dataset(
+def records_to_results(
     records: Iterable[Mapping[str, Any]], dims: Sequence[str], **make_kwargs: Any
 ) -> xr.Dataset:
     """Flat records (one dict per measurement) -> a Dataset indexed by ``dims``.
 
-    ``records_to_dataset([{"method": "tesla", "steps": 10, "time_s": 1.2}, ...], ["method",
+    ``records_to_results([{"method": "tesla", "steps": 10, "time_s": 1.2}, ...], ["method",
     "steps"])`` gives ``time_s`` over (method, steps); missing combinations are NaN. The keyword
-    arguments go to :func:`make_dataset` (config, seed, device, attributes).
+    arguments go to :func:`make_results` (config, seed, device, attributes).
     """
     frame = pd.DataFrame(list(records))
     if frame.empty:
-        raise ValueError("records_to_dataset got no records")
+        raise ValueError("records_to_results got no records")
     missing = [d for d in dims if d not in frame.columns]
     if missing:
         raise ValueError(f"records lack the dims {missing}; they have {list(frame.columns)}")
@@ -92,7 +97,7 @@ def records_to_dataset(
             f"several records share the same {list(dims)}: add a dim that tells them apart"
         )
     table = frame.set_index(list(dims)).to_xarray()
-    return make_dataset(dict(table.data_vars), coords=dict(table.coords), **make_kwargs)
+    return make_results(dict(table.data_vars), coords=dict(table.coords), **make_kwargs)
 
 
 def _encode(attrs: Mapping[str, Any]) -> dict[str, Any]:
@@ -121,7 +126,7 @@ def _decode(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def save_dataset(ds: xr.Dataset, path: str | Path) -> Path:
+def save_results(ds: xr.Dataset, path: str | Path) -> Path:
     """Atomically write ``ds`` as netCDF-4 (:func:`netcdf_engine`); non-netCDF attributes are JSON-encoded.
 
     The dataset passed in is not modified. Returns the path.
@@ -136,8 +141,8 @@ def save_dataset(ds: xr.Dataset, path: str | Path) -> Path:
     return path
 
 
-def load_dataset_nc(path: str | Path) -> xr.Dataset:
-    """Read a file written by :func:`save_dataset` fully into memory, JSON attributes decoded.
+def load_results(path: str | Path) -> xr.Dataset:
+    """Read a file written by :func:`save_results` fully into memory, JSON attributes decoded.
 
     Raises ``FileNotFoundError`` naming the path if it is missing and ``ValueError`` naming it if
     it is truncated or not netCDF.
@@ -157,4 +162,60 @@ def load_dataset_nc(path: str | Path) -> xr.Dataset:
     return ds
 
 
-open_results = load_dataset_nc
+
+# ----------------------------------------------------------------------------------------------
+# Tables and the files of an experiment
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub Markdown table; floats with 4 significant digits, NaN as '-'."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return "-" if math.isnan(value) else f"{value:.4g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def percent(mean: float, std: float) -> str:
+    """An accuracy fraction pair as the field prints it: '73.2 +- 0.4'."""
+    return f"{100 * mean:.1f} +- {100 * std:.1f}"
+
+
+def command_line() -> str:
+    """The command that is running, to be written beside its results."""
+    return " ".join(shlex.quote(a) for a in ["python", *sys.argv])
+
+
+def write_outputs(
+    ds: xr.Dataset,
+    name: str,
+    out_dir: Path,
+    *,
+    plot: Callable[[Path, Path], Any],
+    table: str,
+    notes: str = "",
+) -> dict[str, Path]:
+    """Write ``out_dir/<name>.nc`` (with the command that made it), then the figure
+    ``<name>.png`` drawn from the saved file by ``plot(nc, png)``, and ``<name>.md``: the
+    Markdown ``table`` with the command, git revision and device, and ``notes``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ds = ds.copy()
+    ds.attrs["command"] = command_line()
+    nc = save_results(ds, out_dir / f"{name}.nc")
+    png = out_dir / f"{name}.png"
+    plot(nc, png)
+    device = ds.attrs.get("device", "unknown device")
+    md = out_dir / f"{name}.md"
+    atomic_write_text(
+        md,
+        f"# {name}\n\nMade by `{ds.attrs['command']}` at git revision "
+        f"`{ds.attrs.get('git_revision', 'unknown')}` on {device}.\n\n"
+        f"{table}\n\n{notes}".rstrip()
+        + "\n",
+    )
+    return {"netcdf": nc, "figure": png, "table": md}

@@ -30,10 +30,11 @@ from tesla_func.benchmarking import (
     measure_rss,
     release_freed_memory,
     resolve_config,
+    scaling_curves,
     synchronize,
     write_scaling_report,
 )
-from tesla_func.results import load_dataset_nc
+from tesla_func.results import load_results
 
 pytest.importorskip("pytest_benchmark")
 
@@ -101,7 +102,7 @@ def test_scaling_report(scaling_run: ScalingRun, tmp_path) -> None:
     if missing:
         pytest.skip(f"needs every scaling point of this session first; missing {missing}")
     paths = write_scaling_report(scaling_run.dataset(), tmp_path, "scaling")
-    ds = load_dataset_nc(paths["netcdf"])
+    ds = load_results(paths["netcdf"])
     assert ds["time_s"].dims == ("method", "steps")
     assert ds["method"].values.tolist() == list(METHODS)
     assert ds["steps"].values.tolist() == sorted(cfg.steps)
@@ -126,3 +127,22 @@ def test_config_from_options_and_environment() -> None:
     assert resolve_config(full=False, environ={}).width < resolve_config(full=True, environ={}).width
     with pytest.raises(ValueError, match="TESLA_BENCH_ROUNDS / --bench-rounds = 'two'"):
         resolve_config(full=True, environ={"TESLA_BENCH_ROUNDS": "two"})
+
+
+def test_scaling_curves_in_one_call_for_any_problem(tmp_path) -> None:
+    """The library's one-call harness on a user's own problem (here the tiny ConvNet one)."""
+    cfg = resolve_config(full=False, environ={})
+    ds = scaling_curves(lambda t: matching_args(cfg, t), steps=(1, 3), rounds=1,
+                        sizes="tiny ConvNet")
+    assert ds["peak_bytes"].dims == ("method", "steps")
+    assert ds["method"].values.tolist() == list(METHODS)
+    assert (ds["time_s"] > 0).all() and (ds["peak_bytes"] > 0).all()
+    for steps in (1, 3):  # every method computes the same loss at a T
+        losses = ds["loss"].sel(steps=steps).values
+        assert losses.max() - losses.min() <= 1e-6 * abs(losses).max(), losses
+    unrolled = ds["peak_bytes"].sel({"method": "unrolled"})
+    assert unrolled.sel(steps=3) > unrolled.sel(steps=1)  # its graphs pile up with T
+    paths = write_scaling_report(ds, tmp_path, "scaling_mine")
+    assert "tiny ConvNet" in paths["table"].read_text()
+    with pytest.raises(ValueError, match="unknown methods"):
+        scaling_curves(lambda t: matching_args(cfg, t), steps=(1,), methods=("adjoint",))

@@ -7,8 +7,9 @@ import argparse
 import pytest
 
 from tesla_func import cli
+from tesla_func.configargs import config_from_args
 from tesla_func.data import ENV_VAR
-from tesla_func.experts import load_experts
+from tesla_func.experts import ExpertConfig, load_experts
 
 
 def test_data_lists_every_dataset_and_where_it_looked(tmp_path, capsys, monkeypatch):
@@ -58,8 +59,9 @@ def test_experts_builds_the_config_and_trains(tmp_path, capsys):
 
 def test_booleans_are_flags_not_strings():
     parser = cli.build_parser()
-    on = parser.parse_args(["experts", "--out", "x"])
-    off = parser.parse_args(["experts", "--out", "x", "--no-dsa", "--zca"])
+    on = config_from_args(parser.parse_args(["experts", "--out", "x"]), ExpertConfig)
+    off = config_from_args(parser.parse_args(["experts", "--out", "x", "--no-dsa", "--zca"]),
+                           ExpertConfig)
     assert on.dsa is True and on.zca is None and off.dsa is False and off.zca is True
     for action in parser._subparsers._group_actions[0].choices["experts"]._actions:
         assert action.type is not bool, action.dest
@@ -82,10 +84,8 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "tesla-func experts: error: dataset 'fashion-mnist' not found" in err
     assert str(tmp_path) in err and "apt-get install dataset-fashion-mnist" in err
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(["experts", "--dataset", "mnist3d", "--out", "o"])
-    assert exit_.value.code == 2
-    assert "invalid choice: 'mnist3d'" in capsys.readouterr().err
+    assert cli.main(["experts", "--dataset", "mnist3d", "--out", "o"]) == 1
+    assert "ExpertConfig.dataset 'mnist3d' is unknown; known: [" in capsys.readouterr().err
 
 
 def test_a_new_command_is_one_entry():
@@ -107,24 +107,26 @@ def test_distill_then_evaluate_from_the_command_line(tmp_path, capsys):
                      "--width", "8", "--no-dsa", "--out", str(experts), "--no-progress"]) == 0
     run = tmp_path / "run"
     argv = ["distill", "--experts-dir", str(experts), "--dataset", "digits", "--ipc", "1",
-            "--method", "exact", "--labels", "learned", "--iterations", "2", "--syn-steps", "2",
-            "--expert-epochs", "1", "--max-start-epoch", "1", "--eval-epochs", "2",
+            "--method", "exact", "--label-strategy", "learned", "--iterations", "2",
+            "--syn-steps", "2", "--state-stride", "2",
+            "--match-epochs", "1", "--max-start-epoch", "1", "--eval-epochs", "2",
             "--eval-models", "1", "--no-dsa", "--out", str(run), "--no-progress"]
     assert cli.main(argv) == 0
     assert "synthetic set:" in capsys.readouterr().out
-    from tesla_func.distill import load_synthetic
+    from tesla_func.synthetic import load_synthetic
 
     synthetic = load_synthetic(run / "synthetic.safetensors")
-    assert synthetic.header["config"]["method"] == "exact"
-    assert synthetic.header["config"]["labels"] == "learned" and synthetic.header["config"]["dsa"] is False
+    written = synthetic.header["config"]
+    assert written["method"] == "exact" and written["state_stride"] == 2
+    assert written["label_strategy"] == "learned" and written["dsa"] is False
     out_nc = tmp_path / "eval.nc"
     assert cli.main(["evaluate", "--synthetic", str(run / "synthetic.safetensors"), "--epochs",
                      "2", "--num-models", "2", "--width", "8", "--no-progress",
                      "--out", str(out_nc)]) == 0
     assert "test accuracy:" in capsys.readouterr().out
-    from tesla_func.results import load_dataset_nc
+    from tesla_func.results import load_results
 
-    ds = load_dataset_nc(out_nc)
+    ds = load_results(out_nc)
     assert ds.sizes["model"] == 2 and ds.attrs["config"]["lr"] == pytest.approx(synthetic.lr)
     assert cli.main(["evaluate", "--random-real", "1", "--dataset", "digits", "--epochs", "1",
                      "--num-models", "1", "--width", "8", "--no-progress"]) == 0
@@ -135,3 +137,17 @@ def test_distill_reports_bad_setup_without_traceback(tmp_path, capsys):
                        str(tmp_path / "run")])
     assert status == 1
     assert "no expert files" in capsys.readouterr().err
+
+
+def test_help_reads_as_the_configs_documentation(capsys):
+    for command, phrase in (("distill", "T, student steps per iteration"),
+                            ("experts", "epochs"), ("evaluate", "K independently initialised")):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert phrase in text, (command, text[:400])
+    with pytest.raises(SystemExit):
+        cli.main(["distill", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--lr-grad-clip" in text and "is clipped to this before the update" in text
+    assert "(default: 'tesla')" in text  # the method flag shows its default

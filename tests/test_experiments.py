@@ -3,6 +3,7 @@ Dataset, figure and table with the dims and attributes the README promises."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -10,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tesla_func.experiment import write_outputs
+from tesla_func.distill import DistillConfig
+from tesla_func.experts import ExpertConfig
 from tesla_func.plots import plot_accuracy_vs_iteration
+from tesla_func.results import write_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,17 +37,9 @@ def ablate():
     return load_script("ablate_labels")
 
 
-TINY = dict(
-    dataset="digits",
-    num_experts=1,
-    expert_epochs_trained=2,
-    width=8,
-    iterations=2,
-    syn_steps=2,
-    expert_epochs=1,
-    max_start_epoch=1,
-    eval_epochs=2,
-)
+EXPERTS = ExpertConfig(dataset="digits", num_experts=1, epochs=2, width=8)
+DISTILL = DistillConfig(iterations=2, syn_steps=2, match_epochs=1, max_start_epoch=1,
+                        eval_epochs=2)
 
 
 def assert_provenance(ds):
@@ -54,22 +49,25 @@ def assert_provenance(ds):
 
 def test_ablate_labels_runs_end_to_end(ablate, tmp_path):
     cfg = ablate.AblateLabelsConfig(
-        ipcs=(1, 2), labels=("hard", "sla-only"), eval_every=1, eval_models=1, **TINY
+        experts=EXPERTS,
+        distill=dataclasses.replace(DISTILL, eval_every=1, eval_models=1),
+        ipcs=(1, 2),
+        label_strategies=("hard", "sla-only"),
     )
     ds = ablate.main(cfg)
-    assert dict(ds.sizes) == {"labels": 2, "ipc": 2, "iteration": 2}
+    assert dict(ds.sizes) == {"label_strategy": 2, "ipc": 2, "iteration": 2}
     assert np.isfinite(ds.accuracy.values).all()
     assert (np.diff(ds.best_accuracy.values, axis=-1) >= 0).all()  # best so far never drops
     assert np.isfinite(ds.random_real_accuracy.values).all()
     assert_provenance(ds)
-    assert ds.attrs["config"]["labels"] == ("hard", "sla-only")
+    assert ds.attrs["config"]["label_strategies"] == ("hard", "sla-only")
     text = ablate.table(ds)
     assert "sla-only" in text and "random real" in text
     paths = write_outputs(
         ds,
         "ablate_labels",
+        tmp_path / "out",
         table=text,
-        out_dir=tmp_path / "out",
         plot=lambda nc, png: plot_accuracy_vs_iteration(nc, png),
     )
     for path in paths.values():
@@ -83,16 +81,23 @@ def test_paper_preset_and_overrides_parse(ablate):
         ablate.AblateLabelsConfig,
         ablate.PRESETS,
         "",
-        ["--preset", "paper", "--ipcs", "1", "--labels", "hard", "sla"],
+        ["--preset", "paper", "--ipcs", "1", "--label-strategies", "hard", "sla",
+         "--distill.lr-img", "50", "--experts.num-experts", "3"],
     )
-    assert cfg.dataset == "cifar10" and cfg.width == 128
-    assert cfg.ipcs == (1,) and cfg.labels == ("hard", "sla")
+    assert cfg.experts.dataset == "cifar10" and cfg.experts.width == 128
+    assert cfg.ipcs == (1,) and cfg.label_strategies == ("hard", "sla")
+    assert cfg.distill.lr_img == 50.0 and cfg.experts.num_experts == 3
+    assert cfg.distill.iterations == ablate.PRESETS["paper"].distill.iterations  # kept
 
 
 def test_main_table_runs_end_to_end(tmp_path):
     main_table = load_script("main_table")
     cfg = main_table.MainTableConfig(
-        ipcs=(1, 2), rows=("tesla/hard", "unrolled/hard"), unrolled_max_ipc=1, eval_models=2, **TINY
+        experts=EXPERTS,
+        distill=dataclasses.replace(DISTILL, eval_models=2),
+        ipcs=(1, 2),
+        rows=("tesla/hard", "unrolled/hard"),
+        unrolled_max_ipc=1,
     )
     ds = main_table.main(cfg)
     assert dict(ds.sizes) == {"row": 3, "ipc": 2, "model": 2}
@@ -112,8 +117,8 @@ def test_cross_arch_runs_end_to_end(tmp_path):
         archs=("convnet", "vit"),
         vit_dim=8,
         vit_depth=1,
-        eval_models=1,
-        **TINY,
+        experts=EXPERTS,
+        distill=dataclasses.replace(DISTILL, eval_models=1),
     )
     ds = cross_arch.main(cfg)
     assert dict(ds.sizes) == {"set": 2, "arch": 2, "model": 1}

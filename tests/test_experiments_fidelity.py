@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tesla_func.experiment import parse_config, write_outputs
-from tesla_func.results import load_dataset_nc
+from tesla_func.distill import DistillConfig
+from tesla_func.experiment import parse_config
+from tesla_func.experts import ExpertConfig
+from tesla_func.results import load_results, write_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,10 +32,11 @@ def fidelity():
 @pytest.fixture(scope="module")
 def tiny(fidelity):
     return fidelity.FidelityConfig(
-        dataset="digits", num_experts=1, expert_epochs_trained=2, width=8, expert_epochs=1,
+        experts=ExpertConfig(dataset="digits", num_experts=1, epochs=2, width=8),
+        distill=DistillConfig(ipc=1, iterations=2, syn_steps=2, match_epochs=1, max_start_epoch=1,
+                              lr_img=100.0, lr_lr=1e-2, eval_epochs=2, eval_models=2),
         ipc=2, batch_syn=10, steps=(1, 3), start_epochs=(0, 1), lrs=(0.01, 0.05), base_steps=3,
-        base_start_epoch=0, base_lr=0.01, segments=2, distill_iterations=2, distill_syn_steps=2,
-        distill_seeds=(0,), distill_max_start_epoch=1, eval_epochs=2, eval_models=2, threads=1)
+        base_start_epoch=0, base_lr=0.01, segments=2, distill_seeds=(0,), threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +107,14 @@ def test_distillation_runs_are_cached_and_reused(fidelity, tiny, results, cache)
 
 def test_outputs_are_written_with_provenance(fidelity, results, tmp_path):
     text = fidelity.table(results)
-    notes = fidelity.finding(results)
+    notes = fidelity.notes(results)
     assert "random real" in text and "`tesla`" in text and "cosine" in text
-    assert notes.startswith("**Finding.**")
-    paths = write_outputs(results, fidelity.NAME, table=text, notes=notes, plot=fidelity.plot,
-                          out_dir=tmp_path)
+    assert notes.startswith("**Finding.**") and "Wall time" in notes
+    paths = write_outputs(results, fidelity.NAME, tmp_path, table=text, notes=notes,
+                          plot=fidelity.plot)
     for path in [*paths.values(), tmp_path / f"{fidelity.NAME}_distill.png"]:
         assert path.stat().st_size > 0, path
-    saved = load_dataset_nc(paths["netcdf"])
+    saved = load_results(paths["netcdf"])
     for key in ("config", "seed", "git_revision", "device", "version_torch", "command"):
         assert key in saved.attrs, key
     assert saved.attrs["config"]["steps"] == [1, 3]
@@ -123,9 +126,9 @@ def test_outputs_are_written_with_provenance(fidelity, results, tmp_path):
 
 def test_plot_sweeps_needs_the_base_point(fidelity, results, tmp_path):
     from tesla_func.plots import plot_sweeps
-    from tesla_func.results import save_dataset
+    from tesla_func.results import save_results
 
-    nc = save_dataset(results.drop_attrs(deep=False), tmp_path / "bare.nc")
+    nc = save_results(results.drop_attrs(deep=False), tmp_path / "bare.nc")
     with pytest.raises(KeyError, match="base_point"):
         plot_sweeps(nc, tmp_path / "bare.png", variables=["images_cosine"], sweeps=fidelity.SWEEPS)
 
@@ -133,10 +136,11 @@ def test_plot_sweeps_needs_the_base_point(fidelity, results, tmp_path):
 def test_paper_preset_and_overrides_parse(fidelity):
     cfg = parse_config(fidelity.FidelityConfig, fidelity.PRESETS, "",
                        ["--preset", "paper", "--steps", "1", "80", "--lrs", "0.001"])
-    assert cfg.dataset == "cifar10" and cfg.width == 128 and cfg.expert_epochs_trained == 50
+    assert cfg.experts.dataset == "cifar10" and cfg.experts.width == 128
+    assert cfg.experts.epochs == 50
     assert cfg.steps == (1, 80) and cfg.lrs == (0.001,)
 
 
 def test_config_rejects_segments_past_the_trajectory(fidelity):
     with pytest.raises(ValueError, match="checkpoint"):
-        fidelity.FidelityConfig(expert_epochs_trained=6, start_epochs=(0, 5), expert_epochs=2)
+        fidelity.FidelityConfig(start_epochs=(0, 5))  # 5 + M = 7 > the experts' 6 epochs

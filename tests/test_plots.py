@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tesla_func import plots
-from tesla_func.results import make_dataset, save_dataset
+from tesla_func.results import make_results, save_results
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -21,7 +21,7 @@ def _written(path) -> bool:
 @pytest.fixture
 def accuracy_file(tmp_path):
     rng = np.random.default_rng(0)
-    ds = make_dataset(
+    ds = make_results(
         {
             "accuracy": (
                 ("method", "labels", "iteration", "model"),
@@ -36,7 +36,7 @@ def accuracy_file(tmp_path):
             "model": np.arange(3),
         },
     )
-    return save_dataset(ds, tmp_path / "acc.nc")
+    return save_results(ds, tmp_path / "acc.nc")
 
 
 def test_accuracy_vs_iteration(accuracy_file, tmp_path):
@@ -56,7 +56,7 @@ def test_scaling(tmp_path):
         v: (("method", "steps", "repeat"), rng.random((3, 4, 2)) * 1e8)
         for v in ("time_s", "peak_bytes", "rss_bytes")
     }
-    ds = make_dataset(
+    ds = make_results(
         variables,
         coords={
             "method": ["unrolled", "tesla", "exact"],
@@ -64,7 +64,7 @@ def test_scaling(tmp_path):
             "repeat": [0, 1],
         },
     )
-    path = save_dataset(ds, tmp_path / "bench.nc")
+    path = save_results(ds, tmp_path / "bench.nc")
     fig = plots.plot_scaling(path, tmp_path / "scaling.png")
     assert _written(tmp_path / "scaling.png") and len(fig.axes) == 2
     fig = plots.plot_scaling(path, tmp_path / "time_only.png", memory_vars=("absent",))
@@ -75,11 +75,11 @@ def test_scaling(tmp_path):
 
 def test_bar(tmp_path):
     acc = np.array([[[0.1, 0.2], [0.3, 0.5]], [[0.4, 0.4], [0.6, 0.8]]])  # (method, ipc, model)
-    ds = make_dataset(
+    ds = make_results(
         {"accuracy": (("method", "ipc", "model"), acc, {"units": "fraction"})},
         coords={"method": ["random", "tesla"], "ipc": [1, 10], "model": [0, 1]},
     )
-    path = save_dataset(ds, tmp_path / "table.nc")
+    path = save_results(ds, tmp_path / "table.nc")
     fig = plots.plot_bar(path, tmp_path / "bar.png")
     assert _written(tmp_path / "bar.png")
     texts = sorted(t.get_text() for t in fig.axes[0].texts)

@@ -11,17 +11,17 @@ import xarray as xr
 
 from tesla_func.evaluate import EvalConfig
 from tesla_func.results import (
-    load_dataset_nc,
-    make_dataset,
-    open_results,
-    records_to_dataset,
-    save_dataset,
+    load_results,
+    make_results,
+    load_results,
+    records_to_results,
+    save_results,
 )
 
 
 def _dataset(seed: int = 0) -> xr.Dataset:
     rng = np.random.default_rng(seed)
-    return make_dataset(
+    return make_results(
         {
             "accuracy": (("method", "ipc", "model"), rng.random((2, 3, 4)), {"units": "fraction"}),
             "lr": (("method", "ipc"), rng.random((2, 3)), {"learned": True, "range": [0, 1]}),
@@ -39,7 +39,7 @@ def _dataset(seed: int = 0) -> xr.Dataset:
 
 def test_round_trip_keeps_values_coords_and_attributes(tmp_path):
     ds = _dataset()
-    back = load_dataset_nc(save_dataset(ds, tmp_path / "r.nc"))
+    back = load_results(save_results(ds, tmp_path / "r.nc"))
     xr.testing.assert_identical(back, ds)
     assert back.attrs["config"] == dataclasses.asdict(
         EvalConfig(epochs=7, arch_kwargs={"width": 32})
@@ -50,7 +50,7 @@ def test_round_trip_keeps_values_coords_and_attributes(tmp_path):
 
 
 def test_provenance_attributes_are_present(tmp_path):
-    back = open_results(save_dataset(_dataset(), tmp_path / "r.nc"))
+    back = load_results(save_results(_dataset(), tmp_path / "r.nc"))
     for key in (
         "git_revision",
         "device",
@@ -66,29 +66,29 @@ def test_provenance_attributes_are_present(tmp_path):
 
 def test_save_leaves_its_input_alone_and_no_temporary_files(tmp_path):
     ds = _dataset()
-    save_dataset(ds, tmp_path / "sub" / "r.nc")
+    save_results(ds, tmp_path / "sub" / "r.nc")
     assert isinstance(ds.attrs["config"], dict) and "json_attrs" not in ds.attrs
     assert os.listdir(tmp_path / "sub") == ["r.nc"]
 
 
 def test_a_failed_save_keeps_the_old_file(tmp_path):
     good = _dataset(seed=1)  # built once: its provenance carries a "created" time in seconds
-    path = save_dataset(good, tmp_path / "r.nc")
+    path = save_results(good, tmp_path / "r.nc")
     bad = _dataset().assign(objects=(("method",), np.array([object(), object()], dtype=object)))
     with pytest.raises(ValueError, match="objects"):
-        save_dataset(bad, path)
-    xr.testing.assert_identical(load_dataset_nc(path), good)
+        save_results(bad, path)
+    xr.testing.assert_identical(load_results(path), good)
     assert os.listdir(tmp_path) == ["r.nc"]
 
 
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.nc"):
-        load_dataset_nc(tmp_path / "nope.nc")
+        load_results(tmp_path / "nope.nc")
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
 def test_corrupt_file_is_a_clear_error(tmp_path, damage):
-    path = save_dataset(_dataset(), tmp_path / "r.nc")
+    path = save_results(_dataset(), tmp_path / "r.nc")
     data = path.read_bytes()
     path.write_bytes(
         {"garbage": b"not netcdf at all" * 10, "truncated": data[: len(data) // 2], "empty": b""}[
@@ -96,7 +96,7 @@ def test_corrupt_file_is_a_clear_error(tmp_path, damage):
         ]
     )
     with pytest.raises(ValueError, match="r.nc is truncated or not"):
-        load_dataset_nc(path)
+        load_results(path)
 
 
 def test_records_to_dataset_fills_missing_combinations_with_nan():
@@ -105,7 +105,7 @@ def test_records_to_dataset_fills_missing_combinations_with_nan():
         {"method": "unrolled", "steps": 10, "time_s": 2.0, "peak_bytes": 200},
         {"method": "exact", "steps": 5, "time_s": 1.5, "peak_bytes": 50},
     ]
-    ds = records_to_dataset(records, ["method", "steps"], seed=3)
+    ds = records_to_results(records, ["method", "steps"], seed=3)
     assert ds["time_s"].dims == ("method", "steps")
     assert ds["time_s"].sel({"method": "unrolled", "steps": 10}) == 2.0
     assert np.isnan(ds["time_s"].sel({"method": "exact", "steps": 10}))
@@ -114,8 +114,8 @@ def test_records_to_dataset_fills_missing_combinations_with_nan():
 
 def test_records_to_dataset_rejects_ambiguous_records():
     with pytest.raises(ValueError, match="share the same"):
-        records_to_dataset([{"method": "a", "t": 1.0}, {"method": "a", "t": 2.0}], ["method"])
+        records_to_results([{"method": "a", "t": 1.0}, {"method": "a", "t": 2.0}], ["method"])
     with pytest.raises(ValueError, match="lack the dims"):
-        records_to_dataset([{"method": "a", "t": 1.0}], ["steps"])
+        records_to_results([{"method": "a", "t": 1.0}], ["steps"])
     with pytest.raises(ValueError, match="no records"):
-        records_to_dataset([], ["steps"])
+        records_to_results([], ["steps"])

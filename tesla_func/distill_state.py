@@ -1,0 +1,115 @@
+"""What a distillation carries from one iteration to the next, and its atomic checkpoint file.
+
+Everything that changes during a run lives in one :class:`DistillState`: the learned tensors, their
+SGD momenta, the generator every random draw comes from, what is left of the minibatch
+permutation, and the logs. It is written as one safetensors file (``checkpoint.safetensors``,
+atomically: :mod:`tesla_func.fileio`) whose header holds the run's config, so a resumed run
+continues from exactly this state and refuses a checkpoint of another config.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tesla_func.fileio import load_tensors, save_tensors
+from tesla_func.optim import SGDState
+from tesla_func.types import Params
+
+FORMAT = "tesla_func.distill_checkpoint"
+LOG_FIELDS = (
+    "loss",  # the normalised matching loss L of the iteration
+    "lr",  # beta after the update
+    "images_grad_norm",
+    "labels_grad_norm",  # NaN unless the strategy learns label logits
+    "lr_grad_norm",  # |dL/dlog(beta)| before clipping
+    "skipped",  # 1 if a non-finite loss or gradient skipped the update
+    "expert",  # which expert was matched
+    "start_epoch",  # its start epoch t
+    "seconds",  # wall time of the iteration
+)
+EVAL_FIELDS = ("iteration", "accuracy_mean", "accuracy_std")
+
+
+@dataclass
+class DistillState:
+    """Everything that changes during distillation."""
+
+    iteration: int  # iterations done
+    images: Tensor  # (N, C, H, W) the synthetic images X
+    label_logits: Tensor | None  # (N, K) learned label logits Y, if the strategy learns them
+    log_lr: Tensor  # () log(beta): beta = exp(log_lr) stays positive
+    momentum: SGDState  # SGD momenta of the learned tensors, keyed like learned()
+    generator: torch.Generator  # every random draw of the run (experts, epochs, batches, DSA)
+    order: Tensor  # (n,) what is left of the current minibatch permutation
+    log: dict[str, list[float]]  # LOG_FIELDS, one value per iteration
+    evals: dict[str, list[float]]  # EVAL_FIELDS, one value per evaluation
+    skipped: int  # updates skipped because something was not finite
+
+    def tensors(self) -> Params:
+        """The learnable tensors by name (whether learned or frozen by the strategy)."""
+        out = {"images": self.images, "log_lr": self.log_lr}
+        if self.label_logits is not None:
+            out["label_logits"] = self.label_logits
+        return out
+
+
+def save_checkpoint(path: Path, config: dict[str, Any], state: DistillState) -> None:
+    """Write ``state`` atomically, with the run's ``config`` (a JSON-able dict) in the header."""
+    tensors = {**state.tensors(), "generator": state.generator.get_state(), "order": state.order}
+    tensors.update({f"momentum/{k}": v for k, v in state.momentum.momentum.items()})
+    for name, values in {**state.log, **{f"eval_{k}": v for k, v in state.evals.items()}}.items():
+        tensors[f"log/{name}"] = torch.tensor(values, dtype=torch.float64)
+    header = {
+        "format": FORMAT,
+        "config": config,
+        "iteration": state.iteration,
+        "skipped": state.skipped,
+    }
+    save_tensors(path, tensors, header)
+
+
+def load_checkpoint(path: Path, config: dict[str, Any], device: torch.device) -> DistillState:
+    """Read a checkpoint written by :func:`save_checkpoint` for the same ``config``.
+
+    Raises ``ValueError`` listing the differing fields when it belongs to another run, and naming
+    the file when it is truncated or of another kind.
+    """
+    tensors, header = load_tensors(path)
+    saved = header.get("config")
+    if header.get("format") != FORMAT or not isinstance(saved, dict):
+        raise ValueError(f"{path} is not a tesla_func distillation checkpoint; delete it")
+    now = json.loads(json.dumps(config))
+    if saved != now:
+        diffs = [
+            f"{k}: saved {saved.get(k)!r} vs now {v!r}"
+            for k, v in now.items()
+            if saved.get(k) != v
+        ]
+        diffs += [f"{k}: saved {saved[k]!r}, gone now" for k in saved if k not in now]
+        raise ValueError(
+            f"{path} belongs to another run ({'; '.join(diffs[:8])}); use another "
+            "output directory or the same config"
+        )
+    gen = torch.Generator()
+    gen.set_state(tensors["generator"])
+    on = {k: v.to(device) for k, v in tensors.items() if not k.startswith("log/")}
+    return DistillState(
+        iteration=int(header["iteration"]),
+        images=on["images"],
+        label_logits=on.get("label_logits"),
+        log_lr=on["log_lr"],
+        momentum=SGDState(
+            {k.removeprefix("momentum/"): v for k, v in on.items() if k.startswith("momentum/")}
+        ),
+        generator=gen,
+        order=tensors["order"],
+        log={f: tensors[f"log/{f}"].tolist() for f in LOG_FIELDS},
+        evals={f: tensors[f"log/eval_{f}"].tolist() for f in EVAL_FIELDS},
+        skipped=int(header["skipped"]),
+    )
