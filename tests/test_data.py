@@ -685,8 +685,6 @@ def test_folder_is_found_only_under_root(tmp_path, monkeypatch):
 
 
 def test_folder_end_to_end_experts_distill_evaluate(tmp_path):
-    # Kept in one function: the distillation API is being reworked; only its construction
-    # (DistillConfig / Distiller) should need adapting.
     from tesla_func.distill import DistillConfig, Distiller
     from tesla_func.experts import ExpertConfig, load_experts, train_experts
 
@@ -709,11 +707,11 @@ def test_folder_end_to_end_experts_distill_evaluate(tmp_path):
         ipc=2,
         iterations=2,
         syn_steps=2,
-        expert_epochs=1,
+        match_epochs=1,
         max_start_epoch=1,
         eval_epochs=2,
         eval_models=1,
-        checkpoint_every=2,
+        save_every=2,
     )
     distiller = Distiller(cfg, tmp_path / "run", progress=False, dataset=ds, experts=[expert])
     synthetic = distiller.run()
