@@ -87,6 +87,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from tesla_func.models import ConvNetConfig
+from tesla_func.sampling import per_class_indices, seeded_generator
 
 ENV_VAR = "TESLA_FUNC_DATA"
 ZCA_EPS = 0.1  # docs/reference.md section 3: kornia ZCAWhitening(eps=0.1), as MTT and TESLA use
@@ -106,6 +107,8 @@ class DatasetInfo:
     zca: bool  # images are ZCA-whitened after the mean/std normalisation
     zca_eps: float | None  # kornia ZCAWhitening eps, None without ZCA
     source: str  # where the files were read ("scikit-learn" for digits)
+    # training images per class held out as the validation split (never trained on)
+    val_per_class: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,6 +135,9 @@ class Dataset:
     test_images: Tensor  # (N_test, C, H, W) float32, same transform as train
     test_labels: Tensor  # (N_test,) int64
     whitening: ZCAWhitening | None = None  # fitted on the normalised train images when info.zca
+    # the validation split: info.val_per_class images of every class, held out of train_*
+    val_images: Tensor | None = None  # (N_val, C, H, W) float32, same transform as train
+    val_labels: Tensor | None = None  # (N_val,) int64
 
     def from_pixels(self, pixels: Tensor) -> Tensor:
         """(B, C, H, W) pixels in [0, 1] -> the network's input space (normalised, whitened)."""
@@ -171,6 +177,9 @@ class _Spec:
 
     name: str
     summary: str  # for `tesla-func data`
+    # images per class held out of the training files as the validation split; None: one
+    # sixth of the smallest class (at least 1)
+    val_per_class: int | None
     mean: tuple[float, ...] | None  # None: computed from the train images
     std: tuple[float, ...] | None
     zca_default: bool
@@ -760,7 +769,8 @@ _ENV_HINT = f"or pass root=DIR (--root DIR) or set {ENV_VAR}=DIR"
 _SPECS: dict[str, _Spec] = {
     "fashion-mnist": _Spec(
         name="fashion-mnist",
-        summary="60000 train / 10000 test, 28x28x1, 10 classes",
+        val_per_class=500,
+        summary="55000 train + 5000 validation / 10000 test, 28x28x1, 10 classes",
         mean=(0.2860,),
         std=(0.3530,),  # DC-bench's values
         zca_default=False,
@@ -773,7 +783,8 @@ _SPECS: dict[str, _Spec] = {
     ),
     "digits": _Spec(
         name="digits",
-        summary="1438 train / 359 test, 8x8x1, 10 classes",
+        val_per_class=20,
+        summary="1238 train + 200 validation / 359 test, 8x8x1, 10 classes",
         mean=None,
         std=None,
         zca_default=False,
@@ -784,7 +795,8 @@ _SPECS: dict[str, _Spec] = {
     ),
     "cifar10": _Spec(
         name="cifar10",
-        summary="50000 train / 10000 test, 32x32x3, 10 classes",
+        val_per_class=500,
+        summary="45000 train + 5000 validation / 10000 test, 32x32x3, 10 classes",
         mean=(0.4914, 0.4822, 0.4465),
         std=(0.2023, 0.1994, 0.2010),  # MTT's values
         zca_default=True,
@@ -795,7 +807,8 @@ _SPECS: dict[str, _Spec] = {
     ),
     "cifar100": _Spec(
         name="cifar100",
-        summary="50000 train / 10000 test, 32x32x3, 100 classes",
+        val_per_class=50,
+        summary="45000 train + 5000 validation / 10000 test, 32x32x3, 100 classes",
         mean=(0.5071, 0.4866, 0.4409),
         std=(0.2673, 0.2564, 0.2762),  # MTT's values
         zca_default=True,
@@ -806,7 +819,9 @@ _SPECS: dict[str, _Spec] = {
     ),
     "imagenet64": _Spec(
         name="imagenet64",
-        summary="1281167 train / 50000 val, 64x64x3, 1000 classes (~63 GB as float32)",
+        val_per_class=10,
+        summary="1271167 train + 10000 validation / 50000 test (the official val), 64x64x3, "
+        "1000 classes (~63 GB as float32)",
         mean=(0.485, 0.456, 0.406),
         std=(0.229, 0.224, 0.225),  # the usual ImageNet values
         zca_default=False,
@@ -817,6 +832,7 @@ _SPECS: dict[str, _Spec] = {
     ),
     "folder": _Spec(
         name="folder",
+        val_per_class=None,
         summary="your own PNG/JPEG images, one sub-folder per class (or train/ and test/)",
         mean=None,
         std=None,
@@ -885,6 +901,7 @@ def load_dataset(
     *,
     zca: bool | None = None,
     image_size: int | None = None,
+    val_per_class: int | None = None,
 ) -> Dataset:
     """Load a registered dataset: normalised float32 images, int64 labels and its metadata.
 
@@ -896,6 +913,10 @@ def load_dataset(
             and applied to both splits; ``None`` takes the dataset's default (on for CIFAR).
         image_size: "folder" only: resize every image to this side S (bilinear, antialiased);
             ``None`` keeps the images' own size, which must then be one square size for all.
+        val_per_class: training images of every class held out as the validation split
+            (:func:`validation_indices`); ``None`` takes the dataset's documented number (500 per
+            class for Fashion-MNIST and CIFAR-10, 50 for CIFAR-100, 10 for ImageNet64, 20 for
+            digits, a sixth of the smallest class for "folder"); 0 holds out nothing.
 
     Raises:
         KeyError: unknown name (the message lists the known ones).
@@ -918,7 +939,15 @@ def load_dataset(
             f"dataset {name!r} not found; looked in: {looked}. To get it: {spec.how_to_get}."
         )
     raw = spec.read(where.found, **{option: options[option] for option in spec.read_options})
-    train_x = torch.from_numpy(np.ascontiguousarray(raw.train_x)).float().div_(raw.max_value)
+    train_y = torch.from_numpy(np.ascontiguousarray(raw.train_y)).long()
+    per_class = _validation_size(spec, train_y, raw.class_names, where.found, val_per_class)
+    val_index = validation_indices(train_y, per_class, len(raw.class_names))
+    keep = np.ones(len(train_y), dtype=bool)
+    keep[val_index.numpy()] = False
+    # split the uint8 arrays, before they become 4x larger floats
+    train_x = torch.from_numpy(np.ascontiguousarray(raw.train_x[keep])).float().div_(raw.max_value)
+    val_x = torch.from_numpy(raw.train_x[val_index.numpy()]).float().div_(raw.max_value)
+    val_y, train_y = train_y[val_index], train_y[torch.from_numpy(keep)]
     test_x = torch.from_numpy(np.ascontiguousarray(raw.test_x)).float().div_(raw.max_value)
     if spec.mean is None:  # digits, folder: the train set's own statistics
         mean = tuple(train_x.mean(dim=(0, 2, 3)).tolist())
@@ -942,22 +971,59 @@ def load_dataset(
         zca=use_zca,
         zca_eps=ZCA_EPS if use_zca else None,
         source=str(where.found),
+        val_per_class=per_class,
     )
     stats = _channel_stats(info, train_x)
-    train_x = train_x.sub_(stats[0]).div_(stats[1])  # in place: ImageNet-sized sets are large
-    test_x = test_x.sub_(stats[0]).div_(stats[1])
+    for x in (train_x, val_x, test_x):  # in place: ImageNet-sized sets are large
+        x.sub_(stats[0]).div_(stats[1])
     whitening = None
     if use_zca:
         whitening = fit_zca(train_x)
-        train_x, test_x = whitening(train_x), whitening(test_x)
+        train_x, val_x, test_x = whitening(train_x), whitening(val_x), whitening(test_x)
     return Dataset(
         info=info,
         train_images=train_x,
-        train_labels=torch.from_numpy(np.ascontiguousarray(raw.train_y)).long(),
+        train_labels=train_y,
         test_images=test_x,
         test_labels=torch.from_numpy(np.ascontiguousarray(raw.test_y)).long(),
         whitening=whitening,
+        val_images=val_x,
+        val_labels=val_y,
     )
+
+
+VALIDATION_SEED = 0  # the split is the same for every run, whatever the run's own seed
+
+
+def validation_indices(labels: Tensor, per_class: int, num_classes: int) -> Tensor:
+    """Indices of the validation split among the training files' ``labels`` (N,): the first
+    ``per_class`` of a permutation of each class's rows drawn from
+    ``seeded_generator(VALIDATION_SEED)`` (:func:`tesla_func.sampling.per_class_indices`), sorted.
+    Fixed: it depends on the labels only, never on a run's seed."""
+    if per_class == 0:
+        return torch.zeros(0, dtype=torch.long)
+    index = per_class_indices(labels, per_class, seeded_generator(VALIDATION_SEED), num_classes)
+    return index.sort().values
+
+
+def _validation_size(spec: _Spec, labels: Tensor, class_names: tuple[str, ...], where: Path,
+                     asked: int | None) -> int:
+    """Images per class to hold out: as asked, else the spec's number, else a sixth of the
+    smallest class."""
+    counts = torch.bincount(labels, minlength=len(class_names))
+    smallest = int(counts.min())
+    per_class = asked if asked is not None else spec.val_per_class
+    per_class = per_class if per_class is not None else max(1, smallest // 6)
+    if not isinstance(per_class, int) or per_class < 0:
+        raise ValueError(f"val_per_class must be an int >= 0, got {per_class!r}")
+    if per_class and smallest <= per_class:
+        c = int(counts.argmin())
+        raise ValueError(
+            f"dataset {spec.name!r} from {where}: class {class_names[c]!r} has {smallest} "
+            f"training images, too few to hold out {per_class} for validation and train on the "
+            "rest; give every class at least " + str(per_class + 1)
+        )
+    return per_class
 
 
 def fit_zca(images: Tensor, eps: float = ZCA_EPS) -> ZCAWhitening:

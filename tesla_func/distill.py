@@ -210,12 +210,19 @@ class Distiller:
             experts = load_experts(cfg.experts_dir)
         _check_experts(cfg, experts)
         self.experts = [e.to(self.device) for e in experts]
-        name = experts[0].dataset
+        name, trained_on = experts[0].dataset, experts[0].header.get("dataset_info", {})
+        held_out = int(trained_on.get("val_per_class", 0))  # older expert files: none
         if dataset is None:
-            zca = bool(experts[0].header.get("dataset_info", {}).get("zca", False))
-            dataset = load_dataset(name, cfg.data_root, zca=zca)
+            dataset = load_dataset(name, cfg.data_root, zca=bool(trained_on.get("zca", False)),
+                                   val_per_class=held_out)
         if dataset.info.name != name:
             raise ValueError(f"dataset {dataset.info.name!r} is not the experts' {name!r}")
+        if dataset.info.val_per_class != held_out:
+            raise ValueError(
+                f"the experts were trained with {held_out} images per class held out for "
+                f"validation, the dataset given holds out {dataset.info.val_per_class}: load it "
+                f"with val_per_class={held_out}, or train the experts on this split"
+            )
         self.dataset = dataset
         k = dataset.info.num_classes
         self.n = cfg.ipc * k
@@ -339,27 +346,32 @@ class Distiller:
     def evaluate(
         self, synthetic: SyntheticSet | None = None, protocol: EvalConfig | None = None
     ) -> EvalResult:
-        """Train fresh networks on the synthetic set (with its learned lr) and test them."""
+        """Train fresh networks on the synthetic set (with its learned lr); test them on the
+        validation split and the test set."""
         synthetic = synthetic or self.synthetic_set()
         protocol = protocol or self.protocol(lr=synthetic.lr)
-        return evaluate(synthetic.images, synthetic.labels, self.dataset.test_images,
-                        self.dataset.test_labels, protocol, DSA() if self.cfg.dsa else None,
-                        num_classes=self.dataset.info.num_classes)
+        data = self.dataset
+        return evaluate(synthetic.images, synthetic.labels, data.test_images, data.test_labels,
+                        protocol, DSA() if self.cfg.dsa else None,
+                        num_classes=data.info.num_classes, val_images=data.val_images,
+                        val_labels=data.val_labels)
 
     def _record_eval(self) -> None:
         result = self.last_eval = self.evaluate()
         s = self.state
-        for name, value in zip(EVAL_FIELDS, (s.iteration, result.mean, result.std)):
+        values = (s.iteration, result.mean, result.std, result.val_mean, result.val_std)
+        for name, value in zip(EVAL_FIELDS, values):
             s.evals[name].append(float(value))
-        tqdm.write(f"iteration {s.iteration}: test accuracy {result}")
+        tqdm.write(f"iteration {s.iteration}: validation accuracy {100 * result.val_mean:.2f} %, "
+                   f"test accuracy {result}")
 
     def log_results(self):
         """The per-iteration log and the evaluations as one xarray Dataset."""
         s, cfg = self.state, self.cfg
         data = {name: (("iteration",), np.asarray(values, dtype=np.float64))
                 for name, values in s.log.items()}
-        data["eval_accuracy_mean"] = (("eval_iteration",), np.asarray(s.evals["accuracy_mean"]))
-        data["eval_accuracy_std"] = (("eval_iteration",), np.asarray(s.evals["accuracy_std"]))
+        for name in EVAL_FIELDS[1:]:
+            data[f"eval_{name}"] = (("eval_iteration",), np.asarray(s.evals[name]))
         coords = {
             "iteration": np.arange(1, len(s.log["loss"]) + 1),
             "eval_iteration": np.asarray(s.evals["iteration"], dtype=np.int64),

@@ -33,7 +33,9 @@ LOG_FIELDS = (
     "start_epoch",  # its start epoch t
     "seconds",  # wall time of the iteration
 )
-EVAL_FIELDS = ("iteration", "accuracy_mean", "accuracy_std")
+# per evaluation: test accuracy, and validation accuracy (what choices of an iteration use)
+EVAL_FIELDS = ("iteration", "accuracy_mean", "accuracy_std", "val_accuracy_mean",
+               "val_accuracy_std")
 
 
 @dataclass

@@ -118,7 +118,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Test accuracies of the K trained models (fractions in [0, 1])."""
+    """Test (and validation) accuracies of the K trained models (fractions in [0, 1])."""
 
     accuracies: tuple[float, ...]  # (K,) test accuracy of model k
     config: EvalConfig
@@ -126,6 +126,8 @@ class EvalResult:
     train_size: int  # N, training images
     seconds: float  # wall time of training and testing all K models
     final_params: Params | None = None  # name -> (K, ...) trained weights if config.keep_params
+    # (K,) accuracy of model k on the validation split, when one was given: what choices use
+    val_accuracies: tuple[float, ...] | None = None
 
     @property
     def mean(self) -> float:
@@ -135,6 +137,15 @@ class EvalResult:
     def std(self) -> float:
         """Population std (ddof 0) over the K models, as the field reports it (np.std)."""
         return float(np.std(self.accuracies))
+
+    @property
+    def val_mean(self) -> float:
+        """Mean validation accuracy (NaN without a validation split)."""
+        return float(np.mean(self.val_accuracies)) if self.val_accuracies else math.nan
+
+    @property
+    def val_std(self) -> float:
+        return float(np.std(self.val_accuracies)) if self.val_accuracies else math.nan
 
     def __str__(self) -> str:
         return (
@@ -158,6 +169,9 @@ class EvalResult:
             accuracy_mean=self.mean,
             accuracy_std=self.std,
         )
+        if self.val_accuracies is not None:
+            ds["val_accuracy"] = (("model",), np.asarray(self.val_accuracies),
+                                  {"units": "fraction"})
         for name, value in reversed(list(labels.items())):
             ds = ds.expand_dims({name: [value]})
         return ds
@@ -243,8 +257,9 @@ def _batches(n: int, batch_size: int) -> list[slice]:
 class _Sets(NamedTuple):
     images: Tensor  # (N, C, H, W)
     labels: Tensor  # (N,) long or (N, classes) probabilities in the images' dtype
-    test_images: Tensor  # (M, C, H, W)
-    test_labels: Tensor  # (M,) long
+    # what the trained models are tested on: "test" (M, C, H, W) images with (M,) long labels,
+    # and "val" when a validation split is given
+    tested: dict[str, tuple[Tensor, Tensor]]
 
 
 def accuracy(
@@ -269,8 +284,8 @@ def _train_vmap(
     sets: _Sets,
     cfg: EvalConfig,
     augment: RandomAugment | None,
-) -> tuple[list[float], Params]:
-    images, labels, test_images, test_labels = sets
+) -> tuple[dict[str, list[float]], Params]:
+    images, labels, tested = sets
     k_models, n = len(inits), images.shape[0]
     params = {name: torch.stack([p[name] for p in inits]) for name in inits[0]}  # name -> (K, ...)
     orders = [seeded_generator(cfg.seed, k, _ORDER) for k in range(k_models)]
@@ -299,9 +314,10 @@ def _train_vmap(
     logits_of = vmap(
         lambda p, x: functional_call(skeleton, p, (x,), strict=True), in_dims=(0, None)
     )
-    tested = accuracy(lambda x: logits_of(params, x), test_images, test_labels,
-                      cfg.test_batch_size)  # (K,)
-    return tested.tolist(), params
+    return {
+        name: accuracy(lambda x: logits_of(params, x), x, y, cfg.test_batch_size).tolist()
+        for name, (x, y) in tested.items()
+    }, params
 
 
 def _train_loop(
@@ -310,9 +326,10 @@ def _train_loop(
     sets: _Sets,
     cfg: EvalConfig,
     augment: RandomAugment | None,
-) -> tuple[list[float], Params]:
-    images, labels, test_images, test_labels = sets
-    n, accuracies, finals = images.shape[0], [], []
+) -> tuple[dict[str, list[float]], Params]:
+    images, labels, tested = sets
+    n, finals = images.shape[0], []
+    accuracies: dict[str, list[float]] = {name: [] for name in tested}
     optimizer = sgd(cfg.momentum, cfg.weight_decay)
     bar = tqdm(
         total=cfg.epochs * len(inits),
@@ -349,7 +366,8 @@ def _train_loop(
                         p.copy_(stepped[name])
             bar.update(1)
         model.eval()
-        accuracies.append(float(accuracy(model, test_images, test_labels, cfg.test_batch_size)))
+        for name, (x, y) in tested.items():
+            accuracies[name].append(float(accuracy(model, x, y, cfg.test_batch_size)))
         finals.append({name: p.detach().clone() for name, p in params.items()})
     bar.close()
     return accuracies, {name: torch.stack([f[name] for f in finals]) for name in finals[0]}
@@ -364,8 +382,11 @@ def evaluate(
     augment: RandomAugment | None = None,
     *,
     num_classes: int | None = None,
+    val_images: Tensor | None = None,
+    val_labels: Tensor | None = None,
 ) -> EvalResult:
-    """Train ``config.num_models`` fresh networks on (images, labels); test them on the test set.
+    """Train ``config.num_models`` fresh networks on (images, labels); test them on the test set
+    (and on the validation split, if given: choices are made on it, never on the test set).
 
     images:      (N, C, H, W) float training images (a distilled set or real images); its dtype
                  is the training dtype
@@ -376,12 +397,16 @@ def evaluate(
     augment:     ``(x (B, C, H, W), generator) -> (B, C, H, W)``, called on every training batch
                  with the model's own CPU generator (DSA: pass ``tesla_func.augment.DSA()``); None = none
     num_classes: defaults to the soft labels' width, else max label + 1 over both sets
+    val_images, val_labels: (V, C, H, W) and (V,) the validation split; ``val_accuracies``
 
     The architecture is ``config.arch`` built for (C, num_classes, H) with ``config.arch_kwargs``;
     H must equal W. Returns the K test accuracies (fractions) with their mean and std.
     """
     cfg = config
     num_classes = _check_sets(images, labels, test_images, test_labels, num_classes)
+    has_val = val_images is not None and len(val_images) > 0
+    if has_val:
+        _check_sets(images, labels, val_images, val_labels, num_classes)
     if images.shape[2] != images.shape[3]:
         raise ValueError(f"images must be square, got (H, W) = {tuple(images.shape[2:])}")
     device, dtype = torch.device(cfg.device), images.dtype
@@ -399,11 +424,13 @@ def evaluate(
         for k in range(cfg.num_models)
     ]
     skeleton = skeleton.to(device)
+    tested = {"test": (test_images, test_labels), **({"val": (val_images, val_labels)}
+                                                       if has_val else {})}
     sets = _Sets(
         images.detach().to(device),
         labels.detach().to(device, dtype if labels.dim() == 2 else torch.long),  # soft / hard
-        test_images.detach().to(device, dtype),
-        test_labels.detach().to(device).long(),
+        {name: (x.detach().to(device, dtype), y.detach().to(device).long())
+         for name, (x, y) in tested.items()},
     )
 
     has_buffers = any(True for _ in skeleton.buffers())
@@ -413,7 +440,8 @@ def evaluate(
     start = time.perf_counter()
     accuracies, final = train(skeleton, inits, sets, cfg, augment)
     return EvalResult(
-        accuracies=tuple(accuracies),
+        accuracies=tuple(accuracies["test"]),
+        val_accuracies=tuple(accuracies["val"]) if has_val else None,
         config=cfg,
         engine=engine,
         train_size=sets.images.shape[0],

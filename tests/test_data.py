@@ -15,7 +15,22 @@ import pytest
 import torch
 
 from tesla_func import data
-from tesla_func.data import DATASETS, ENV_VAR, FASHION_MNIST_DIR, available, load_dataset, locate
+from tesla_func.data import (
+    DATASETS,
+    ENV_VAR,
+    FASHION_MNIST_DIR,
+    VALIDATION_SEED,
+    available,
+    locate,
+    validation_indices,
+)
+from tesla_func.data import load_dataset as load_with_validation
+
+
+def load_dataset(*args, **kwargs):
+    """Most tests here check what the files hold, so they keep every training image; the
+    validation split has tests of its own (``load_with_validation``)."""
+    return load_with_validation(*args, **{"val_per_class": 0, **kwargs})
 
 
 @pytest.fixture(autouse=True)
@@ -130,7 +145,7 @@ HAS_FASHION = (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file()
     "(apt-get install dataset-fashion-mnist)",
 )
 def test_fashion_mnist_from_the_debian_package():
-    ds = load_dataset("fashion-mnist")
+    ds = load_dataset("fashion-mnist")  # every training image: the files' contents
     assert ds.train_images.shape == (60000, 1, 28, 28) and ds.test_images.shape == (
         10000,
         1,
@@ -718,7 +733,8 @@ def test_folder_end_to_end_experts_distill_evaluate(tmp_path):
     assert synthetic.images.shape == (6, 3, 10, 10) and torch.isfinite(synthetic.images).all()
     result = distiller.evaluate(synthetic)
     assert len(result.accuracies) == 1 and 0 <= result.accuracies[0] <= 1
-    # Without dataset=, the distiller loads the folder itself from data_root: the same dataset.
+    # Without dataset=, the distiller loads the folder itself from data_root, with the experts'
+    # validation split: the same dataset.
     again = Distiller(cfg, tmp_path / "run2", progress=False)
     assert again.dataset.info == ds.info
     assert torch.equal(again.dataset.train_images, ds.train_images)
@@ -735,3 +751,47 @@ def test_folder_applies_exif_orientation(tmp_path):
     ds = load_dataset("folder", root=tmp_path)
     shown = np.ascontiguousarray(written["ant/00.png"][:, ::-1, ::-1])
     assert _files_of(ds, ds.train_images[:1], {"ant/00.png": shown}) == ["ant/00.png"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The validation split
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not HAS_FASHION, reason="Fashion-MNIST not installed")
+def test_fashion_mnist_holds_out_5000_balanced_validation_images():
+    everything = load_dataset("fashion-mnist")
+    ds = load_with_validation("fashion-mnist")
+    assert ds.info.val_per_class == 500 and ds.val_images.shape == (5000, 1, 28, 28)
+    assert torch.equal(torch.bincount(ds.val_labels), torch.full((10,), 500))
+    assert torch.equal(torch.bincount(ds.train_labels), torch.full((10,), 5500))
+    # the two parts are the training files, disjoint and complete
+    index = validation_indices(everything.train_labels, 500, 10)
+    assert torch.equal(ds.val_images, everything.train_images[index])
+    keep = torch.ones(60000, dtype=torch.bool)
+    keep[index] = False
+    assert torch.equal(ds.train_images, everything.train_images[keep])
+    assert torch.equal(ds.test_images, everything.test_images)
+
+
+def test_the_split_is_fixed_whatever_the_run():
+    a, b = load_with_validation("digits"), load_with_validation("digits")
+    assert torch.equal(a.val_images, b.val_images) and a.val_images.shape == (200, 1, 8, 8)
+    assert torch.equal(torch.bincount(a.val_labels), torch.full((10,), 20))
+    labels = a.train_labels.repeat(2)
+    first = validation_indices(labels, 3, 10)
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert torch.equal(first, validation_indices(labels, 3, 10))
+    assert VALIDATION_SEED == 0
+    # the mean/std of digits are the (remaining) train part's own
+    assert abs(a.train_images.mean().item()) < 1e-5
+
+
+def test_a_class_too_small_to_split_is_named(tmp_path):
+    write_folder(tmp_path)  # 6 images per class: 1 test, 5 train
+    assert load_with_validation("folder", root=tmp_path).info.val_per_class == 1
+    with pytest.raises(ValueError, match=r"class 'ant' has 5 training images, too few to hold "
+                                         r"out 5 for validation"):
+        load_with_validation("folder", root=tmp_path, val_per_class=5)
+    with pytest.raises(ValueError, match="val_per_class must be an int >= 0"):
+        load_with_validation("digits", val_per_class=-1)
