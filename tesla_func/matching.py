@@ -30,6 +30,14 @@ memory cost:
     One vjp of (theta, X, Y) -> g returns H_i lam, J_X^T lam and J_Y^T lam together. Equal to
     ``unrolled`` up to rounding at the memory of ``tesla`` plus T parameter vectors.
 
+Trading memory for time (``keep_graphs = k``, ``tesla`` and ``exact``): the first pass builds the
+graphs of the last K = max(1, min(k, T)) steps and keeps them, and the walk back pulls through them
+instead of rebuilding them; the other T - K steps are rebuilt as above. The last step's graph was
+always kept (built last, needed first), so k = 0 and k = 1 are both the default method. Memory grows
+by one step graph per kept step and the work shrinks by one step rebuild (a forward and backward);
+at k = T, ``exact`` does the work of ``unrolled``, holds its T graphs and returns its gradient.
+The gradient does not depend on k (tests: float64, rtol 1e-10). ``unrolled`` ignores k.
+
 All three share :class:`Problem` (validated inputs) and :meth:`Problem.step_grad` (the inner step), and
 are registered in :data:`METHODS` with one signature ``(problem) -> MatchResult``.
 """
@@ -150,7 +158,8 @@ class Problem:
     lr: Tensor  # () beta > 0
     batches: tuple[Tensor, ...]  # T index tensors (B_i,) into images
     augment: StepAugment | None
-    state_stride: int  # exact method: keep every k-th student state
+    state_stride: int  # exact: keep every s-th student state, recompute the others
+    keep_graphs: int  # tesla, exact: the last max(1, k) steps keep their pass-1 graphs (k <= T)
 
     @property
     def steps(self) -> int:
@@ -284,36 +293,54 @@ class _DataGrads:
                 self.labels += pulled.labels
 
 
+def _first_kept(p: Problem) -> int:
+    """Index of the first step whose pass-1 graph is kept: the last max(1, keep_graphs) steps are.
+
+    The last step's graph is always kept: pass 1 builds it last, and the walk back needs it first,
+    so keeping it costs no extra memory (one graph is alive either way) and saves its rebuild.
+    Hence keep_graphs = 0 and 1 are the same method.
+    """
+    return p.steps - max(1, p.keep_graphs)
+
+
 def tesla(p: Problem) -> MatchResult:
     """TESLA's two-pass gradient: the first-order truncation of ``unrolled`` (proofs Eq. B3).
 
     Pass 1 (no graph): theta_T and G = sum_i g_i. Then L, dL/dbeta = -2 (theta_T - target).G / D and
     v = -2 beta (theta_T - target) / D (proofs/b_two_pass.md, Eq. B1). Pass 2 recomputes each
     g_i with a graph over the images (and label logits) only and accumulates v^T dg_i/dX;
-    theta_i is rebuilt from the recomputed g_i, so nothing of size T is stored. The last step is taken with its graph already
-    in pass 1 (its vjp waits for v), so pass 2 recomputes only the T - 1 steps before it.
+    theta_i is rebuilt from the recomputed g_i, so nothing of size T is stored.
+
+    The last K = max(1, keep_graphs) steps are taken with their graphs already in pass 1, and their
+    vjps wait for v (:func:`_first_kept`); pass 2 recomputes only the T - K steps before them.
+    Memory: K step graphs at the end of pass 1, then one.
     """
-    last = p.steps - 1
+    first_kept = _first_kept(p)
     total = {k: torch.zeros_like(v) for k, v in p.start.items()}  # G = sum_i g_i
     params = p.start
-    for _, _, g, params in p.run_steps(0, last, p.start):  # leaves params = theta_{T-1}
+    for _, _, g, params in p.run_steps(0, first_kept, p.start):  # leaves params = theta_{T-K}
         total = _axpy(1.0, g, total)
-    g, pullback = p.step_vjp(params, last, wrt_params=False)
+    kept = []  # pullbacks of steps T-K .. T-1, each holding its step graph
+    for i in range(first_kept, p.steps):
+        g, pullback = p.step_vjp(params, i, wrt_params=False)
+        kept.append(pullback)
+        with torch.no_grad():
+            total = _axpy(1.0, g, total)
+            params = _axpy(-p.lr, g, params)  # ends as theta_T
     with torch.no_grad():
-        total = _axpy(1.0, g, total)
-        residual = _sub(_axpy(-p.lr, g, params), p.target)  # theta_T - target
+        residual = _sub(params, p.target)  # theta_T - target
         loss = _sq_norm(residual) / p.denominator
         lr_grad = -2.0 * _dot(residual, total) / p.denominator
         v = {k: (-2.0 * p.lr / p.denominator) * r for k, r in residual.items()}
 
     grads = _DataGrads.zeros(p)
-    grads.add(pullback(v))
-    del pullback  # one graph alive at a time
+    while kept:  # last step first; each graph is freed as soon as it has been pulled back
+        grads.add(kept.pop()(v))
     params = p.start
-    for i in range(last):
+    for i in range(first_kept):
         g, pullback = p.step_vjp(params, i, wrt_params=False)
         grads.add(pullback(v))
-        del pullback
+        del pullback  # one graph alive at a time
         with torch.no_grad():
             params = _axpy(-p.lr, g, params)
     return MatchResult(loss, grads.images, grads.labels, lr_grad)
@@ -322,28 +349,35 @@ def tesla(p: Problem) -> MatchResult:
 def exact(p: Problem) -> MatchResult:
     """Exact adjoint gradient with one step graph alive at a time (proofs/c_adjoint.md, Eqs. C1-C6).
 
-    Forward (no graph): keep theta_i for i a multiple of ``state_stride`` (k); the last step is
-    taken with its graph, which the walk back uses first. Backward: for i from T - 1 down to 0,
-    rebuild theta_i from its checkpoint (k > 1: once per segment of k steps) and take one vjp of
+    Forward (no graph): keep theta_i for i a multiple of ``state_stride`` (s); the last
+    K = max(1, keep_graphs) steps are taken with their graphs (:func:`_first_kept`), which the walk
+    back uses first. Backward: for i from T - 1 down to 0, rebuild theta_i from its checkpoint
+    (s > 1: once per segment of s steps) unless step i's graph was kept, and take one vjp of
     (theta, X, Y) -> g_i with cotangent -beta lam_{i+1}::
 
         (-beta H_i lam, -beta J_X^T lam, -beta J_Y^T lam) = vjp(lam * -beta)
         lam_i = lam_{i+1} - beta H_i lam_{i+1}
         dbeta += -g_i . lam_{i+1}
 
-    Memory: one step graph + (T/k + k) parameter vectors. Compute: k = 1 needs no recomputation;
-    k > 1 adds (k - 1)/k of a forward pass of gradients.
+    Memory: K step graphs + (T/s + s) parameter vectors. Compute: T - K recomputed step graphs;
+    s > 1 adds (s - 1)/s of a forward pass of gradients. At K = T nothing is recomputed: the
+    FLOPs and the memory of ``unrolled``, and its gradient.
     """
-    k = p.state_stride
-    last = p.steps - 1
-    checkpoints: dict[int, Params] = {0: p.start}
+    s = p.state_stride
+    first_kept = _first_kept(p)  # steps first_kept .. T-1 keep their pass-1 graphs
+    checkpoints: dict[int, Params] = {0: p.start}  # only states of recomputed steps are needed
     params = p.start
-    for i, _, _, params in p.run_steps(0, last, p.start):  # leaves params = theta_{T-1}
-        if (i + 1) % k == 0:
+    for i, _, _, params in p.run_steps(0, first_kept, p.start):  # leaves params = theta_{T-K}
+        if (i + 1) % s == 0 and i + 1 < first_kept:
             checkpoints[i + 1] = params
-    g, pullback = p.step_vjp(params, last, wrt_params=True)
+    kept: dict[int, tuple[Params, Callable[[Params], StepCotangents]]] = {}
+    for i in range(first_kept, p.steps):
+        g, pullback = p.step_vjp(params, i, wrt_params=True)
+        kept[i] = (g, pullback)
+        with torch.no_grad():
+            params = _axpy(-p.lr, g, params)  # ends as theta_T
     with torch.no_grad():
-        residual = _sub(_axpy(-p.lr, g, params), p.target)  # theta_T - target
+        residual = _sub(params, p.target)  # theta_T - target
         loss = _sq_norm(residual) / p.denominator
         lam = {name: (2.0 / p.denominator) * r for name, r in residual.items()}  # dL/dtheta_T
 
@@ -351,14 +385,16 @@ def exact(p: Problem) -> MatchResult:
     lr_grad = torch.zeros_like(p.lr)
     segment: list[Params] = []  # theta_c .. theta_i, rebuilt from the checkpoint c <= i
     for i in reversed(range(p.steps)):
-        if i != last:
+        if i in kept:
+            g, pullback = kept.pop(i)
+        else:
             if not segment:
-                first = i - i % k
+                first = i - i % s
                 state = checkpoints.pop(first)
                 segment = [state] + [after for *_, after in p.run_steps(first, i, state)]
             g, pullback = p.step_vjp(segment.pop(), i, wrt_params=True)
         pulled = pullback({name: -p.lr * v for name, v in lam.items()})
-        del pullback  # one graph alive at a time
+        del pullback  # the graph is freed; one fewer alive
         grads.add(pulled)
         with torch.no_grad():
             lr_grad -= _dot(g, lam)
@@ -467,8 +503,22 @@ def _num_classes(model: nn.Module, params: Params, buffers: Params, images: Tens
     return out.shape[1]
 
 
+def _check_count(name: str, value: object, minimum: int, meaning: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum} ({meaning}), got {value!r}")
+
+
 def make_problem(
-    model, start, target, images, labels, lr, batches, augment=None, state_stride: int = 1
+    model,
+    start,
+    target,
+    images,
+    labels,
+    lr,
+    batches,
+    augment=None,
+    state_stride: int = 1,
+    keep_graphs: int = 0,
 ) -> Problem:
     """Validate the arguments of :func:`match_trajectory` and bundle them as a :class:`Problem`.
 
@@ -511,8 +561,10 @@ def make_problem(
     batches = _check_batches(batches, images.shape[0], images.device)
     if augment is not None and not callable(augment):
         raise TypeError("augment must be None or a callable (x, step) -> x")
-    if not isinstance(state_stride, int) or state_stride < 1:
-        raise ValueError(f"state_stride must be an int >= 1, got {state_stride!r}")
+    _check_count("state_stride", state_stride, 1, "keep every state_stride-th student state")
+    _check_count(
+        "keep_graphs", keep_graphs, 0, "the number of final steps whose pass-1 graphs are kept"
+    )
 
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a Tensor, got {type(labels).__name__}")
@@ -545,7 +597,17 @@ def make_problem(
             f"labels must be int64 class indices (N,) or float logits (N, K), got {labels.dtype}"
         )
     return Problem(
-        model, buffers, start, target, images, labels, lr, batches, augment, state_stride
+        model,
+        buffers,
+        start,
+        target,
+        images,
+        labels,
+        lr,
+        batches,
+        augment,
+        state_stride,
+        min(keep_graphs, len(batches)),  # more graphs than steps: keep them all
     )
 
 
@@ -561,6 +623,7 @@ def match_trajectory(
     augment: StepAugment | None = None,
     *,
     state_stride: int = 1,
+    keep_graphs: int = 0,
 ) -> MatchResult:
     """Trajectory-matching loss L (proofs/README.md) and its gradients w.r.t. images, labels, lr.
 
@@ -577,7 +640,15 @@ def match_trajectory(
         method: a key of :data:`METHODS`: "unrolled", "tesla" or "exact".
         augment: optional ``(x, step) -> x``; must give the same transform every time it is called
             with the same step (the two-pass and adjoint methods call it twice per step).
-        state_stride: "exact" only: keep every k-th student state and recompute the others.
+        state_stride: "exact" only: keep every s-th student state and recompute the others.
+        keep_graphs: "tesla" and "exact": k >= 0, the number of final steps whose graphs, built in
+            the first pass, are kept for the walk back instead of being rebuilt (trades memory for
+            time). The last step's graph is always kept (its vjp is the first one needed), so
+            k = 0 and k = 1 are the same method, today's default; k >= T keeps every graph (k
+            larger than T is clamped to T). Costs k step graphs of memory and saves k - 1 step
+            rebuilds; at k = T "exact" does the work and holds the memory of "unrolled". The
+            gradient does not depend on k (up to rounding). "unrolled" ignores it: it keeps all T
+            graphs anyway.
 
     Returns:
         :class:`MatchResult` (loss, images_grad, labels_grad or None, lr_grad), all detached.
@@ -586,7 +657,7 @@ def match_trajectory(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known methods: {sorted(METHODS)}")
     problem = make_problem(
-        model, start, target, images, labels, lr, batches, augment, state_stride
+        model, start, target, images, labels, lr, batches, augment, state_stride, keep_graphs
     )
     with _batch_statistics_only(model):
         return METHODS[method](problem)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from tesla_func import METHODS, ConvNet, match_trajectory
+from tesla_func import METHODS, ConvNet, match_trajectory, measure_peak_memory
 from tesla_func.models import init_params
 from tests.reference import unrolled_reference
 
@@ -173,6 +173,82 @@ def test_loss_is_the_same_for_every_method(case):
     ]
     for loss in losses[1:]:
         torch.testing.assert_close(loss, losses[0], rtol=1e-12, atol=0)
+
+
+def assert_same_result(actual, expected, what, rtol=1e-10):
+    """Equal up to rounding: every tensor of the MatchResult within rtol of its largest entry."""
+    for name in ("loss", "images_grad", "labels_grad", "lr_grad"):
+        a, e = getattr(actual, name), getattr(expected, name)
+        if e is None:
+            assert a is None, f"{what}: {name} should be None"
+            continue
+        torch.testing.assert_close(
+            a, e, rtol=rtol, atol=rtol * float(e.abs().max()) + 1e-300, msg=f"{what}: {name}"
+        )
+
+
+@SETTINGS
+@given(case=matching_cases(), data=st.data())
+def test_gradient_does_not_depend_on_keep_graphs(case, data):
+    """keep_graphs only chooses which step graphs are kept instead of rebuilt: same numbers."""
+    model, start, target, images, labels, lr, batches, augment = case
+    steps = len(batches)
+    keep = data.draw(st.integers(0, steps), label="keep_graphs")
+    stride = data.draw(st.integers(1, 3), label="state_stride")
+    for method in ("tesla", "exact"):
+        args = (model, start, target, images, labels, lr, batches)
+        base = match_trajectory(*args, method=method, augment=augment, state_stride=stride)
+        kept = match_trajectory(
+            *args, method=method, augment=augment, state_stride=stride, keep_graphs=keep
+        )
+        assert_same_result(kept, base, f"{method}, keep_graphs={keep} vs 0")
+
+
+@SETTINGS
+@given(case=matching_cases())
+def test_exact_keeping_every_graph_is_unrolled(case):
+    model, start, target, images, labels, lr, batches, augment = case
+    args = (model, start, target, images, labels, lr, batches)
+    full = match_trajectory(*args, method="unrolled", augment=augment)
+    for keep in (len(batches), len(batches) + 3):  # larger than T: clamped to T
+        kept = match_trajectory(*args, method="exact", augment=augment, keep_graphs=keep)
+        assert_same_result(kept, full, f"exact keep_graphs={keep} vs unrolled")
+
+
+def _memory_problem(steps, num_images=32):
+    gen = torch.Generator().manual_seed(0)
+    model = ConvNet(channels=1, num_classes=4, image_size=16, width=8, depth=2)
+    start = init_params(model, gen)
+    target = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in start.items()}
+    images = torch.randn(num_images, 1, 16, 16, generator=gen)
+    labels = torch.arange(num_images) % 4
+    batches = [torch.randperm(num_images, generator=gen) for _ in range(steps)]
+    return model, start, target, images, labels, torch.tensor(0.01), batches
+
+
+def _peak_bytes(args, **kwargs):
+    _, peak = measure_peak_memory(match_trajectory, *args, **kwargs)
+    assert peak.kind == "live-tensors"
+    return peak.peak_bytes
+
+
+def test_keep_graphs_peak_grows_with_k_and_reaches_unrolled(record_property):
+    """Live-tensor peaks (deterministic on CPU): one step graph more per kept step; exact at
+    k = T holds what unrolled holds (T = 6, ConvNet depth 2 width 8, 32 images 16x16, float32)."""
+    steps = 6
+    args = _memory_problem(steps)
+    unrolled_peak = _peak_bytes(args, method="unrolled")
+    record_property("peak_unrolled", unrolled_peak)
+    for method in ("tesla", "exact"):
+        peaks = [_peak_bytes(args, method=method, keep_graphs=k) for k in range(steps + 1)]
+        record_property(f"peaks_{method}_by_keep_graphs", peaks)
+        print(f"{method}: peak by keep_graphs 0..{steps}: {peaks}; unrolled {unrolled_peak}")
+        assert peaks[0] == peaks[1], "k = 0 and k = 1 are the same method"
+        assert all(a < b for a, b in zip(peaks[1:], peaks[2:])), f"{method}: {peaks}"
+        graph = (peaks[-1] - peaks[1]) / (steps - 1)  # bytes per kept step graph
+        assert all(abs(p - (peaks[1] + (k - 1) * graph)) < 0.05 * graph
+                   for k, p in enumerate(peaks[1:], start=1)), f"{method}: not linear {peaks}"
+    assert abs(peaks[-1] - unrolled_peak) < 0.02 * unrolled_peak  # exact, k = T
 
 
 def _cosine(a, b):

@@ -148,3 +148,13 @@ def test_state_stride_must_be_positive(args):
 def test_model_must_be_module(args):
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         call(args, model=lambda x: x)
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "2"])
+def test_keep_graphs_must_be_a_nonnegative_int(args, value):
+    with pytest.raises(ValueError, match=r"keep_graphs must be an int >= 0 \(the number of final"):
+        call(args, method="exact", keep_graphs=value)
+
+
+def test_keep_graphs_larger_than_steps_is_clamped(args):
+    assert float(call(args, method="tesla", keep_graphs=100).loss) > 0
