@@ -194,7 +194,7 @@ class DSA:
 
 @dataclass(frozen=True)
 class ReplayedDSA:
-    """``(x, step, rows=None) -> x``: applies the parameters drawn for ``step``; the same every call.
+    """``(x, step, rows=None) -> x``: applies the parameters drawn for ``step``, the same each call.
 
     A :class:`~tesla_func.types.RowAugment`: with ``rows`` (n,), ``x`` holds n rows of the step's
     minibatch, at those positions, and gets their transforms (``DSAParams.take``).

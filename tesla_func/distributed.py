@@ -13,19 +13,24 @@ Only parameter-sized tensors cross ranks: the step gradients g_i and the Hessian
 H_i u, summed by one all-reduce each (:func:`sum_over_ranks`; ``unrolled`` uses the
 differentiable :func:`all_reduce_sum`). The images' and labels' gradients J_c^T u stay on the rank
 that holds those rows. Every rank therefore walks the same student trajectory, bit for bit, and
-returns the same loss and lr gradient.
+returns the same loss and lr gradient. In ``unrolled`` autodiff runs through the all-reduces:
+every rank computes the same L and differentiates its share L / W (W ranks); the backward of a
+sum all-reduce sums the ranks' cotangents, which gives each rank dL/dX of its own rows, and its
+share of dL/dbeta (beta is held by every rank), summed over the ranks at the end.
 
 Before any work, :func:`agree` checks in two small collectives that the ranks' calls fit
 together, and raises the same error on every rank if not (so no rank waits forever in a
 collective the others never reach): a rank whose own arguments are invalid, ranks that disagree on
 what must be shared (start, target, lr, method, T, state_stride, keep_graphs, microbatch_size,
-model, label kind; compared through checksums), and steps with no row on any rank.
+model, label kind, kind of augmentation; compared exactly, through float64 checksums, so ranks
+must hold bit-identical checkpoints), and steps with no row on any rank. Whether the ranks'
+augmentations replay the same draws is not checked: draw them from the same generator state.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +111,8 @@ def check_group(group: object) -> tuple[int, int]:
             "group=torch.distributed.group.WORLD (or a new_group), or pass group=None for a "
             "call on one process"
         )
+    if group is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group gives a non-member
+        raise ValueError("this process is not a member of group: call with a group it is in")
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(
             f"group must be a torch.distributed.ProcessGroup (e.g. "
@@ -115,6 +122,10 @@ def check_group(group: object) -> tuple[int, int]:
     if rank < 0:
         raise ValueError("this process is not a member of group: call with a group it is in")
     return rank, dist.get_world_size(group)
+
+
+def world_size(group: object) -> int:
+    return dist.get_world_size(group)
 
 
 def _device(group: object) -> torch.device:
@@ -141,45 +152,51 @@ def _crc(text: str) -> float:
     return float(zlib.crc32(text.encode()))
 
 
-FIELDS = (
-    "T (the number of batches)",
-    "method",
-    "state_stride",
-    "keep_graphs",
-    "microbatch_size",
-    "lr",
-    "start",
-    "start (sum of squares)",
-    "start (weighted sum)",
-    "target",
-    "target (sum of squares)",
-    "target (weighted sum)",
-    "model (its repr)",
-    "model (BatchNorm layers using batch statistics)",
-    "number of classes",
-    "label kind (hard / soft)",
-    "dtype",
-    "image shape",
-    "augment (none / (x, step) / rows=)",
-)
-"""The names of the :func:`fingerprint` entries, in the order they are sent."""
+def _int(value: float) -> str:
+    return str(int(value))
 
 
-def fingerprint(inputs: Inputs, method: str | None) -> dict[str, float]:
-    """What every rank's call must share, as numbers, by the names of :data:`FIELDS`."""
+FIELDS: dict[str, object] = {
+    # name -> how to show its value in an error message (None: a checksum, not worth showing)
+    "T = len(batches)": _int,
+    "method": None,  # shown through the registry's names (see agree)
+    "state_stride": _int,
+    "keep_graphs": _int,
+    "microbatch_size": lambda v: "None" if v == 0 else _int(v),
+    "lr": lambda v: repr(float(v)),
+    "start (sum)": None,
+    "start (sum of squares)": None,
+    "start (weighted sum)": None,
+    "target (sum)": None,
+    "target (sum of squares)": None,
+    "target (weighted sum)": None,
+    "model (its repr)": None,
+    "model (BatchNorm layers using batch statistics)": _int,
+    "number of classes": _int,
+    "label kind": lambda v: "soft (float logits)" if v else "hard (int classes)",
+    "dtype": None,
+    "image shape": None,
+    "augment": lambda v: ("None", "augment(x, step)", "augment(x, step, rows=)")[int(v)],
+}
+"""The :func:`fingerprint` entries, in the order they are sent."""
+
+
+def fingerprint(inputs: Inputs, method: int) -> dict[str, float]:
+    """What every rank's call must share, as numbers, by the names of :data:`FIELDS`
+    (``method``: its position in the registry of methods, -1 if unknown)."""
     start, target = _checksums(inputs.start), _checksums(inputs.target)
     augment = inputs.augment
     return {
-        "T (the number of batches)": float(len(inputs.batches)),
-        "method": _crc(str(method)),
+        "T = len(batches)": float(len(inputs.batches)),
+        "method": float(method),
         "state_stride": float(inputs.state_stride),
         "keep_graphs": float(inputs.keep_graphs),
         "microbatch_size": float(inputs.microbatch_size or 0),
         "lr": float(inputs.lr),
-        "start": start[0],
+        "start (sum)": start[0],
         "start (sum of squares)": start[1],
         "start (weighted sum)": start[2],
-        "target": target[0],
+        "target (sum)": target[0],
         "target (sum of squares)": target[1],
         "target (weighted sum)": target[2],
         "model (its repr)": _crc(repr(inputs.model)),
@@ -187,12 +204,10 @@ def fingerprint(inputs: Inputs, method: str | None) -> dict[str, float]:
             len(batch_coupled_layers(inputs.model))
         ),
         "number of classes": float(inputs.num_classes),
-        "label kind (hard / soft)": float(inputs.labels.is_floating_point()),
+        "label kind": float(inputs.labels.is_floating_point()),
         "dtype": _crc(str(inputs.images.dtype)),
         "image shape": _crc(str(tuple(inputs.images.shape[1:]))),
-        "augment (none / (x, step) / rows=)": 0.0
-        if augment is None
-        else (2.0 if accepts_rows(augment) else 1.0),
+        "augment": 0.0 if augment is None else (2.0 if accepts_rows(augment) else 1.0),
     }
 
 
@@ -229,25 +244,30 @@ def agree(
     group: object,
     inputs: Inputs | None,
     method: str | None,
+    methods: Sequence[str],
     error: Exception | None,
 ) -> Layout:
     """The handshake: every rank raises the same error, or every rank gets the same Layout.
 
     Two all-gathers: one of a fixed-size float64 vector (an error flag and the
     :func:`fingerprint`), one of the per-step row counts (T int64, once T is known to agree).
-    ``inputs`` is None exactly when this rank's own validation raised ``error``.
+    ``inputs`` is None exactly when this rank's own validation raised ``error``; ``methods`` are
+    the names of the registry of methods.
     """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     device = _device(group)
+    names = list(FIELDS)
     if inputs is None:
-        values = [1.0] + [0.0] * len(FIELDS)
+        values = [1.0] + [0.0] * len(names)
     else:
-        mine = fingerprint(inputs, method)
-        assert tuple(mine) == FIELDS
+        index = methods.index(method) if method in methods else -1
+        mine = fingerprint(inputs, index)
+        assert list(mine) == names
         values = [0.0] + list(mine.values())
     row = torch.nan_to_num(torch.tensor(values, dtype=torch.float64, device=device), nan=-7e300)
-    table = _gather(group, row, world).cpu()  # (world, 1 + fields)
-    failed = [r for r in range(world) if table[r, 0] != 0]
+    gathered = _gather(group, row, world).cpu()  # (world, 1 + fields)
+    flags, table = gathered[:, 0], gathered[:, 1:]
+    failed = [r for r in range(world) if flags[r] != 0]
     if failed:
         if error is not None:
             raise error
@@ -255,18 +275,9 @@ def agree(
             f"the arguments of rank(s) {failed} are invalid (the error is raised there); every "
             "rank stops before any work"
         )
-    differ = [j for j in range(len(FIELDS)) if bool((table[:, j + 1] != table[0, j + 1]).any())]
+    differ = [j for j in range(len(names)) if bool((table[:, j] != table[0, j]).any())]
     if differ:
-        j = differ[0]
-        other = next(r for r in range(world) if table[r, j + 1] != table[0, j + 1])
-        raise ValueError(
-            "the ranks' calls do not fit together: they differ in "
-            f"{', '.join(FIELDS[d] for d in differ)} (e.g. {FIELDS[j]}: rank 0 has "
-            f"{table[0, j + 1].item():.17g}, rank {other} has {table[other, j + 1].item():.17g}). "
-            "Every rank must pass the same start, target, lr, method, number of batches, "
-            "state_stride, keep_graphs, microbatch_size, model, label kind and augmentation; "
-            "only images, labels and the batches' indices are the rank's own"
-        )
+        raise ValueError(_mismatch(names, differ, table, methods))
     counts = torch.tensor([len(b) for b in inputs.batches], dtype=torch.int64, device=device)
     counts = _gather(group, counts, world).cpu()  # (world, T)
     layout = Layout(rank, tuple(tuple(int(c) for c in r) for r in counts))
@@ -277,3 +288,26 @@ def agree(
             "its minibatch on some rank (batches[i] may be empty on some ranks, not on all)"
         )
     return layout
+
+
+def _mismatch(names: list[str], differ: list[int], table: Tensor, methods: Sequence[str]) -> str:
+    """The message for ranks whose shared arguments differ: which, and an example."""
+    kinds = list(dict.fromkeys(names[j].split(" (")[0] for j in differ))
+    j = differ[0]
+    other = next(r for r in range(len(table)) if table[r, j] != table[0, j])
+    show = FIELDS[names[j]]
+    if names[j] == "method":
+        def show(v: float) -> str:
+            return repr(methods[int(v)]) if 0 <= v < len(methods) else "an unknown method"
+    example = (
+        f"{names[j]}: rank 0 has {show(float(table[0, j]))}, rank {other} has "
+        f"{show(float(table[other, j]))}"
+        if show is not None
+        else f"rank 0 and rank {other} hold different {names[j].split(' (')[0]}"
+    )
+    return (
+        f"the ranks' calls do not fit together: they differ in {', '.join(kinds)} ({example}). "
+        "Every rank must pass the same start, target, lr, method, number of batches, "
+        "state_stride, keep_graphs, microbatch_size, model, label kind and kind of "
+        "augmentation; only images, labels and the batches' indices are the rank's own"
+    )

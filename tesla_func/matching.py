@@ -3,13 +3,13 @@
 The student starts at an expert checkpoint and takes T SGD steps on synthetic minibatches
 (proofs/README.md has the notation)::
 
-    theta_0 = start,   g_i = grad_theta l(theta_i; A_i(X[b_i]), Y[b_i]),   theta_{i+1} = theta_i - beta g_i
-    L = ||theta_T - target||^2 / D,   D = ||start - target||^2       (notation of proofs/README.md)
+    theta_0 = start,   g_i = grad_theta l(theta_i; A_i(X[b_i]), Y[b_i]),
+    theta_{i+1} = theta_i - beta g_i,   L = ||theta_T - target||^2 / D,   D = ||start - target||^2
 
-where ``b_i`` is the i-th index batch and ``A_i`` the (replayed) augmentation of step i. Every method
-returns the same loss and gradients of L with respect to the images X, the label logits Y (soft
-labels only) and the student learning rate beta, and differs only in *which* gradient and at what
-memory cost:
+where ``b_i`` is the i-th index batch and ``A_i`` the (replayed) augmentation of step i. Every
+method returns the same loss and gradients of L with respect to the images X, the label logits Y
+(soft labels only) and the student learning rate beta, and differs only in *which* gradient and at
+what memory cost:
 
 ``unrolled``
     reverse-mode autodiff through all T steps (MTT). Exact; keeps T step graphs alive.
@@ -21,11 +21,12 @@ memory cost:
     ``theta_T = theta_0 - beta sum_i g(stopgrad(theta_i); ...)``: exact at T = 1, a truncation
     for T >= 2 (the dropped terms: proofs/b_two_pass.md, Eq. B4).
 ``exact``
-    the adjoint method (proofs/c_adjoint.md): keep the T states theta_i (or every k-th and
+    the adjoint method (proofs/c_adjoint.md): keep the T states theta_i (or every s-th and
     recompute), then walk back with one graph at a time::
 
         lam_T = 2 (theta_T - target) / D
-        dX   += -beta J_i^T lam_{i+1},  dbeta += -g_i . lam_{i+1},  lam_i = lam_{i+1} - beta H_i lam_{i+1}
+        dX   += -beta J_i^T lam_{i+1},   dbeta += -g_i . lam_{i+1},
+        lam_i = lam_{i+1} - beta H_i lam_{i+1}
 
     One vjp of (theta, X, Y) -> g returns H_i lam, J_X^T lam and J_Y^T lam together. Equal to
     ``unrolled`` up to rounding at the memory of ``tesla`` plus T parameter vectors.
@@ -34,10 +35,10 @@ Trading memory for time (``keep_graphs = k``, ``tesla`` and ``exact``): the firs
 graphs of the last min(k, T) steps and keeps them, and the walk back pulls through them instead of
 rebuilding them; the other steps are rebuilt as above. The last graph the first pass builds (the
 whole last step when it is not split into microbatches) is kept in any case: built last, needed
-first, it costs no memory. So without microbatches k = 0 and k = 1 are the same method, the default.
-Memory grows by one step graph per kept step and the work shrinks by one step rebuild (a forward
-and backward); at k = T, ``exact`` does the work of ``unrolled``, holds its T graphs and returns its
-gradient. The gradient does not depend on k (up to rounding). ``unrolled`` ignores k.
+first, it costs no memory. So without microbatches k = 0 and k = 1 are the same method, the
+default. Memory grows by one step graph per kept step and the work shrinks by one step rebuild (a
+forward and backward); at k = T, ``exact`` does the work of ``unrolled``, holds its T graphs and
+returns its gradient. The gradient does not depend on k (up to rounding). ``unrolled`` ignores k.
 
 Microbatches (``microbatch_size = m``, every method): the inner loss is a mean over the step's B
 rows, so it splits exactly over consecutive chunks c of at most m rows (n_c rows each; docs/
@@ -53,11 +54,18 @@ rows (train-mode BatchNorm) break (M1): splitting them is refused. The augmentat
 chunk with the positions of the chunk's rows in the step's minibatch (``augment(x, step,
 rows=...)``, :class:`tesla_func.types.RowAugment`), so every row gets the transform drawn for it.
 
+Several processes (``group``, a ``torch.distributed`` process group; tesla_func/distributed.py):
+each rank holds a shard of X (and Y) and its rows of every step, which may be none; step i's
+minibatch is every rank's rows in rank order, and (M1)-(M2) split it over ranks as over chunks
+(each rank's chunks weighted by n_c / B with B counted over all ranks; microbatches split each
+rank's rows further). The step gradients g_i and the products H_i u are all-reduced, so every rank
+walks the same trajectory and returns the same L and dL/dbeta; J_c^T u stays on the rank that
+holds the rows. A handshake before any work makes bad input raise on every rank.
+
 All three share :class:`Problem` (validated inputs; each step's rows as :class:`Chunk` s) and
 :meth:`Problem.chunk_loss` (the inner loss), and are registered in :data:`METHODS` with one
 signature ``(problem) -> MatchResult``.
 """
-
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -201,6 +209,11 @@ class Problem:
         return self.labels.is_floating_point()
 
     @property
+    def ranks(self) -> int:
+        """W, the number of processes that share the call (1 without a group)."""
+        return 1 if self.group is None else distributed.world_size(self.group)
+
+    @property
     def denominator(self) -> Tensor:
         """D = ||start - target||^2, a constant of the expert trajectory."""
         return _sq_norm(_sub(self.start, self.target))
@@ -231,16 +244,17 @@ class Problem:
         filled = tuple(
             {k: torch.zeros_like(v) for k, v in self.start.items()} if x is None else x
             for x in values
-        )
+        )  # a rank without rows of a step adds zeros
         return distributed.sum_over_ranks(self.group, *filled)
 
     def descend(self, params: Params, lr: Tensor, g: Params | None) -> Params:
         """theta_{i+1} = theta_i - beta g_i from this rank's share g of g_i, differentiable.
 
-        On several ranks the update beta g is summed over them by a differentiable all-reduce.
-        It sums beta g, not g, and a rank without rows sends 0 * theta_i, so that every rank's
-        update is in the graph (it depends on beta) and its all-reduce's backward runs on every
-        rank, in the same order (step T-1's first, as each depends on the later steps' theta).
+        On several ranks the update beta g is summed over them by a differentiable all-reduce
+        (its backward sums the cotangents: see :func:`unrolled`). It sums beta g, not g, and a
+        rank without rows sends 0 * theta_i, so that every rank's update is in the graph (it
+        depends on beta) and its all-reduce's backward runs on every rank, in the same order:
+        step T-1's first, as each step's cotangent needs the later steps' (through theta).
         """
         if self.group is None:
             return _axpy(-lr, g, params)
@@ -270,11 +284,14 @@ class Problem:
         """
         total = None
         for chunk in self.chunks[step]:
-            x, y = self.images[chunk.index], self.labels[chunk.index]
-            loss, pullback = vjp(lambda theta: self.chunk_loss(theta, x, y, step, chunk), params)
-            (g,) = _pull_once(pullback, torch.ones_like(loss))
-            total = _add(total, g)
+            total = _add(total, self.chunk_grad_value(params, step, chunk))
         return self.across_ranks(total)[0]
+
+    def chunk_grad_value(self, params: Params, step: int, chunk: Chunk) -> Params:
+        """g_c = grad_theta w_c l_c as a plain value, from one vjp of the chunk's loss."""
+        x, y = self.images[chunk.index], self.labels[chunk.index]
+        loss, pullback = vjp(lambda theta: self.chunk_loss(theta, x, y, step, chunk), params)
+        return _pull_once(pullback, torch.ones_like(loss))[0]
 
     def chunk_vjp(
         self, params: Params, step: int, chunk: Chunk, *, wrt_params: bool
@@ -351,9 +368,7 @@ class Problem:
         rebuilt, kept_chunks = chunks[: len(chunks) - n_kept], chunks[len(chunks) - n_kept :]
         total = None
         for chunk in rebuilt:
-            x, y = self.images[chunk.index], self.labels[chunk.index]
-            loss, pullback = vjp(lambda theta: self.chunk_loss(theta, x, y, step, chunk), params)
-            total = _add(total, _pull_once(pullback, torch.ones_like(loss))[0])
+            total = _add(total, self.chunk_grad_value(params, step, chunk))
         kept = []
         for chunk in kept_chunks:
             g, pull = self.chunk_vjp(params, step, chunk, wrt_params=wrt_params)
@@ -407,7 +422,13 @@ class StepPullback:
 
 
 def unrolled(p: Problem) -> MatchResult:
-    """MTT: reverse-mode autodiff through all T steps; memory grows with T (all graphs alive)."""
+    """MTT: reverse-mode autodiff through all T steps; memory grows with T (all graphs alive).
+
+    On W ranks every rank computes the same L, and each differentiates its share L / W of the
+    sum of the ranks' losses: through the all-reduces of the updates (:meth:`Problem.descend`),
+    whose backward sums the ranks' cotangents, that is exactly dL/dX for its own rows, and for the
+    learning rate, which every rank holds, its share of dL/dbeta, summed over the ranks at the end.
+    """
     soft = p.soft_labels
 
     def loss_of(images: Tensor, lr: Tensor, *labels: Tensor) -> Tensor:
@@ -418,7 +439,11 @@ def unrolled(p: Problem) -> MatchResult:
         return p.trajectory_loss(params)
 
     loss, pullback = vjp(loss_of, p.images, p.lr, *((p.labels,) if soft else ()))
-    images_grad, lr_grad, *labels_grad = _pull_once(pullback, torch.ones_like(loss))
+    share = torch.full_like(loss, 1.0 / p.ranks)  # dL/dL on one process; 1/W of it on W ranks
+    images_grad, lr_grad, *labels_grad = _pull_once(pullback, share)
+    if p.group is not None:
+        (lr_grad,) = p.across_ranks({"lr": lr_grad})
+        lr_grad = lr_grad["lr"]
     return MatchResult(loss.detach(), images_grad, labels_grad[0] if soft else None, lr_grad)
 
 
@@ -477,9 +502,10 @@ def exact(p: Problem) -> MatchResult:
 
     Forward (no graph): keep theta_i for i a multiple of ``state_stride`` (s); the last
     k = keep_graphs steps, and the last chunk of the last step in any case, are taken with their
-    graphs (:func:`_rebuilt_steps`), which the walk back uses first. Backward: for i from T - 1 down to
-    0, rebuild theta_i from its checkpoint (s > 1: once per segment of s steps) unless step i was
-    opened, and take one vjp of (theta, X, Y) -> g_i per chunk with cotangent -beta lam_{i+1}::
+    graphs (:func:`_rebuilt_steps`), which the walk back uses first. Backward: for i from T - 1
+    down to 0, rebuild theta_i from its checkpoint (s > 1: once per segment of s steps) unless
+    step i was opened, and take one vjp of (theta, X, Y) -> g_i per chunk with cotangent
+    -beta lam_{i+1} (on several ranks, g_i and H_i lam summed over them)::
 
         (-beta H_i lam, -beta J_X^T lam, -beta J_Y^T lam) = vjp(lam * -beta)
         lam_i = lam_{i+1} - beta H_i lam_{i+1}
@@ -618,7 +644,7 @@ def make_problem(
             inputs = check_inputs(*args, allow_empty_batches=True)
         except (TypeError, ValueError) as caught:
             error = caught
-        layout = distributed.agree(group, inputs, method, error)
+        layout = distributed.agree(group, inputs, method, tuple(METHODS), error)
         sizes = [layout.size(i) for i in range(len(inputs.batches))]
         offsets = [layout.offset(i) for i in range(len(inputs.batches))]
         chunks = _split_steps(inputs.batches, microbatch_size, sizes, offsets)
@@ -696,10 +722,26 @@ def match_trajectory(
             "exact" then hold about one chunk's graph at a time (kept steps hold all of theirs).
             Raises ValueError when a split would meet BatchNorm using batch statistics (train
             mode): use eval mode or instance norm, or do not split.
+        group: None (one process) or an initialised ``torch.distributed`` process group whose
+            ranks share the call (every rank calls with the same group). Each rank passes its own
+            shard of the synthetic set as ``images``/``labels`` (N_r >= 1 rows) and, in
+            ``batches``, its own rows of each step's minibatch as indices into its shard (an
+            empty tensor where it holds none; every step needs a row on some rank). Step i's
+            minibatch is all ranks' rows in rank order, so the result is one process's call on
+            the concatenated shards and minibatches (up to rounding). Everything else (start,
+            target, lr, method, T, state_stride, keep_graphs, microbatch_size, the model, the
+            label kind, the augmentation) must be the same on every rank; the augmentation is
+            drawn for the whole minibatches (every rank from the same generator state) and each
+            rank's chunks get their rows' positions in them (``rows=``). Only parameter-sized
+            tensors cross ranks (all-reduces of g_i and H_i u). Bad input raises on every rank
+            before any work: on one rank's own arguments, on ranks that disagree (compared by
+            checksums), on a step with no rows anywhere, on train-mode BatchNorm (a step split
+            over ranks), and when torch.distributed is not initialised.
 
     Returns:
         :class:`MatchResult` (loss, images_grad, labels_grad or None, lr_grad), all detached.
-        Inputs are not modified.
+        Inputs are not modified. With ``group``: loss and lr_grad are the same on every rank
+        (bit for bit), images_grad/labels_grad are this rank's shard's (N_r rows).
     """
     problem = make_problem(
         model,

@@ -307,8 +307,9 @@ def check_split(
     """Checks for minibatches split into parts (microbatches, or rows on several ranks).
 
     ``split_steps``: the steps whose minibatch is split; ``sizes``: every step's minibatch size
-    (over all ranks); ``how``: what splits the first one, for the messages. A split needs row-independent layers (Eq. M1) and an augmentation that takes
-    the rows' positions; an augmentation that knows the ``batch_sizes`` it was drawn for must
+    (over all ranks); ``how``: what splits the first one, for the messages. A split needs
+    row-independent layers (Eq. M1) and an augmentation that takes the rows' positions; an
+    augmentation that knows the ``batch_sizes`` it was drawn for must
     match the minibatches whether split or not.
     """
     drawn = getattr(augment, "batch_sizes", None)

@@ -172,8 +172,9 @@ def test_splitting_train_mode_batchnorm_names_the_fix(args):
     start = {k: v.detach().clone() for k, v in params.items()}
     target = {k: v + 0.1 for k, v in start.items()}
     bn = dict(args, model=model, start=start, target=target)
-    with pytest.raises(ValueError, match=r"split \(microbatch_size=2\), but the model's BatchNorm layers.*eval mode.*"
-                                         r"instance norm.*microbatch_size=None"):
+    with pytest.raises(ValueError, match=r"split \(microbatch_size=2\), but the model's "
+                                         r"BatchNorm layers.*eval mode.*instance norm.*"
+                                         r"microbatch_size=None"):
         call(bn, microbatch_size=2)
     assert call(bn, microbatch_size=3).loss > 0  # minibatches of 3 rows: nothing is split
     model.eval()  # running statistics: the rows are independent
