@@ -1,14 +1,21 @@
 """Differentiable Siamese Augmentation (DSA), replayable: sample parameters once, apply them often.
 
 The two-pass and adjoint gradients recompute each student step, so step i must see the very same
-augmented minibatch in every pass (docs/reference.md section 9: fresh draws made the adjoint gradient 99%
-wrong). Hence two steps, as kornia does with ``forward_parameters`` / ``params=``:
+augmented minibatch in every pass (docs/reference.md section 9: with fresh draws in the second
+pass, the gradient is that of no single augmented loss). Hence two steps, as kornia does with ``forward_parameters`` / ``params=``:
 
     params = dsa.sample(batch_size, generator)   # all randomness, drawn from an explicit generator
     y = dsa.apply(x, params)                     # pure tensor ops: same params -> same y, bitwise
 
 ``apply`` draws nothing, calls no ``.item()`` and never writes into ``x``, so it runs inside
 ``torch.func.grad`` / ``vjp`` and gradients reach the images.
+
+Every transform acts on each image alone, so part of a batch can be augmented by itself with the
+parameters of its own rows (``params.take(rows)``): ``apply(x[rows], params.take(rows))`` equals
+``apply(x, params)[rows]``. :class:`ReplayedDSA` offers this as ``augment(x, step, rows=rows)``
+(the :class:`~tesla_func.types.RowAugment` protocol), which a matching call whose minibatches are
+split (into microbatches, or over ranks) uses: the family stays the step's, drawn once for the
+whole minibatch.
 
 Families and ranges (docs/reference.md section 5, as in the DSA code's
 ``color_crop_cutout_flip_scale_rotate`` strategy), with per-sample parameters u ~ U[0, 1):
@@ -62,6 +69,14 @@ class DSAParams:
     family: str
     batch_size: int
     values: Mapping[str, Tensor] = field(default_factory=dict)
+
+    def take(self, rows: Tensor) -> DSAParams:
+        """The parameters of positions ``rows`` (n,) of this batch, in that order (same family)."""
+        if rows.dim() != 1 or rows.dtype != torch.long:
+            raise TypeError(f"rows must be a 1-D int64 tensor of positions, got {rows.dtype} "
+                            f"of shape {tuple(rows.shape)}")
+        values = {k: v[rows.to(v.device)] for k, v in self.values.items()}
+        return DSAParams(family=self.family, batch_size=rows.shape[0], values=values)
 
 
 @dataclass(frozen=True)
@@ -179,16 +194,26 @@ class DSA:
 
 @dataclass(frozen=True)
 class ReplayedDSA:
-    """``(x, step) -> x``: applies the parameters drawn for ``step``; the same every call."""
+    """``(x, step, rows=None) -> x``: applies the parameters drawn for ``step``, the same each call.
+
+    A :class:`~tesla_func.types.RowAugment`: with ``rows`` (n,), ``x`` holds n rows of the step's
+    minibatch, at those positions, and gets their transforms (``DSAParams.take``).
+    """
 
     dsa: DSA
     params: tuple[DSAParams, ...]  # one per step
 
-    def __call__(self, x: Tensor, step: int) -> Tensor:
-        return self.dsa.apply(x, self.params[step])
+    def __call__(self, x: Tensor, step: int, *, rows: Tensor | None = None) -> Tensor:
+        params = self.params[step]
+        return self.dsa.apply(x, params if rows is None else params.take(rows))
 
     def __len__(self) -> int:
         return len(self.params)
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        """The minibatch size each step's parameters were drawn for (checked by the matching)."""
+        return tuple(p.batch_size for p in self.params)
 
 
 # ----------------------------------------------------------------------------------------------

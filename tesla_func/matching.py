@@ -3,13 +3,13 @@
 The student starts at an expert checkpoint and takes T SGD steps on synthetic minibatches
 (proofs/README.md has the notation)::
 
-    theta_0 = start,   g_i = grad_theta l(theta_i; A_i(X[b_i]), Y[b_i]),   theta_{i+1} = theta_i - beta g_i
-    L = ||theta_T - target||^2 / D,   D = ||start - target||^2       (notation of proofs/README.md)
+    theta_0 = start,   g_i = grad_theta l(theta_i; A_i(X[b_i]), Y[b_i]),
+    theta_{i+1} = theta_i - beta g_i,   L = ||theta_T - target||^2 / D,   D = ||start - target||^2
 
-where ``b_i`` is the i-th index batch and ``A_i`` the (replayed) augmentation of step i. Every method
-returns the same loss and gradients of L with respect to the images X, the label logits Y (soft
-labels only) and the student learning rate beta, and differs only in *which* gradient and at what
-memory cost:
+where ``b_i`` is the i-th index batch and ``A_i`` the (replayed) augmentation of step i. Every
+method returns the same loss and gradients of L with respect to the images X, the label logits Y
+(soft labels only) and the student learning rate beta, and differs only in *which* gradient and at
+what memory cost:
 
 ``unrolled``
     reverse-mode autodiff through all T steps (MTT). Exact; keeps T step graphs alive.
@@ -21,23 +21,53 @@ memory cost:
     ``theta_T = theta_0 - beta sum_i g(stopgrad(theta_i); ...)``: exact at T = 1, a truncation
     for T >= 2 (the dropped terms: proofs/b_two_pass.md, Eq. B4).
 ``exact``
-    the adjoint method (proofs/c_adjoint.md): keep the T states theta_i (or every k-th and
+    the adjoint method (proofs/c_adjoint.md): keep the T states theta_i (or every s-th and
     recompute), then walk back with one graph at a time::
 
         lam_T = 2 (theta_T - target) / D
-        dX   += -beta J_i^T lam_{i+1},  dbeta += -g_i . lam_{i+1},  lam_i = lam_{i+1} - beta H_i lam_{i+1}
+        dX   += -beta J_i^T lam_{i+1},   dbeta += -g_i . lam_{i+1},
+        lam_i = lam_{i+1} - beta H_i lam_{i+1}
 
     One vjp of (theta, X, Y) -> g returns H_i lam, J_X^T lam and J_Y^T lam together. Equal to
     ``unrolled`` up to rounding at the memory of ``tesla`` plus T parameter vectors.
 
-All three share :class:`Problem` (validated inputs) and :meth:`Problem.step_grad` (the inner step), and
-are registered in :data:`METHODS` with one signature ``(problem) -> MatchResult``.
-"""
+Trading memory for time (``keep_graphs = k``, ``tesla`` and ``exact``): the first pass builds the
+graphs of the last min(k, T) steps and keeps them, and the walk back pulls through them instead of
+rebuilding them; the other steps are rebuilt as above. The last graph the first pass builds (the
+whole last step when it is not split into microbatches) is kept in any case: built last, needed
+first, it costs no memory. So without microbatches k = 0 and k = 1 are the same method, the
+default. Memory grows by one step graph per kept step and the work shrinks by one step rebuild (a
+forward and backward); at k = T, ``exact`` does the work of ``unrolled``, holds its T graphs and
+returns its gradient. The gradient does not depend on k (up to rounding). ``unrolled`` ignores k.
 
+Microbatches (``microbatch_size = m``, every method): the inner loss is a mean over the step's B
+rows, so it splits exactly over consecutive chunks c of at most m rows (n_c rows each; docs/
+reference.md section 10)::
+
+    l_i = sum_c (n_c / B) l_c,   g_i = sum_c grad_theta (n_c / B) l_c                       (M1)
+    u^T dg_i/d(theta, X, Y) = sum_c u^T d[grad_theta (n_c / B) l_c]/d(theta, X, Y)        (M2)
+
+with l_c the mean loss over chunk c. ``tesla`` and ``exact`` build, pull back and free one chunk
+graph at a time, so their peak is about one chunk's graph (kept steps keep all their chunks';
+``keep_graphs`` counts steps); ``unrolled`` still keeps every chunk of every step. Layers that mix
+rows (train-mode BatchNorm) break (M1): splitting them is refused. The augmentation is called per
+chunk with the positions of the chunk's rows in the step's minibatch (``augment(x, step,
+rows=...)``, :class:`tesla_func.types.RowAugment`), so every row gets the transform drawn for it.
+
+Several processes (``group``, a ``torch.distributed`` process group; tesla_func/distributed.py):
+each rank holds a shard of X (and Y) and its rows of every step, which may be none; step i's
+minibatch is every rank's rows in rank order, and (M1)-(M2) split it over ranks as over chunks
+(each rank's chunks weighted by n_c / B with B counted over all ranks; microbatches split each
+rank's rows further). The step gradients g_i and the products H_i u are all-reduced, so every rank
+walks the same trajectory and returns the same L and dL/dbeta; J_c^T u stays on the rank that
+holds the rows. A handshake before any work makes bad input raise on every rank.
+
+All three share :class:`Problem` (validated inputs; each step's rows as :class:`Chunk` s) and
+:meth:`Problem.chunk_loss` (the inner loss), and are registered in :data:`METHODS` with one
+signature ``(problem) -> MatchResult``.
+"""
 from __future__ import annotations
 
-import contextlib
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -46,19 +76,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vjp
-from torch._subclasses.fake_tensor import is_fake
 
-from tesla_func.types import Params, StepAugment
+from tesla_func import distributed
+from tesla_func.types import Params, RowAugment, StepAugment
+from tesla_func.validation import Inputs, batch_statistics_only, check_inputs, check_split
 
 Step = tuple[int, Params, Params, Params]  # (i, theta_i, g_i, theta_{i+1})
 
 
-class StepCotangents(NamedTuple):
-    """What one step's pullback returns for a cotangent u on g_i (see :meth:`Problem.step_vjp`)."""
+class Chunk(NamedTuple):
+    """Rows of one step's minibatch that go through the network together (a microbatch).
 
-    params: Params | None  # u^T dg_i/dtheta_i (the Hessian-vector product H_i u), if asked for
-    images: Tensor  # (N, C, H, W) u^T dg_i/dX
-    labels: Tensor | None  # (N, K) u^T dg_i/dY for soft labels, else None
+    index:  (n,) int64 indices into the images (and labels) of this call
+    rows:   (n,) int64 positions of these rows in the step's whole minibatch, which the
+            augmentation needs to replay their transforms; None when the chunk *is* the whole
+            minibatch (the augmentation is then called as ``augment(x, step)``)
+    weight: n / B, the chunk's share of the step's mean loss (B = rows of the whole minibatch)
+    """
+
+    index: Tensor
+    rows: Tensor | None
+    weight: float
 
 
 class MatchResult(NamedTuple):
@@ -98,6 +136,13 @@ def _sq_norm(x: Params) -> Tensor:
     return _dot(x, x)
 
 
+def _add(total: Params | None, x: Params | None) -> Params | None:
+    """total + x, where None is an empty sum (a step with no chunks, or no H u asked for)."""
+    if total is None or x is None:
+        return x if total is None else total
+    return {k: total[k] + x[k] for k in total}
+
+
 def _pull_once(pullback: Callable, cotangent: object) -> tuple:
     """Apply a ``torch.func.vjp`` pullback for the first and only time.
 
@@ -110,27 +155,27 @@ def _pull_once(pullback: Callable, cotangent: object) -> tuple:
     return pullback(cotangent, retain_graph=False, create_graph=False)
 
 
-@contextlib.contextmanager
-def _batch_statistics_only(model: nn.Module) -> Iterator[None]:
-    """Let train-mode BatchNorm layers normalise with batch statistics without touching buffers.
+class _DataGrads:
+    """Running sums of dL/dX and dL/dY over the chunks' vjps (Y only for soft labels)."""
 
-    A student step only *reads* batch statistics in train mode; updating running statistics inside
-    ``grad``/``vjp`` is an in-place write on a captured tensor (torch.func refuses it), and a
-    recomputed step (two-pass, adjoint) would update them twice. Turning ``track_running_stats`` off
-    for the duration of the call does exactly what the step needs; the flag is restored after.
-    """
-    flipped = [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
-    ]
-    for m in flipped:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in flipped:
-            m.track_running_stats = True
+    def __init__(self, images: Tensor, labels: Tensor | None) -> None:
+        self.images, self.labels = images, labels  # (N, C, H, W), (N, K) or None
+
+    @classmethod
+    def zeros(cls, p: Problem) -> _DataGrads:
+        return cls(
+            torch.zeros_like(p.images), torch.zeros_like(p.labels) if p.soft_labels else None
+        )
+
+    def add(self, index: Tensor, images: Tensor, labels: Tensor | None) -> None:
+        """Add one chunk's u^T dg/dx (n, C, H, W) (and u^T dg/dy (n, K)) at its rows ``index``."""
+        with torch.no_grad():
+            self.images.index_add_(0, index, images)
+            if self.labels is not None:
+                self.labels.index_add_(0, index, labels)
+
+
+ChunkPullback = Callable[[Params, _DataGrads], "Params | None"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,15 +187,18 @@ class Problem:
     """Validated inputs of one matching call. Build it with :func:`make_problem`."""
 
     model: nn.Module
-    buffers: Params  # the model's buffers (read only: see _batch_statistics_only)
+    buffers: Params  # the model's buffers (read only: see validation.batch_statistics_only)
     start: Params  # theta_0 = theta*_t
     target: Params  # theta*_{t+M}
     images: Tensor  # (N, C, H, W)
     labels: Tensor  # (N,) int64 class indices, or (N, K) float label logits
     lr: Tensor  # () beta > 0
     batches: tuple[Tensor, ...]  # T index tensors (B_i,) into images
-    augment: StepAugment | None
-    state_stride: int  # exact method: keep every k-th student state
+    augment: StepAugment | RowAugment | None
+    state_stride: int  # exact: keep every s-th student state, recompute the others
+    keep_graphs: int  # tesla, exact: the last k steps keep their pass-1 graphs (k <= T)
+    chunks: tuple[tuple[Chunk, ...], ...]  # per step, this rank's rows in microbatches (Eq. M1)
+    group: object | None  # the torch.distributed process group; None: one process
 
     @property
     def steps(self) -> int:
@@ -161,73 +209,173 @@ class Problem:
         return self.labels.is_floating_point()
 
     @property
+    def ranks(self) -> int:
+        """W, the number of processes that share the call (1 without a group)."""
+        return 1 if self.group is None else distributed.world_size(self.group)
+
+    @property
     def denominator(self) -> Tensor:
         """D = ||start - target||^2, a constant of the expert trajectory."""
         return _sq_norm(_sub(self.start, self.target))
 
-    def inner_loss(self, params: Params, images: Tensor, labels: Tensor, step: int) -> Tensor:
-        """l(theta; A_i(X[b_i]), Y[b_i]): mean cross-entropy of the student on minibatch ``step``.
+    def chunk_loss(
+        self, params: Params, x: Tensor, y: Tensor, step: int, chunk: Chunk
+    ) -> Tensor:
+        """w_c l_c: the chunk's share of l(theta; A_i(X[b_i]), Y[b_i]) (Eq. M1).
 
-        ``images``/``labels`` are the full synthetic set so that differentiating through the
-        indexing returns gradients of full shape. Soft labels are logits: the target is
-        softmax(Y[b_i]) and the loss -sum_k softmax(Y)_k log softmax(f(x))_k.
+        ``x`` (n, C, H, W) and ``y`` (n,) or (n, K) are the chunk's rows, X[index] and Y[index].
+        l_c is the mean cross-entropy of the student on them; soft labels are logits: the target
+        is softmax(y) and the loss -sum_k softmax(y)_k log softmax(f(x))_k.
         """
-        index = self.batches[step]
-        x = images[index]  # (B, C, H, W)
         if self.augment is not None:
-            x = self.augment(x, step)
-        logits = functional_call(self.model, (params, self.buffers), (x,), strict=True)  # (B, K)
-        y = labels[index]
+            x = self.augment(x, step) if chunk.rows is None else self.augment(
+                x, step, rows=chunk.rows
+            )
+        logits = functional_call(self.model, (params, self.buffers), (x,), strict=True)  # (n, K)
         target = F.softmax(y, dim=-1) if self.soft_labels else y
-        return F.cross_entropy(logits, target)
+        loss = F.cross_entropy(logits, target)
+        return loss if chunk.weight == 1.0 else loss * chunk.weight
 
-    def step_grad(self, params: Params, images: Tensor, labels: Tensor, step: int) -> Params:
-        """g_i = grad_theta l(theta_i; ...) as a name -> tensor dict (differentiable in all inputs)."""
-        return grad(self.inner_loss)(params, images, labels, step)
+    def across_ranks(self, *values: Params | None) -> tuple[Params, ...]:
+        """Parameter-shaped values summed over the ranks, in one all-reduce (None: nothing on
+        this rank). The only tensors that cross ranks. One process: returned as they are."""
+        if self.group is None:
+            return values
+        filled = tuple(
+            {k: torch.zeros_like(v) for k, v in self.start.items()} if x is None else x
+            for x in values
+        )  # a rank without rows of a step adds zeros
+        return distributed.sum_over_ranks(self.group, *filled)
+
+    def descend(self, params: Params, lr: Tensor, g: Params | None) -> Params:
+        """theta_{i+1} = theta_i - beta g_i from this rank's share g of g_i, differentiable.
+
+        On several ranks the update beta g is summed over them by a differentiable all-reduce
+        (its backward sums the cotangents: see :func:`unrolled`). It sums beta g, not g, and a
+        rank without rows sends 0 * theta_i, so that every rank's update is in the graph (it
+        depends on beta) and its all-reduce's backward runs on every rank, in the same order:
+        step T-1's first, as each step's cotangent needs the later steps' (through theta).
+        """
+        if self.group is None:
+            return _axpy(-lr, g, params)
+        share = {k: lr * (v * 0 if g is None else g[k]) for k, v in params.items()}
+        return _sub(params, distributed.sum_over_ranks_differentiable(self.group, share))
+
+    def step_grad(self, params: Params, images: Tensor, labels: Tensor, step: int) -> Params | None:
+        """This rank's share of g_i, sum_c grad_theta w_c l_c over its chunks (Eq. M1): all of
+        g_i on one process. Differentiable in all inputs (``unrolled``); None without chunks.
+
+        ``images``/``labels`` are the full synthetic set, so that differentiating through the
+        indexing returns gradients of full shape.
+        """
+        total = None
+        for chunk in self.chunks[step]:
+            x, y = images[chunk.index], labels[chunk.index]
+            total = _add(total, grad(self.chunk_loss)(params, x, y, step, chunk))
+        return total
 
     def step_grad_value(self, params: Params, step: int) -> Params:
         """g_i as a plain value (no graph), for the passes that only need the student's states.
 
-        The same number as :meth:`step_grad`, from one ``vjp`` of the loss pulled back without a
-        graph (:func:`_pull_once`). ``grad`` always builds the graph of its backward pass, with
-        twice-differentiable composite kernels (GroupNorm's backward costs several times its
-        fused kernel): 1.2x the time of this step.
+        The same number as :meth:`step_grad`, chunk by chunk from one ``vjp`` of the chunk's loss
+        pulled back without a graph (:func:`_pull_once`). ``grad`` always builds the graph of its
+        backward pass, with twice-differentiable composite kernels (GroupNorm's backward costs
+        several times its fused kernel): 1.2x the time of this step.
         """
-        loss, pullback = vjp(
-            lambda theta: self.inner_loss(theta, self.images, self.labels, step), params
-        )
-        (g,) = _pull_once(pullback, torch.ones_like(loss))
-        return g
+        total = None
+        for chunk in self.chunks[step]:
+            total = _add(total, self.chunk_grad_value(params, step, chunk))
+        return self.across_ranks(total)[0]
 
-    def step_vjp(
-        self, params: Params, step: int, *, wrt_params: bool
-    ) -> tuple[Params, Callable[[Params], StepCotangents]]:
-        """g_i and the pullback of g_i over (theta_i if ``wrt_params``, X, Y if soft labels).
+    def chunk_grad_value(self, params: Params, step: int, chunk: Chunk) -> Params:
+        """g_c = grad_theta w_c l_c as a plain value, from one vjp of the chunk's loss."""
+        x, y = self.images[chunk.index], self.labels[chunk.index]
+        loss, pullback = vjp(lambda theta: self.chunk_loss(theta, x, y, step, chunk), params)
+        return _pull_once(pullback, torch.ones_like(loss))[0]
 
-        One ``vjp`` call: the pullback maps a cotangent u (a parameter dict) to
-        ``StepCotangents(u^T dg/dtheta or None, u^T dg/dX, u^T dg/dY or None)``. It holds this
-        step's graph, frees it as it runs (:func:`_pull_once`), and can be applied only once.
+    def chunk_vjp(
+        self, params: Params, step: int, chunk: Chunk, *, wrt_params: bool
+    ) -> tuple[Params, ChunkPullback]:
+        """g_c = grad_theta w_c l_c and its pullback over (theta if ``wrt_params``, x, y if soft).
+
+        One ``vjp`` call over the chunk's rows x = X[index] (and y = Y[index]). The pullback maps a
+        cotangent u (a parameter dict) and the running data gradients to u^T dg_c/dtheta (the
+        Hessian-vector product H_c u; None unless ``wrt_params``), after adding u^T dg_c/dx
+        (and u^T dg_c/dy) into the data gradients at the chunk's rows. It holds the chunk's graph,
+        frees it as it runs (:func:`_pull_once`), and can be applied only once.
         """
         soft = self.soft_labels
+        x, y = self.images[chunk.index], self.labels[chunk.index]
 
-        def g_of(*primals: object) -> Params:
+        def g_of(*primals: Tensor | Params) -> Params:
             theta, rest = (primals[0], primals[1:]) if wrt_params else (params, primals)
-            return self.step_grad(theta, rest[0], rest[1] if soft else self.labels, step)
+            return grad(self.chunk_loss)(theta, rest[0], rest[1] if soft else y, step, chunk)
 
-        primals = (
-            *((params,) if wrt_params else ()),
-            self.images,
-            *((self.labels,) if soft else ()),
-        )
+        primals = (*((params,) if wrt_params else ()), x, *((y,) if soft else ()))
         g, pullback = vjp(g_of, *primals)
 
-        def pull(cotangent: Params) -> StepCotangents:
+        def pull(cotangent: Params, grads: _DataGrads) -> Params | None:
             out = list(_pull_once(pullback, cotangent))
-            return StepCotangents(
-                out.pop(0) if wrt_params else None, out[0], out[1] if soft else None
-            )
+            hvp = out.pop(0) if wrt_params else None
+            grads.add(chunk.index, out[0], out[1] if soft else None)
+            return hvp
 
         return g, pull
+
+    def pull_chunks(
+        self,
+        params: Params,
+        step: int,
+        chunks: Sequence[Chunk],
+        cotangent: Params,
+        grads: _DataGrads,
+        *,
+        wrt_params: bool,
+    ) -> tuple[Params | None, Params | None]:
+        """Rebuild ``chunks`` of step ``step`` one at a time and pull ``cotangent`` back through
+        each (Eq. M2): returns (sum_c g_c, sum_c H_c u or None), adds the data gradients into
+        ``grads``. One chunk graph is alive at a time."""
+        total = hvp = None
+        for chunk in chunks:
+            g, pull = self.chunk_vjp(params, step, chunk, wrt_params=wrt_params)
+            hvp = _add(hvp, pull(cotangent, grads))
+            del pull  # its graph is freed before the next chunk's is built
+            total = _add(total, g)
+        return total, hvp
+
+    def pull_step(
+        self, params: Params, step: int, cotangent: Params, grads: _DataGrads, *, wrt_params: bool
+    ) -> tuple[Params, Params | None]:
+        """Rebuild step ``step`` at ``params`` = theta_i and pull ``cotangent`` u back through it:
+        returns (g_i, H_i u or None), summed over ranks, and adds J_i^T u (and J_Y^T u) of this
+        rank's rows into ``grads``."""
+        g, hvp = self.pull_chunks(
+            params, step, self.chunks[step], cotangent, grads, wrt_params=wrt_params
+        )
+        return self.across_ranks(g, hvp) if wrt_params else (self.across_ranks(g)[0], None)
+
+    def open_step(
+        self, params: Params, step: int, *, wrt_params: bool, keep_all: bool
+    ) -> tuple[Params, StepPullback]:
+        """g_i now, its pullback later: the first pass of a step whose graphs are kept.
+
+        ``keep_all``: build and keep every chunk's graph. Otherwise keep only the last chunk's
+        (the last graph the first pass builds, which costs no memory beyond one chunk graph); the
+        other chunks are evaluated without a graph now and rebuilt one at a time by the pullback.
+        """
+        chunks = self.chunks[step]
+        n_kept = len(chunks) if keep_all else min(1, len(chunks))
+        rebuilt, kept_chunks = chunks[: len(chunks) - n_kept], chunks[len(chunks) - n_kept :]
+        total = None
+        for chunk in rebuilt:
+            total = _add(total, self.chunk_grad_value(params, step, chunk))
+        kept = []
+        for chunk in kept_chunks:
+            g, pull = self.chunk_vjp(params, step, chunk, wrt_params=wrt_params)
+            kept.append(pull)
+            total = _add(total, g)
+        pullback = StepPullback(self, params, step, wrt_params, kept, rebuilt)
+        return self.across_ranks(total)[0], pullback
 
     def trajectory_loss(self, final: Params) -> Tensor:
         """L = ||theta_T - target||^2 / D of the final student state theta_T."""
@@ -243,45 +391,68 @@ class Problem:
             params = following
 
 
+@dataclass
+class StepPullback:
+    """The pending pullback of one step opened by :meth:`Problem.open_step` (apply it once).
+
+    ``kept`` chunk pullbacks hold the graphs the first pass built; the ``rebuilt`` chunks are built
+    again when the cotangent u comes, one at a time. Returns H_i u (None unless ``wrt_params``)
+    and adds J_i^T u (and J_Y^T u) into the data gradients.
+    """
+
+    problem: Problem
+    params: Params  # theta_i
+    step: int
+    wrt_params: bool
+    kept: list[ChunkPullback]
+    rebuilt: Sequence[Chunk]
+
+    def __call__(self, cotangent: Params, grads: _DataGrads) -> Params | None:
+        hvp = None
+        while self.kept:  # each graph is freed as soon as it has been pulled back
+            hvp = _add(hvp, self.kept.pop()(cotangent, grads))
+        _, rest = self.problem.pull_chunks(
+            self.params, self.step, self.rebuilt, cotangent, grads, wrt_params=self.wrt_params
+        )
+        return self.problem.across_ranks(_add(hvp, rest))[0] if self.wrt_params else None
+
+
 # ----------------------------------------------------------------------------------------------
 # The three gradient methods. Each takes a Problem and returns a MatchResult.
 
 
 def unrolled(p: Problem) -> MatchResult:
-    """MTT: reverse-mode autodiff through all T steps; memory grows with T (all graphs alive)."""
+    """MTT: reverse-mode autodiff through all T steps; memory grows with T (all graphs alive).
+
+    On W ranks every rank computes the same L, and each differentiates its share L / W of the
+    sum of the ranks' losses: through the all-reduces of the updates (:meth:`Problem.descend`),
+    whose backward sums the ranks' cotangents, that is exactly dL/dX for its own rows, and for the
+    learning rate, which every rank holds, its share of dL/dbeta, summed over the ranks at the end.
+    """
     soft = p.soft_labels
 
     def loss_of(images: Tensor, lr: Tensor, *labels: Tensor) -> Tensor:
         params = p.start
         for i in range(p.steps):
-            params = _axpy(
-                -lr, p.step_grad(params, images, labels[0] if soft else p.labels, i), params
-            )
+            g = p.step_grad(params, images, labels[0] if soft else p.labels, i)
+            params = p.descend(params, lr, g)
         return p.trajectory_loss(params)
 
     loss, pullback = vjp(loss_of, p.images, p.lr, *((p.labels,) if soft else ()))
-    images_grad, lr_grad, *labels_grad = _pull_once(pullback, torch.ones_like(loss))
+    share = torch.full_like(loss, 1.0 / p.ranks)  # dL/dL on one process; 1/W of it on W ranks
+    images_grad, lr_grad, *labels_grad = _pull_once(pullback, share)
+    if p.group is not None:
+        (lr_grad,) = p.across_ranks({"lr": lr_grad})
+        lr_grad = lr_grad["lr"]
     return MatchResult(loss.detach(), images_grad, labels_grad[0] if soft else None, lr_grad)
 
 
-class _DataGrads:
-    """Running sums of dL/dX and dL/dY over the steps' vjps (Y only for soft labels)."""
-
-    def __init__(self, images: Tensor, labels: Tensor | None) -> None:
-        self.images, self.labels = images, labels
-
-    @classmethod
-    def zeros(cls, p: Problem) -> _DataGrads:
-        return cls(
-            torch.zeros_like(p.images), torch.zeros_like(p.labels) if p.soft_labels else None
-        )
-
-    def add(self, pulled: StepCotangents) -> None:
-        """Add one step's u^T dg_i/dX (and u^T dg_i/dY)."""
-        with torch.no_grad():
-            self.images += pulled.images
-            if self.labels is not None:
-                self.labels += pulled.labels
+def _rebuilt_steps(p: Problem) -> int:
+    """R: the first pass takes steps 0 .. R-1 without graphs (the walk back rebuilds them) and
+    opens steps R .. T-1 (:meth:`Problem.open_step`): the last k = keep_graphs steps keep every
+    chunk's graph, and the last step is opened in any case, keeping at least its last chunk's
+    graph (built last and needed first, so keeping it costs no memory)."""
+    return min(p.steps - p.keep_graphs, p.steps - 1)
 
 
 def tesla(p: Problem) -> MatchResult:
@@ -290,30 +461,37 @@ def tesla(p: Problem) -> MatchResult:
     Pass 1 (no graph): theta_T and G = sum_i g_i. Then L, dL/dbeta = -2 (theta_T - target).G / D and
     v = -2 beta (theta_T - target) / D (proofs/b_two_pass.md, Eq. B1). Pass 2 recomputes each
     g_i with a graph over the images (and label logits) only and accumulates v^T dg_i/dX;
-    theta_i is rebuilt from the recomputed g_i, so nothing of size T is stored. The last step is taken with its graph already
-    in pass 1 (its vjp waits for v), so pass 2 recomputes only the T - 1 steps before it.
+    theta_i is rebuilt from the recomputed g_i, so nothing of size T is stored.
+
+    The last k = keep_graphs steps, and the last chunk of the last step in any case, are taken
+    with their graphs already in pass 1 (:func:`_rebuilt_steps`); their vjps wait for v.
+    Memory: k step graphs (at least one chunk graph) at the end of pass 1, then one chunk graph.
     """
-    last = p.steps - 1
+    rebuilt, first_kept = _rebuilt_steps(p), p.steps - p.keep_graphs
     total = {k: torch.zeros_like(v) for k, v in p.start.items()}  # G = sum_i g_i
     params = p.start
-    for _, _, g, params in p.run_steps(0, last, p.start):  # leaves params = theta_{T-1}
-        total = _axpy(1.0, g, total)
-    g, pullback = p.step_vjp(params, last, wrt_params=False)
+    pending: list[StepPullback] = []  # steps opened in pass 1, each holding kept graphs
+    for i in range(p.steps):
+        if i < rebuilt:
+            g = p.step_grad_value(params, i)
+        else:
+            g, pullback = p.open_step(params, i, wrt_params=False, keep_all=i >= first_kept)
+            pending.append(pullback)
+        with torch.no_grad():
+            total = _axpy(1.0, g, total)
+            params = _axpy(-p.lr, g, params)  # ends as theta_T
     with torch.no_grad():
-        total = _axpy(1.0, g, total)
-        residual = _sub(_axpy(-p.lr, g, params), p.target)  # theta_T - target
+        residual = _sub(params, p.target)  # theta_T - target
         loss = _sq_norm(residual) / p.denominator
         lr_grad = -2.0 * _dot(residual, total) / p.denominator
         v = {k: (-2.0 * p.lr / p.denominator) * r for k, r in residual.items()}
 
     grads = _DataGrads.zeros(p)
-    grads.add(pullback(v))
-    del pullback  # one graph alive at a time
+    while pending:  # last step first; each graph is freed as soon as it has been pulled back
+        pending.pop()(v, grads)
     params = p.start
-    for i in range(last):
-        g, pullback = p.step_vjp(params, i, wrt_params=False)
-        grads.add(pullback(v))
-        del pullback
+    for i in range(rebuilt):
+        g, _ = p.pull_step(params, i, v, grads, wrt_params=False)
         with torch.no_grad():
             params = _axpy(-p.lr, g, params)
     return MatchResult(loss, grads.images, grads.labels, lr_grad)
@@ -322,28 +500,38 @@ def tesla(p: Problem) -> MatchResult:
 def exact(p: Problem) -> MatchResult:
     """Exact adjoint gradient with one step graph alive at a time (proofs/c_adjoint.md, Eqs. C1-C6).
 
-    Forward (no graph): keep theta_i for i a multiple of ``state_stride`` (k); the last step is
-    taken with its graph, which the walk back uses first. Backward: for i from T - 1 down to 0,
-    rebuild theta_i from its checkpoint (k > 1: once per segment of k steps) and take one vjp of
-    (theta, X, Y) -> g_i with cotangent -beta lam_{i+1}::
+    Forward (no graph): keep theta_i for i a multiple of ``state_stride`` (s); the last
+    k = keep_graphs steps, and the last chunk of the last step in any case, are taken with their
+    graphs (:func:`_rebuilt_steps`), which the walk back uses first. Backward: for i from T - 1
+    down to 0, rebuild theta_i from its checkpoint (s > 1: once per segment of s steps) unless
+    step i was opened, and take one vjp of (theta, X, Y) -> g_i per chunk with cotangent
+    -beta lam_{i+1} (on several ranks, g_i and H_i lam summed over them)::
 
         (-beta H_i lam, -beta J_X^T lam, -beta J_Y^T lam) = vjp(lam * -beta)
         lam_i = lam_{i+1} - beta H_i lam_{i+1}
         dbeta += -g_i . lam_{i+1}
 
-    Memory: one step graph + (T/k + k) parameter vectors. Compute: k = 1 needs no recomputation;
-    k > 1 adds (k - 1)/k of a forward pass of gradients.
+    Memory: k step graphs (at least one chunk graph) + (T/s + s) parameter vectors. Compute:
+    T - k recomputed step graphs; s > 1 adds (s - 1)/s of a forward pass of gradients. At
+    k = T nothing is recomputed: the work and the memory of ``unrolled``, and its gradient.
     """
-    k = p.state_stride
-    last = p.steps - 1
-    checkpoints: dict[int, Params] = {0: p.start}
+    s = p.state_stride
+    rebuilt, first_kept = _rebuilt_steps(p), p.steps - p.keep_graphs
+    checkpoints: dict[int, Params] = {0: p.start}  # only the states of rebuilt steps are needed
+    pending: dict[int, tuple[Params, StepPullback]] = {}
     params = p.start
-    for i, _, _, params in p.run_steps(0, last, p.start):  # leaves params = theta_{T-1}
-        if (i + 1) % k == 0:
+    for i in range(p.steps):
+        if i < rebuilt:
+            g = p.step_grad_value(params, i)
+        else:
+            g, pullback = p.open_step(params, i, wrt_params=True, keep_all=i >= first_kept)
+            pending[i] = (g, pullback)
+        with torch.no_grad():
+            params = _axpy(-p.lr, g, params)  # ends as theta_T
+        if (i + 1) % s == 0 and i + 1 < rebuilt:
             checkpoints[i + 1] = params
-    g, pullback = p.step_vjp(params, last, wrt_params=True)
     with torch.no_grad():
-        residual = _sub(_axpy(-p.lr, g, params), p.target)  # theta_T - target
+        residual = _sub(params, p.target)  # theta_T - target
         loss = _sq_norm(residual) / p.denominator
         lam = {name: (2.0 / p.denominator) * r for name, r in residual.items()}  # dL/dtheta_T
 
@@ -351,18 +539,20 @@ def exact(p: Problem) -> MatchResult:
     lr_grad = torch.zeros_like(p.lr)
     segment: list[Params] = []  # theta_c .. theta_i, rebuilt from the checkpoint c <= i
     for i in reversed(range(p.steps)):
-        if i != last:
+        cotangent = {name: -p.lr * v for name, v in lam.items()}
+        if i in pending:
+            g, pullback = pending.pop(i)
+            hvp = pullback(cotangent, grads)
+            del pullback  # its kept graphs are freed
+        else:
             if not segment:
-                first = i - i % k
+                first = i - i % s
                 state = checkpoints.pop(first)
                 segment = [state] + [after for *_, after in p.run_steps(first, i, state)]
-            g, pullback = p.step_vjp(segment.pop(), i, wrt_params=True)
-        pulled = pullback({name: -p.lr * v for name, v in lam.items()})
-        del pullback  # one graph alive at a time
-        grads.add(pulled)
+            g, hvp = p.pull_step(segment.pop(), i, cotangent, grads, wrt_params=True)
         with torch.no_grad():
             lr_grad -= _dot(g, lam)
-            lam = _axpy(1.0, pulled.params, lam)
+            lam = _axpy(1.0, hvp, lam)
     return MatchResult(loss, grads.images, grads.labels, lr_grad)
 
 
@@ -378,174 +568,106 @@ METHODS: dict[str, Callable[[Problem], MatchResult]] = {
 # Input validation and the public entry point.
 
 
-def _has_values(t: Tensor) -> bool:
-    """False for a tensor with a shape but no data (``FakeTensorMode``, as the memory planner
-    runs the methods): checks that read values are skipped for it, the shape checks still run."""
-    return not is_fake(t)
+def _split_steps(
+    batches: tuple[Tensor, ...],
+    microbatch_size: int | None,
+    sizes: Sequence[int] | None = None,
+    offsets: Sequence[int] | None = None,
+) -> tuple[tuple[Chunk, ...], ...]:
+    """Each step's rows in consecutive chunks of at most ``microbatch_size`` rows (Eq. M1).
 
-
-def _check_params(name: str, params: object, model: nn.Module) -> Params:
-    if not isinstance(params, Mapping):
-        raise TypeError(
-            f"{name} must be a dict[str, Tensor] of the model's parameters, "
-            f"got {type(params).__name__}"
-        )
-    expected = dict(model.named_parameters())
-    missing = sorted(set(expected) - set(params))
-    unexpected = sorted(set(params) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"{name} does not match the model's parameters: missing keys {missing}, "
-            f"unexpected keys {unexpected}. Pass dict(model.named_parameters())-style keys."
-        )
-    out = {}
-    for key, ref in expected.items():
-        value = params[key]
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{name}[{key!r}] must be a Tensor, got {type(value).__name__}")
-        if value.shape != ref.shape:
-            raise ValueError(
-                f"{name}[{key!r}] has shape {tuple(value.shape)} but the model's "
-                f"parameter has shape {tuple(ref.shape)}"
-            )
-        if not value.is_floating_point():
-            raise TypeError(f"{name}[{key!r}] must be floating point, got {value.dtype}")
-        out[key] = value.detach()
-    return out
-
-
-def _check_lr(lr: object, like: Tensor) -> Tensor:
-    if isinstance(lr, (int, float)) and not isinstance(lr, bool):
-        lr = torch.tensor(float(lr))
-    if not isinstance(lr, Tensor) or lr.numel() != 1 or not lr.is_floating_point():
-        raise TypeError(f"lr must be a floating-point scalar tensor, got {lr!r}")
-    value = float(lr.detach().reshape(())) if _has_values(lr) else 1.0
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(
-            f"lr must be finite and > 0, got {value}; a negative or NaN student "
-            "learning rate means the distillation diverged (parametrise it as exp(log_lr))"
-        )
-    return lr.detach().reshape(()).to(dtype=like.dtype, device=like.device)
-
-
-def _check_batches(batches: object, num_images: int, device: torch.device) -> tuple[Tensor, ...]:
-    if isinstance(batches, Tensor) and batches.dim() == 2:
-        batches = list(batches)
-    if not isinstance(batches, Sequence) or isinstance(batches, (str, bytes)):
-        raise TypeError("batches must be a sequence of T LongTensors of indices into images")
-    if len(batches) == 0:
-        raise ValueError("batches is empty: pass at least one index batch (T >= 1 student steps)")
+    ``sizes[i]``: rows of step i's whole minibatch B_i; ``offsets[i]``: the position in it of
+    this process's first row (on several ranks; by default this process holds all rows).
+    """
     out = []
-    for i, index in enumerate(batches):
-        if not isinstance(index, Tensor) or index.dtype != torch.long or index.dim() != 1:
-            raise TypeError(
-                f"batches[{i}] must be a 1-D int64 (Long) tensor of indices, got "
-                f"{getattr(index, 'dtype', type(index).__name__)} of shape "
-                f"{tuple(getattr(index, 'shape', ()))}"
+    for i, index in enumerate(batches):  # (n,) this process's rows of step i
+        n = index.shape[0]
+        if n == 0:  # this rank holds no row of step i
+            out.append(())
+            continue
+        size = n if sizes is None else sizes[i]
+        offset = 0 if offsets is None else offsets[i]
+        m = n if microbatch_size is None else min(microbatch_size, n)
+        if m == size:  # the whole minibatch in one chunk
+            out.append((Chunk(index, None, 1.0),))
+            continue
+        out.append(
+            tuple(
+                Chunk(
+                    index[a : a + m],
+                    torch.arange(offset + a, offset + min(a + m, n), device=index.device),
+                    min(m, n - a) / size,
+                )
+                for a in range(0, n, m)
             )
-        if index.numel() == 0:
-            raise ValueError(f"batches[{i}] is empty: every student step needs at least one image")
-        lo, hi = (int(index.min()), int(index.max())) if _has_values(index) else (0, 0)
-        if lo < 0 or hi >= num_images:
-            raise ValueError(
-                f"batches[{i}] holds indices in [{lo}, {hi}] but images has "
-                f"{num_images} rows: indices must lie in [0, {num_images - 1}]"
-            )
-        out.append(index.to(device))
+        )
     return tuple(out)
 
 
-def _num_classes(model: nn.Module, params: Params, buffers: Params, images: Tensor) -> int:
-    """K, from the model's output on one image (a cheap forward without a graph)."""
-    with torch.no_grad(), _batch_statistics_only(model):
-        out = functional_call(model, (params, buffers), (images[:2],), strict=True)
-    if out.dim() != 2:
-        raise ValueError(
-            f"the model must map (N, ...) images to (N, K) logits, got an output of "
-            f"shape {tuple(out.shape)}"
-        )
-    return out.shape[1]
-
-
 def make_problem(
-    model, start, target, images, labels, lr, batches, augment=None, state_stride: int = 1
+    model,
+    start,
+    target,
+    images,
+    labels,
+    lr,
+    batches,
+    augment=None,
+    state_stride: int = 1,
+    keep_graphs: int = 0,
+    microbatch_size: int | None = None,
+    group: object | None = None,
+    method: str | None = None,
 ) -> Problem:
     """Validate the arguments of :func:`match_trajectory` and bundle them as a :class:`Problem`.
 
-    Raises ``TypeError``/``ValueError`` naming the offending argument and the fix.
+    Raises ``TypeError``/``ValueError`` naming the offending argument and the fix; with ``group``,
+    on every rank (:func:`tesla_func.distributed.agree`), before any work.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module skeleton, got {type(model).__name__}")
-    if not isinstance(images, Tensor) or not images.is_floating_point() or images.dim() < 2:
-        raise TypeError(
-            "images must be a floating-point tensor of shape (N, C, H, W), got "
-            f"{getattr(images, 'dtype', type(images).__name__)} of shape "
-            f"{tuple(getattr(images, 'shape', ()))}"
-        )
-    if images.shape[0] == 0:
-        raise ValueError("images is empty (N = 0)")
-    if _has_values(images) and not torch.isfinite(images).all():
-        raise ValueError("images contain NaN or inf; check the last image update (lower lr_img)")
-    images = images.detach()
-    start = _check_params("start", start, model)
-    target = _check_params("target", target, model)
-    for key, value in start.items():
-        if value.dtype != images.dtype or value.device != images.device:
-            raise TypeError(
-                f"start[{key!r}] is {value.dtype} on {value.device} but images are "
-                f"{images.dtype} on {images.device}: move both to one dtype/device"
-            )
-        other = target[key]
-        if other.dtype != value.dtype or other.device != value.device:
-            raise TypeError(
-                f"target[{key!r}] is {other.dtype} on {other.device} but start is "
-                f"{value.dtype} on {value.device}"
-            )
-    if _has_values(start[next(iter(start))]) and float(_sq_norm(_sub(start, target))) == 0.0:
-        raise ValueError(
-            "start and target are identical, so ||start - target||^2 = 0 and the "
-            "normalised loss is undefined: pick target = a later expert checkpoint"
-        )
-    buffers = {k: b.detach() for k, b in model.named_buffers()}
-    lr = _check_lr(lr, images)
-    batches = _check_batches(batches, images.shape[0], images.device)
-    if augment is not None and not callable(augment):
-        raise TypeError("augment must be None or a callable (x, step) -> x")
-    if not isinstance(state_stride, int) or state_stride < 1:
-        raise ValueError(f"state_stride must be an int >= 1, got {state_stride!r}")
-
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"labels must be a Tensor, got {type(labels).__name__}")
-    labels = labels.detach()
-    num_classes = _num_classes(model, start, buffers, images)
-    n = images.shape[0]
-    if labels.is_floating_point():
-        if labels.shape != (n, num_classes):
-            raise ValueError(
-                f"float labels are label logits of shape (N, K) = ({n}, "
-                f"{num_classes}), got {tuple(labels.shape)}"
-            )
-        if _has_values(labels) and not torch.isfinite(labels).all():
-            raise ValueError("label logits contain NaN or inf")
-        labels = labels.to(dtype=images.dtype, device=images.device)
-    elif labels.dtype == torch.long:
-        if labels.shape != (n,):
-            raise ValueError(
-                f"int labels are class indices of shape (N,) = ({n},), got {tuple(labels.shape)}"
-            )
-        lo, hi = (int(labels.min()), int(labels.max())) if _has_values(labels) else (0, 0)
-        if lo < 0 or hi >= num_classes:
-            raise ValueError(
-                f"labels hold classes in [{lo}, {hi}] but the model has "
-                f"{num_classes} outputs: classes must lie in [0, {num_classes - 1}]"
-            )
-        labels = labels.to(images.device)
+    args = (model, start, target, images, labels, lr, batches, augment)
+    args += (state_stride, keep_graphs, microbatch_size)
+    if group is None:
+        if method is not None and method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; known methods: {sorted(METHODS)}")
+        inputs = check_inputs(*args)
+        sizes = [b.shape[0] for b in inputs.batches]
+        chunks = _split_steps(inputs.batches, microbatch_size)
+        split = [i for i, step in enumerate(chunks) if len(step) > 1]
+        how = f"microbatch_size={microbatch_size}"
     else:
-        raise TypeError(
-            f"labels must be int64 class indices (N,) or float logits (N, K), got {labels.dtype}"
-        )
+        distributed.check_group(group)  # the same answer on every rank: no collective yet
+        inputs: Inputs | None = None
+        error = None
+        try:
+            if method is not None and method not in METHODS:
+                raise ValueError(f"unknown method {method!r}; known methods: {sorted(METHODS)}")
+            inputs = check_inputs(*args, allow_empty_batches=True)
+        except (TypeError, ValueError) as caught:
+            error = caught
+        layout = distributed.agree(group, inputs, method, tuple(METHODS), error)
+        sizes = [layout.size(i) for i in range(len(inputs.batches))]
+        offsets = [layout.offset(i) for i in range(len(inputs.batches))]
+        chunks = _split_steps(inputs.batches, microbatch_size, sizes, offsets)
+        m = microbatch_size or max(sizes)
+        split = [i for i, b in enumerate(sizes) if layout.ranks_holding(i) > 1 or m < b]
+        how = f"microbatch_size={microbatch_size}"
+        if split and layout.ranks_holding(split[0]) > 1:
+            how = f"its rows lie on {layout.ranks_holding(split[0])} ranks of group"
+    check_split(split, sizes, inputs.model, inputs.augment, how)
     return Problem(
-        model, buffers, start, target, images, labels, lr, batches, augment, state_stride
+        inputs.model,
+        inputs.buffers,
+        inputs.start,
+        inputs.target,
+        inputs.images,
+        inputs.labels,
+        inputs.lr,
+        inputs.batches,
+        inputs.augment,
+        inputs.state_stride,
+        min(inputs.keep_graphs, len(inputs.batches)),  # more graphs than steps: keep them all
+        chunks,
+        group,
     )
 
 
@@ -561,6 +683,9 @@ def match_trajectory(
     augment: StepAugment | None = None,
     *,
     state_stride: int = 1,
+    keep_graphs: int = 0,
+    microbatch_size: int | None = None,
+    group: object | None = None,
 ) -> MatchResult:
     """Trajectory-matching loss L (proofs/README.md) and its gradients w.r.t. images, labels, lr.
 
@@ -576,17 +701,62 @@ def match_trajectory(
         batches: T LongTensors of indices into ``images``, one per student step.
         method: a key of :data:`METHODS`: "unrolled", "tesla" or "exact".
         augment: optional ``(x, step) -> x``; must give the same transform every time it is called
-            with the same step (the two-pass and adjoint methods call it twice per step).
-        state_stride: "exact" only: keep every k-th student state and recompute the others.
+            with the same step (the two-pass and adjoint methods call it twice per step). When a
+            minibatch is split (``microbatch_size``), it is called per chunk as
+            ``augment(x, step, rows=rows)`` with the positions ``rows`` (n,) of the chunk's rows
+            in the step's minibatch, and must then apply the transforms drawn for those rows
+            (:class:`tesla_func.types.RowAugment`; ``DSA().replayable`` gives one). An augment
+            with a ``batch_sizes`` attribute (ReplayedDSA) is checked against the minibatches.
+        state_stride: "exact" only: keep every s-th student state and recompute the others.
+        keep_graphs: "tesla" and "exact": k >= 0, the number of final steps whose graphs, built in
+            the first pass, are kept for the walk back instead of being rebuilt (trades memory for
+            time). The last graph the first pass builds is always kept (it is the first one the
+            walk back needs): the last step's, or with microbatches its last chunk's. So without
+            microbatches k = 0 and k = 1 are the same method, the default. k > T is clamped to T
+            (every graph kept). Costs k step graphs of memory and saves about k step rebuilds; at
+            k = T "exact" does the work and holds the memory of "unrolled". The gradient does not
+            depend on k (up to rounding). "unrolled" ignores it: it keeps all T graphs anyway.
+        microbatch_size: None (default: whole minibatches) or m >= 1: every step's minibatch goes
+            through the network in consecutive chunks of at most m rows, and its gradient is the
+            size-weighted sum of theirs (Eq. M1), the same result up to rounding. "tesla" and
+            "exact" then hold about one chunk's graph at a time (kept steps hold all of theirs).
+            Raises ValueError when a split would meet BatchNorm using batch statistics (train
+            mode): use eval mode or instance norm, or do not split.
+        group: None (one process) or an initialised ``torch.distributed`` process group whose
+            ranks share the call (every rank calls with the same group). Each rank passes its own
+            shard of the synthetic set as ``images``/``labels`` (N_r >= 1 rows) and, in
+            ``batches``, its own rows of each step's minibatch as indices into its shard (an
+            empty tensor where it holds none; every step needs a row on some rank). Step i's
+            minibatch is all ranks' rows in rank order, so the result is one process's call on
+            the concatenated shards and minibatches (up to rounding). Everything else (start,
+            target, lr, method, T, state_stride, keep_graphs, microbatch_size, the model, the
+            label kind, the augmentation) must be the same on every rank; the augmentation is
+            drawn for the whole minibatches (every rank from the same generator state) and each
+            rank's chunks get their rows' positions in them (``rows=``). Only parameter-sized
+            tensors cross ranks (all-reduces of g_i and H_i u). Bad input raises on every rank
+            before any work: on one rank's own arguments, on ranks that disagree (compared by
+            checksums), on a step with no rows anywhere, on train-mode BatchNorm (a step split
+            over ranks), and when torch.distributed is not initialised.
 
     Returns:
         :class:`MatchResult` (loss, images_grad, labels_grad or None, lr_grad), all detached.
-        Inputs are not modified.
+        Inputs are not modified. With ``group``: loss and lr_grad are the same on every rank
+        (bit for bit), images_grad/labels_grad are this rank's shard's (N_r rows).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; known methods: {sorted(METHODS)}")
     problem = make_problem(
-        model, start, target, images, labels, lr, batches, augment, state_stride
+        model,
+        start,
+        target,
+        images,
+        labels,
+        lr,
+        batches,
+        augment,
+        state_stride,
+        keep_graphs,
+        microbatch_size,
+        group,
+        method,
     )
-    with _batch_statistics_only(model):
+    with batch_statistics_only(model):
         return METHODS[method](problem)

@@ -55,6 +55,29 @@ def test_replayable_is_deterministic_per_step_and_differs_between_steps():
         augment(x, 2)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rows_of_a_batch_get_the_transforms_drawn_for_them(family):
+    """Split a batch anyhow: each part, given its rows' positions, is augmented as in the whole
+    (bitwise on CPU: every transform acts on each image alone)."""
+    augment = DSA(families=(family,)).replayable([7, 7], _gen(8), dtype=torch.float64)
+    x = _images(b=7, side=8, dtype=torch.float64)
+    whole = augment(x, 1)
+    for rows in (torch.tensor([0, 1, 2]), torch.tensor([6, 3]), torch.arange(7), torch.tensor([5])):
+        part = augment(x[rows], 1, rows=rows)
+        assert torch.equal(part, whole[rows])
+    assert augment.params[1].take(torch.tensor([2, 4])).family == augment.params[1].family
+
+
+def test_replayed_dsa_follows_the_row_protocol():
+    from tesla_func.types import accepts_rows
+
+    augment = DSA().replayable([4, 2], _gen(1))
+    assert accepts_rows(augment) and augment.batch_sizes == (4, 2)
+    assert not accepts_rows(lambda x, step: x)
+    with pytest.raises(TypeError, match="rows must be a 1-D int64"):
+        augment.params[0].take(torch.tensor([0.0, 1.0]))
+
+
 def test_one_family_per_call_drawn_uniformly():
     dsa = DSA()
     g = _gen(11)

@@ -148,3 +148,53 @@ def test_state_stride_must_be_positive(args):
 def test_model_must_be_module(args):
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         call(args, model=lambda x: x)
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "2"])
+def test_keep_graphs_must_be_a_nonnegative_int(args, value):
+    with pytest.raises(ValueError, match=r"keep_graphs must be an int >= 0 \(the number of final"):
+        call(args, method="exact", keep_graphs=value)
+
+
+def test_keep_graphs_larger_than_steps_is_clamped(args):
+    assert float(call(args, method="tesla", keep_graphs=100).loss) > 0
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.0, False])
+def test_microbatch_size_must_be_a_positive_int(args, value):
+    with pytest.raises(ValueError, match=r"microbatch_size must be an int >= 1"):
+        call(args, microbatch_size=value)
+
+
+def test_splitting_train_mode_batchnorm_names_the_fix(args):
+    model = ConvNet(channels=1, num_classes=3, image_size=8, width=4, depth=2, norm="batch")
+    params = dict(model.named_parameters())
+    start = {k: v.detach().clone() for k, v in params.items()}
+    target = {k: v + 0.1 for k, v in start.items()}
+    bn = dict(args, model=model, start=start, target=target)
+    with pytest.raises(ValueError, match=r"split \(microbatch_size=2\), but the model's "
+                                         r"BatchNorm layers.*eval mode.*instance norm.*"
+                                         r"microbatch_size=None"):
+        call(bn, microbatch_size=2)
+    assert call(bn, microbatch_size=3).loss > 0  # minibatches of 3 rows: nothing is split
+    model.eval()  # running statistics: the rows are independent
+    assert call(bn, microbatch_size=2).loss > 0
+
+
+def test_splitting_needs_an_augment_that_takes_rows(args):
+    def two_arguments(x, step):
+        return x
+
+    with pytest.raises(TypeError, match=r"augment must accept the keyword rows="):
+        call(args, augment=two_arguments, microbatch_size=2)
+    assert call(args, augment=two_arguments, microbatch_size=3).loss > 0  # nothing split
+    assert call(args, augment=lambda x, step, rows=None: x, microbatch_size=2).loss > 0
+
+
+def test_augment_drawn_for_other_batch_sizes(args):
+    from tesla_func.augment import DSA
+
+    augment = DSA().replayable([3, 2], torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"drawn for 2 steps of minibatch sizes \[3, 2\].*"
+                                         r"minibatches of \[3, 3\] rows"):
+        call(args, augment=augment)
