@@ -2,7 +2,8 @@
 
 The two-pass and adjoint gradients recompute each student step, so step i must see the very same
 augmented minibatch in every pass (docs/reference.md section 9: with fresh draws in the second
-pass, the gradient is that of no single augmented loss). Hence two steps, as kornia does with ``forward_parameters`` / ``params=``:
+pass, the gradient is that of no single augmented loss). Hence two steps, as kornia does with
+``forward_parameters`` / ``params=``:
 
     params = dsa.sample(batch_size, generator)   # all randomness, drawn from an explicit generator
     y = dsa.apply(x, params)                     # pure tensor ops: same params -> same y, bitwise
