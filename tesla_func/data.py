@@ -942,12 +942,18 @@ def load_dataset(
     train_y = torch.from_numpy(np.ascontiguousarray(raw.train_y)).long()
     per_class = _validation_size(spec, train_y, raw.class_names, where.found, val_per_class)
     val_index = validation_indices(train_y, per_class, len(raw.class_names))
-    keep = np.ones(len(train_y), dtype=bool)
-    keep[val_index.numpy()] = False
-    # split the uint8 arrays, before they become 4x larger floats
-    train_x = torch.from_numpy(np.ascontiguousarray(raw.train_x[keep])).float().div_(raw.max_value)
-    val_x = torch.from_numpy(raw.train_x[val_index.numpy()]).float().div_(raw.max_value)
-    val_y, train_y = train_y[val_index], train_y[torch.from_numpy(keep)]
+    train_x, val_x = raw.train_x, raw.train_x[:0]
+    if per_class:  # split the uint8 arrays, before they become 4x larger floats
+        keep = np.ones(len(train_y), dtype=bool)
+        keep[val_index.numpy()] = False
+        train_x, val_x = train_x[keep], train_x[val_index.numpy()]
+        val_y, train_y = train_y[val_index], train_y[torch.from_numpy(keep)]
+    else:
+        val_y = train_y[:0]
+    # (the arrays' own strides are kept: for one channel, torch may then pick channels-last
+    # convolution kernels, and another layout changes the last bits of what is trained on them)
+    train_x = torch.from_numpy(np.ascontiguousarray(train_x)).float().div_(raw.max_value)
+    val_x = torch.from_numpy(np.ascontiguousarray(val_x)).float().div_(raw.max_value)
     test_x = torch.from_numpy(np.ascontiguousarray(raw.test_x)).float().div_(raw.max_value)
     if spec.mean is None:  # digits, folder: the train set's own statistics
         mean = tuple(train_x.mean(dim=(0, 2, 3)).tolist())

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,6 +34,8 @@ from tesla_func.data import Dataset
 from tesla_func.distill import DistillConfig, Distiller
 from tesla_func.evaluate import EvalConfig, EvalResult, evaluate
 from tesla_func.experts import ExpertConfig, train_experts
+from tesla_func.fileio import atomic_write_text
+from tesla_func.provenance import git_revision
 from tesla_func.results import write_outputs
 from tesla_func.sampling import per_class_indices
 
@@ -48,18 +51,43 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV, "cache"))
 
 
-def experts_dir(cfg: ExpertConfig) -> Path:
-    """One folder per expert configuration, so experiments that agree on it share the experts."""
-    tag = (
-        f"{cfg.dataset}-w{cfg.width}-d{cfg.depth}-{cfg.norm}-e{cfg.epochs}-n{cfg.num_experts}"
-        f"-lr{cfg.lr:g}-b{cfg.batch_size}-{'dsa' if cfg.dsa else 'nodsa'}-s{cfg.seed}"
-    )
-    return cache_dir() / "experts" / tag
+def cache_fingerprint(device: str = "cpu") -> dict[str, str]:
+    """What a cached result depends on besides its config: the library's source code, torch's
+    version, the kind of device and, on CPU, the instruction set torch dispatches to and its
+    thread count (a different thread count splits reductions differently, and the last bits
+    change). A cached run is reused only when all of these match."""
+    digest = hashlib.sha256()
+    for source in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    kind = torch.device(device)
+    where = (torch.cuda.get_device_name(kind) if kind.type == "cuda" else
+             f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
+    return {"code": digest.hexdigest()[:16], "torch": torch.__version__, "device": where}
+
+
+def _cached(kind: str, name: str, key: Mapping[str, Any], device: str) -> Path:
+    """``cache/<kind>/<name>-<hash of key and fingerprint>``, with ``key.json`` written inside
+    on first use, so a folder says what it holds."""
+    key = {"config": key, "fingerprint": cache_fingerprint(device)}
+    text = json.dumps(key, sort_keys=True, default=str)
+    folder = cache_dir() / kind / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+    if not (folder / "key.json").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / "key.json", json.dumps(key, indent=1, sort_keys=True,
+                                                          default=str))
+    return folder
+
+
+def experts_dir(cfg: ExpertConfig, device: str = "cpu") -> Path:
+    """One folder per expert configuration and fingerprint (:func:`cache_fingerprint`), so
+    experiments that agree on both share the experts, and stale experts are never reused."""
+    tag = f"{cfg.dataset}-w{cfg.width}-e{cfg.epochs}-n{cfg.num_experts}"
+    return _cached("experts", tag, cfg.to_dict(), device)
 
 
 def ensure_experts(cfg: ExpertConfig, *, device: str = "cpu", progress: bool = True) -> Path:
     """Train the experts of ``cfg`` unless cached (a killed run resumes); return their folder."""
-    out = experts_dir(cfg)
+    out = experts_dir(cfg, device)
     train_experts(cfg, out, device=device, progress=progress)
     return out
 
@@ -85,11 +113,12 @@ def distill_run(
 
 
 def run_dir(cfg: DistillConfig) -> Path:
-    """Where the distillation run of ``cfg`` lives: one folder per config (hash of all fields), so
-    experiments that ask for the same run share it, and a killed run resumes."""
-    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
-    name = f"ipc{cfg.ipc}-{cfg.method}-{cfg.label_strategy}-{digest}"
-    return cache_dir() / "runs" / name
+    """Where the distillation run of ``cfg`` lives: one folder per config (all fields) and
+    fingerprint (:func:`cache_fingerprint`), so experiments that ask for the same run share it, a
+    killed run resumes, and a run made by other code, another torch, device or thread count is
+    never reused."""
+    return _cached("runs", f"ipc{cfg.ipc}-{cfg.method}-{cfg.label_strategy}", cfg.to_dict(),
+                   cfg.device)
 
 
 def distill_cached(cfg: DistillConfig, dataset: Dataset | None = None) -> Distiller:
@@ -174,6 +203,10 @@ def run_experiment(
     (``notes`` may be written from the results; the reduced-protocol note is added when it
     applies), print the table."""
     cfg = parse_config(cfg_type, presets, description, argv)
+    revision = git_revision()
+    if revision.endswith("-dirty"):
+        print(f"warning: the working tree has uncommitted changes ({revision}); results made "
+              "now cannot be rerun from a commit: commit first", file=sys.stderr)
     with torch_threads(getattr(cfg, "threads", 0)):
         results = main(cfg)
     text = table(results)

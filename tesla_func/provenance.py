@@ -63,6 +63,9 @@ def provenance(device: str | torch.device | None = None) -> dict[str, str]:
     info = {f"version_{k}": v for k, v in versions().items()}
     info["git_revision"] = git_revision()
     info["device"] = device_name(device)
+    # the instruction set torch's CPU kernels dispatch to: with the thread count in `device`,
+    # what decides the last bits of a CPU result
+    info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     info["host"] = platform.node()
     info["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return info

@@ -56,8 +56,17 @@ def test_ablate_labels_runs_end_to_end(ablate, tmp_path):
     )
     ds = ablate.main(cfg)
     assert dict(ds.sizes) == {"label_strategy": 2, "ipc": 2, "iteration": 2}
-    assert np.isfinite(ds.accuracy.values).all()
-    assert (np.diff(ds.best_accuracy.values, axis=-1) >= 0).all()  # best so far never drops
+    assert np.isfinite(ds.accuracy.values).all() and np.isfinite(ds.val_accuracy.values).all()
+    assert (np.diff(ds.best_on_test.values, axis=-1) >= 0).all()  # best so far never drops
+    # the reported number is the test accuracy where validation was best, so far
+    best_val = ds.val_accuracy.values.argmax(axis=-1)  # first maximum, as the selection
+    at_last = ds.isel(iteration=-1)
+    np.testing.assert_array_equal(at_last.selected_iteration.values,
+                                  ds.iteration.values[best_val])
+    np.testing.assert_array_equal(
+        at_last.selected_accuracy.values,
+        np.take_along_axis(ds.accuracy.values, best_val[..., None], -1)[..., 0],
+    )
     assert np.isfinite(ds.random_real_accuracy.values).all()
     assert_provenance(ds)
     assert ds.attrs["config"]["label_strategies"] == ("hard", "sla-only")
@@ -111,17 +120,63 @@ def test_main_table_runs_end_to_end(tmp_path):
 
 def test_cross_arch_runs_end_to_end(tmp_path):
     cross_arch = load_script("cross_arch")
+    cross_arch.ARCHS["vit_tiny"] = ("vit", {"patch_size": 4, "dim": 8, "depth": 1, "heads": 2,
+                                            "mlp_dim": 8})
     cfg = cross_arch.CrossArchConfig(
-        ipc=1,
-        sets=("tesla/hard",),
-        archs=("convnet", "vit"),
-        vit_dim=8,
-        vit_depth=1,
         experts=EXPERTS,
         distill=dataclasses.replace(DISTILL, eval_models=1),
+        ipc=1,
+        sets=("tesla/hard",),
+        archs=("convnet", "vit_tiny"),
+        lr_grid=(0.001, 0.1),
+        epochs=2,
+        models=2,
+        val_images=50,
     )
     ds = cross_arch.main(cfg)
-    assert dict(ds.sizes) == {"set": 2, "arch": 2, "model": 1}
-    assert np.isfinite(ds.accuracy.values).all()
+    assert dict(ds.accuracy.sizes) == {"set": 2, "arch": 2, "lr_choice": 3, "model": 2}
+    assert np.isfinite(ds.accuracy.values).all() and np.isfinite(ds.val_accuracy.values).all()
+    assert ds.lr.sel(set="random/real", lr_choice="own").values.tolist() == [0.01, 0.01]
+    # the reported lr is the one with the best mean validation accuracy, never the test's
+    for name in ds.set.values:
+        for arch in ds.arch.values:
+            at = ds.sel(set=name, arch=arch)
+            best = at.val_accuracy.mean("model").argmax("lr_choice").item()
+            assert str(at.chosen.values) == str(at.lr_choice.values[best])
+            np.testing.assert_array_equal(at.chosen_accuracy.values,
+                                          at.accuracy.isel(lr_choice=best).values)
     assert_provenance(ds)
-    assert "tesla / hard" in cross_arch.table(ds)
+    text = cross_arch.table(ds)
+    assert "tesla / hard" in text and "chosen on validation" in text and "own" in text
+    with pytest.raises(ValueError, match="unknown architectures"):
+        cross_arch.CrossArchConfig(archs=("resnet50",))
+
+
+def test_a_stale_cache_is_never_reused(monkeypatch, tmp_path):
+    """Runs and experts are keyed by config *and* by the code, torch, device kind and thread
+    count that made them: when any of these changes, the cached run is not found again."""
+    import tesla_func.experiment as experiment
+    from tesla_func.data import load_dataset
+
+    dataset = load_dataset("digits")
+    experts = experiment.ensure_experts(EXPERTS, progress=False)
+    run = experiment.distill_run(DISTILL, experts, ipc=1, batch_syn_max=10, num_classes=10,
+                                 eval_models=1)
+    first = experiment.distill_cached(run, dataset)
+    assert experiment.run_dir(run) == first.out and (first.out / "key.json").exists()
+    again = experiment.distill_cached(run, dataset)  # the same key: reloaded, not re-run
+    assert again.out == first.out and again.last_eval is None
+    real = experiment.cache_fingerprint
+    monkeypatch.setattr(experiment, "cache_fingerprint",
+                        lambda device="cpu": {**real(device), "code": "edited"})
+    assert experiment.run_dir(run) != first.out
+    assert experiment.experts_dir(EXPERTS) != experts
+    with experiment.torch_threads(2):
+        monkeypatch.setattr(experiment, "cache_fingerprint", real)
+        assert experiment.run_dir(run) != first.out  # another thread count
+
+
+def test_selection_is_on_validation_only(ablate):
+    val = np.array([[0.5, 0.7, np.nan, 0.7, 0.6]])
+    chosen = ablate.selected_so_far(val)
+    assert chosen.tolist() == [[0, 1, 1, 1, 1]]  # the earliest best; NaN is never chosen
