@@ -7,7 +7,7 @@ Distils (or reuses from ./cache, when another experiment made the same run) `tes
 labels and with SLA using ConvNet experts, then trains fresh ConvNet, ConvNetD4, ResNet-18 and ViT
 models on them and on a random real subset of the same size, all in one protocol
 (docs/reference.md section 6; every architecture trained with the set's learned lr, as MTT's transfer table does).
-Writes results/cross_arch/cross_arch.{nc,png,md}.
+Writes results/cross_arch/cross_arch.{nc,png,md} and cross_arch_sets.png (the distilled sets).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from tesla_func.distill import DistillConfig
 from tesla_func.evaluate import EvalConfig, evaluate
 from tesla_func.experiment import distill_cached, distill_run, ensure_experts, run_experiment
 from tesla_func.experts import ExpertConfig
-from tesla_func.plots import plot_bar
+from tesla_func.plots import plot_bar, plot_experiment_sets
 from tesla_func.results import make_results, markdown_table, percent
 from tesla_func.sampling import per_class_indices
 
@@ -98,13 +98,16 @@ def main(cfg: CrossArchConfig) -> xr.Dataset:
                               torch.Generator().manual_seed(base.seed), k)
     training_sets = {"random/real": (dataset.train_images[index], dataset.train_labels[index],
                                      0.01)}
+    sets = {}  # panel title -> synthetic.safetensors of the run (the sets figure)
     for name in cfg.sets:
         method, strategy = name.split("/")
         # eval_models=3: the run's own final evaluation, as main_table's, so its runs are shared
         run = distill_run(base, experts_dir, ipc=cfg.ipc, batch_syn_max=cfg.batch_syn_max,
                           num_classes=k, method=method, label_strategy=strategy, eval_models=3)
-        synthetic = distill_cached(run, dataset).synthetic_set()
+        distiller = distill_cached(run, dataset)
+        synthetic = distiller.synthetic_set()
         training_sets[name] = (synthetic.images, synthetic.labels, synthetic.lr)
+        sets[f"{name}, IPC {cfg.ipc}"] = str(distiller.out / "synthetic.safetensors")
     accuracy = np.full((len(training_sets), len(cfg.archs), base.eval_models), np.nan)
     for i, (images, labels, lr) in enumerate(training_sets.values()):
         for j, arch in enumerate(cfg.archs):
@@ -133,6 +136,7 @@ def main(cfg: CrossArchConfig) -> xr.Dataset:
         seed=base.seed,
         device=base.device,
         experts_dir=str(experts_dir),
+        synthetic_sets=sets,
         protocol="paper" if cfg == PRESETS["paper"] else "reduced",
     )
 
@@ -163,4 +167,5 @@ if __name__ == "__main__":
         plot=lambda nc, png: plot_bar(
             nc, png, x="arch", hue="set", title="Cross-architecture transfer"
         ),
+        sets=plot_experiment_sets,
     )
