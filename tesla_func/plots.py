@@ -563,7 +563,7 @@ def _draw_mosaic(ax: Any, mosaic: _Mosaic, width_in: float) -> None:
     ax.imshow(canvas, interpolation="nearest", vmin=0, vmax=1)
     ax.set_yticks([i * cell_h + (h - 1) / 2 for i in range(r)], mosaic.row_labels, fontsize=7)
     if mosaic.col_labels is not None:
-        ax.set_xticks([j * cell_w + (w - 1) / 2 for j in range(m)], mosaic.col_labels, fontsize=7)
+        ax.set_xticks([j * cell_w + (w - 1) / 2 for j in range(m)], mosaic.col_labels, fontsize=6)
     else:
         ax.set_xticks([])
     ax.tick_params(length=0, pad=2)
@@ -753,8 +753,9 @@ def plot_image_strip(
     mosaic = _Mosaic(
         tiles=np.stack(rows),  # (R iterations, M images, C, H, W)
         row_labels=[f"iteration {it}" for it in iterations],
-        col_labels=[_short(names[i // ipc]) + (f" #{i % ipc}" if ipc > 1 else "")
-                    for i in images],
+        # "#j": the j-th image of its class, where not every image shown is a class's first
+        col_labels=[_short(names[i // ipc]) + (f" #{i % ipc}" if any(j % ipc for j in images)
+                                               else "") for i in images],
         captions=captions if has_captions else None,
         off_class=np.asarray(off) if has_captions else None,
         title=(title if title is not None else f"{_describe(first).rsplit(', iteration', 1)[0]}"
