@@ -11,7 +11,11 @@ fixed part of the training set that neither experts nor distillation see) and on
 The iteration reported is the one with the best validation accuracy so far; the test set only
 gives the number at that iteration. The paper-style best test accuracy over the run stays beside
 it, labelled as selected on test. A random-real-subset baseline of the same size is trained in
-the same protocol. Writes results/ablate_labels/ablate_labels.{nc,png,md}.
+the same protocol. Writes results/ablate_labels/ablate_labels.{nc,png,md}, and from the
+saved runs: ablate_labels_drift.png (how far each strategy's teacher labels drift from the classes
+the images started in, and how many images each class keeps: the SLA collapse, measured),
+ablate_labels_sets.png (the hard, SLA and learned-logit sets at the largest IPC, side by side) and
+ablate_labels_strip.png (the learned-logit set's first image of each class at a few iterations).
 
 The default is a *reduced* protocol (ConvNet width 32, a few experts of a few epochs, a few
 hundred evaluation epochs): its numbers are for comparing strategies with each other, not with
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import xarray as xr
@@ -37,10 +42,17 @@ from tesla_func.experiment import (
 )
 from tesla_func.experts import ExpertConfig
 from tesla_func.labels import LABEL_STRATEGIES
-from tesla_func.plots import plot_accuracy_vs_iteration
-from tesla_func.results import make_results, markdown_table, percent
+from tesla_func.plots import (
+    plot_accuracy_vs_iteration,
+    plot_experiment_sets,
+    plot_image_strip,
+    plot_label_drift,
+)
+from tesla_func.results import load_results, make_results, markdown_table, percent
 
 NAME = "ablate_labels"
+SETS_SHOWN = ("hard", "sla", "learned")  # the sets figure: these strategies at the largest IPC
+STRIP = ("learned", "hard")  # the strip figure: the first of these that ran, at the largest IPC
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,7 @@ class AblateLabelsConfig:
         eval_every=20,  # iterations between evaluations (the curve's resolution)
         eval_epochs=100,  # evaluation protocol, reduced: fewer epochs and models
         eval_models=2,
+        snapshot_every=10,  # snapshots of the images for the strip figure
     )
     ipcs: tuple[int, ...] = (1, 10)  # images per class
     label_strategies: tuple[str, ...] = tuple(LABEL_STRATEGIES)  # strategies compared
@@ -105,6 +118,10 @@ def main(cfg: AblateLabelsConfig) -> xr.Dataset:
     measured = {f: np.full(shape, np.nan) for f in ("accuracy_mean", "accuracy_std",
                                                      "val_accuracy_mean", "val_accuracy_std")}
     baseline = np.full((len(cfg.ipcs), 2), np.nan)
+    k = dataset.info.num_classes
+    drift = np.full((*shape[:2], base.iterations), np.nan)  # per distillation iteration
+    counts = np.full((*shape[:2], base.iterations, k), np.nan)
+    sets, strip = {}, {}
     for j, ipc in enumerate(cfg.ipcs):
         for i, strategy in enumerate(cfg.label_strategies):
             run = distill_run(base, experts_dir, ipc=ipc, batch_syn_max=cfg.batch_syn_max,
@@ -114,6 +131,10 @@ def main(cfg: AblateLabelsConfig) -> xr.Dataset:
             for e, it in enumerate(evals["iteration"]):
                 for f, values in measured.items():
                     values[i, j, points.index(int(it))] = evals[f][e]
+            log = distiller.state.log
+            drift[i, j], counts[i, j] = log["label_drift"], log["class_count"]
+            sets[f"{strategy}, IPC {ipc}"] = str(distiller.out / "synthetic.safetensors")
+            strip[strategy, ipc] = str(distiller.out)
         result = random_real_baseline(dataset, ipc, distiller.protocol(lr=0.01), base.seed)
         baseline[j] = result.mean, result.std
     chosen = selected_so_far(measured["val_accuracy_mean"])  # index of the chosen evaluation
@@ -121,6 +142,9 @@ def main(cfg: AblateLabelsConfig) -> xr.Dataset:
     selected_std = np.take_along_axis(measured["accuracy_std"], chosen, axis=-1)
     best_on_test = np.fmax.accumulate(np.nan_to_num(measured["accuracy_mean"], nan=-np.inf), -1)
     dims = ("label_strategy", "ipc", "iteration")
+    logged = ("label_strategy", "ipc", "log_iteration")
+    strip_run = next((strip[s, max(cfg.ipcs)] for s in STRIP if (s, max(cfg.ipcs)) in strip),
+                     None)
     fraction = {"units": "fraction"}
     return make_results(
         {
@@ -139,13 +163,20 @@ def main(cfg: AblateLabelsConfig) -> xr.Dataset:
                              "best test accuracy so far (paper-style: selected on test)"}),
             "random_real_accuracy": (("ipc",), baseline[:, 0], fraction),
             "random_real_accuracy_std": (("ipc",), baseline[:, 1], fraction),
+            "label_drift": (logged, drift, {
+                **fraction, "long_name": "images whose teacher label is not their starting class"}),
+            "class_count": ((*logged, "class"), counts,
+                            {"long_name": "images per class by teacher label"}),
         },
         coords={"label_strategy": list(cfg.label_strategies), "ipc": list(cfg.ipcs),
-                "iteration": points},
+                "iteration": points, "log_iteration": np.arange(1, base.iterations + 1),
+                "class": np.arange(k), "class_name": (("class",), list(dataset.info.class_names))},
         config=cfg,
         seed=base.seed,
         device=base.device,
         experts_dir=str(experts_dir),
+        synthetic_sets=sets,  # panel title -> the run's synthetic.safetensors (the sets figure)
+        strip_run=strip_run,  # the run folder whose snapshots the strip figure shows
         protocol="reduced" if cfg != PRESETS["paper"] else "paper",
     )
 
@@ -184,6 +215,28 @@ def table(ds: xr.Dataset) -> str:
     return markdown_table(header, rows + [real])
 
 
+def plot(nc: Path, png: Path) -> None:
+    """Test accuracy of the set chosen on validation so far against iteration (``png``), and the
+    label drift (``<name>_drift.png``)."""
+    plot_accuracy_vs_iteration(
+        nc, png, var="selected_accuracy", best_so_far=False,
+        title="Label strategies: test accuracy of the set chosen on validation so far")
+    plot_label_drift(nc, png.with_name(f"{png.stem}_drift.png"))
+
+
+def plot_sets(nc: Path, png: Path) -> None:
+    """The hard, SLA and learned-logit sets at the largest IPC side by side (``png``), and one
+    run's images over the iterations (``<name>_strip.png``; its snapshots)."""
+    ds = load_results(nc)
+    ipc = int(ds.ipc.max())
+    shown = [f"{s}, IPC {ipc}" for s in SETS_SHOWN if s in ds.label_strategy.values]
+    plot_experiment_sets(nc, png, keys=shown or None,
+                         title=f"{ds.attrs['config']['experts']['dataset']}, IPC {ipc}: "
+                               "the distilled sets")
+    if ds.attrs.get("strip_run"):
+        plot_image_strip(ds.attrs["strip_run"], png.with_name(f"{NAME}_strip.png"))
+
+
 if __name__ == "__main__":
     run_experiment(
         NAME,
@@ -196,8 +249,6 @@ if __name__ == "__main__":
         "the set at the iteration with the best validation accuracy (a held-out part of the "
         "training set; the test set chooses nothing). 'best on test' is the maximum test "
         "accuracy over the evaluations, as the papers report it: it is selected on the test set.",
-        plot=lambda nc, png: plot_accuracy_vs_iteration(
-            nc, png, var="selected_accuracy", best_so_far=False,
-            title="Label strategies: test accuracy of the set chosen on validation so far"
-        ),
+        plot=plot,
+        sets=plot_sets,
     )

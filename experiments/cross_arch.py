@@ -15,7 +15,8 @@ Each network is trained twice over: with the set's own lr (a distilled set's lea
 for random real), as MTT's transfer table does, and with the lr of ``lr_grid`` (or the set's own)
 that reaches the best accuracy on the validation split, a held-out part of the training set. The
 test set chooses nothing: it gives the number at the chosen lr. Writes
-results/cross_arch/cross_arch.{nc,png,md}.
+results/cross_arch/cross_arch.{nc,png,md} and cross_arch_sets.png (the
+distilled sets).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from tesla_func.distill import DistillConfig
 from tesla_func.evaluate import EvalConfig, evaluate
 from tesla_func.experiment import distill_cached, distill_run, ensure_experts, run_experiment
 from tesla_func.experts import ExpertConfig
-from tesla_func.plots import plot_bar
+from tesla_func.plots import plot_bar, plot_experiment_sets
 from tesla_func.results import make_results, markdown_table, percent
 from tesla_func.sampling import per_class_indices, seeded_generator
 
@@ -106,28 +107,33 @@ PRESETS = {
 }
 
 
-def _training_sets(cfg: CrossArchConfig, dataset: Dataset) -> dict[str, tuple]:
-    """name -> (images, labels, the set's own lr): random real, then each distilled set."""
+def _training_sets(cfg: CrossArchConfig, dataset: Dataset) -> tuple[dict[str, tuple],
+                                                                      dict[str, str]]:
+    """name -> (images, labels, the set's own lr): random real, then each distilled set; and
+    panel title -> the distilled set's file (the sets figure)."""
     base = cfg.distill
     experts_dir = ensure_experts(cfg.experts, device=base.device)
     index = per_class_indices(dataset.train_labels, cfg.ipc,
                               torch.Generator().manual_seed(base.seed),
                               dataset.info.num_classes)
     sets = {"random/real": (dataset.train_images[index], dataset.train_labels[index], 0.01)}
+    files = {}
     for name in cfg.sets:
         method, strategy = name.split("/")
         run = distill_run(base, experts_dir, ipc=cfg.ipc, batch_syn_max=cfg.batch_syn_max,
                           num_classes=dataset.info.num_classes, method=method,
                           label_strategy=strategy)
-        synthetic = distill_cached(run, dataset).synthetic_set()
+        distiller = distill_cached(run, dataset)
+        synthetic = distiller.synthetic_set()
         sets[name] = (synthetic.images, synthetic.labels, synthetic.lr)
-    return sets
+        files[f"{name}, IPC {cfg.ipc}"] = str(distiller.out / "synthetic.safetensors")
+    return sets, files
 
 
 def main(cfg: CrossArchConfig) -> xr.Dataset:
     base = cfg.distill
     dataset = load_dataset(cfg.experts.dataset)
-    sets = _training_sets(cfg, dataset)
+    sets, files = _training_sets(cfg, dataset)
     # a fixed subset of the validation split: what the lr is chosen on
     val = per_class_indices(dataset.val_labels, cfg.val_images // dataset.info.num_classes,
                             seeded_generator(base.seed, 1), dataset.info.num_classes)
@@ -174,6 +180,7 @@ def main(cfg: CrossArchConfig) -> xr.Dataset:
         config=cfg,
         seed=base.seed,
         device=base.device,
+        synthetic_sets=files,
         protocol="paper" if cfg == PRESETS["paper"] else "reduced",
     )
 
@@ -214,4 +221,5 @@ if __name__ == "__main__":
             nc, png, var="chosen_accuracy", x="arch", hue="set", replicate=("model",),
             title="Cross-architecture transfer (lr chosen on validation)"
         ),
+        sets=plot_experiment_sets,
     )

@@ -27,8 +27,8 @@ a killed run resumes and a run another experiment already made is reused. Each s
 end, beside the random-real baseline of the same protocol (``random_real_baseline``: the same
 real images the distillation starts from, trained with the initial beta).
 
-Writes results/gradient_fidelity/gradient_fidelity.{nc,png,md} and gradient_fidelity_distill.png
-(the accuracies). The default is a reduced protocol (ConvNet width 32, 3 experts of 6 epochs, 300
+Writes results/gradient_fidelity/gradient_fidelity.{nc,png,md}, gradient_fidelity_distill.png
+(the accuracies) and gradient_fidelity_sets.png (the distilled sets). The default is a reduced protocol (ConvNet width 32, 3 experts of 6 epochs, 300
 evaluation epochs): its accuracies compare the two methods with each other, not with published
 numbers.
 """
@@ -58,7 +58,7 @@ from tesla_func.experts import ExpertConfig, ExpertTrajectory, load_experts
 from tesla_func.fidelity import agreement, draw_segment
 from tesla_func.matching import match_trajectory
 from tesla_func.models import ConvNet
-from tesla_func.plots import plot_bar, plot_sweeps
+from tesla_func.plots import plot_bar, plot_experiment_sets, plot_sweeps
 from tesla_func.results import make_results, markdown_table, percent, records_to_results
 from tesla_func.sampling import seeded_generator
 
@@ -207,7 +207,7 @@ def measure_fidelity(
 
 def distill_both(cfg: FidelityConfig, experts_dir: Path, dataset: Dataset) -> xr.Dataset:
     """Per seed: distil with each method (cached runs) and evaluate; the random-real baseline."""
-    accuracy, log, reloaded = [], [], 0
+    accuracy, log, reloaded, sets = [], [], 0, {}
     for seed in cfg.distill_seeds:
         for method in METHODS:
             run = distill_run(cfg.distill, experts_dir, ipc=cfg.distill.ipc,
@@ -215,6 +215,7 @@ def distill_both(cfg: FidelityConfig, experts_dir: Path, dataset: Dataset) -> xr
                               num_classes=dataset.info.num_classes, method=method, seed=seed)
             distiller = distill_cached(run, dataset)
             reloaded += distiller.last_eval is None  # finished earlier: nothing evaluated yet
+            sets[f"{method}, seed {seed}"] = str(distiller.out / "synthetic.safetensors")
             result = distiller.last_eval or distiller.evaluate()
             accuracy += [{"set": method, "seed": seed, "model": k, "accuracy": a}
                          for k, a in enumerate(result.accuracies)]
@@ -234,6 +235,7 @@ def distill_both(cfg: FidelityConfig, experts_dir: Path, dataset: Dataset) -> xr
         combine_attrs="drop",
     )
     ds.attrs["runs_reloaded"] = reloaded  # of len(seeds) x len(METHODS), from the run cache
+    ds.attrs["synthetic_sets"] = sets  # panel title -> synthetic.safetensors (the sets figure)
     # Table and figure order; a dict, since reindex(method=...) is its fill-method argument.
     return ds.reindex({"set": ["random real", *METHODS], "method": list(METHODS)})
 
@@ -266,6 +268,7 @@ def main(cfg: FidelityConfig) -> xr.Dataset:
         seconds_distill=distill_seconds,
         seconds_total=time.perf_counter() - started,
         runs_reloaded=f"{distilled.attrs['runs_reloaded']} of {runs}",
+        synthetic_sets=distilled.attrs["synthetic_sets"],
         expert_test_accuracy=[list(e.test_accuracy) for e in experts],
         protocol="paper" if cfg == PRESETS["paper"] else "reduced",
     )
@@ -392,4 +395,5 @@ def notes(ds: xr.Dataset) -> str:
 
 
 if __name__ == "__main__":
-    run_experiment(NAME, FidelityConfig, PRESETS, __doc__, main, table, plot=plot, notes=notes)
+    run_experiment(NAME, FidelityConfig, PRESETS, __doc__, main, table, plot=plot, notes=notes,
+                   sets=plot_experiment_sets)

@@ -9,7 +9,7 @@ at IPC 1, 10 and 50, with the published anchors printed beside.
 Every row is distilled from the same experts and seed and evaluated in the same protocol (test
 accuracy on the real test set, mean +- std over the evaluation models). `unrolled` keeps T step
 graphs alive; it runs where ``ipc <= unrolled_max_ipc``. Writes
-results/main_table/main_table.{nc,png,md}.
+results/main_table/main_table.{nc,png,md} and main_table_sets.png (the distilled sets).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from tesla_func.experiment import (
     run_experiment,
 )
 from tesla_func.experts import ExpertConfig
-from tesla_func.plots import plot_bar
+from tesla_func.plots import plot_bar, plot_experiment_sets
 from tesla_func.results import make_results, markdown_table, percent
 
 NAME = "main_table"
@@ -108,6 +108,7 @@ def main(cfg: MainTableConfig) -> xr.Dataset:
     accuracy = np.full((len(rows), len(cfg.ipcs), base.eval_models), np.nan)
     lr = np.full((len(rows), len(cfg.ipcs)), np.nan)
     dataset = load_dataset(cfg.experts.dataset)  # loaded once, shared by every run
+    sets = {}  # panel title -> synthetic.safetensors of the run (the sets figure)
     for j, ipc in enumerate(cfg.ipcs):
         distiller = None
         for i, row in enumerate(rows[1:], start=1):
@@ -122,6 +123,7 @@ def main(cfg: MainTableConfig) -> xr.Dataset:
             result = distiller.last_eval or distiller.evaluate(synthetic)  # None if resumed done
             accuracy[i, j] = result.accuracies
             lr[i, j] = synthetic.lr
+            sets[f"{row}, IPC {ipc}"] = str(distiller.out / "synthetic.safetensors")
         baseline = random_real_baseline(dataset, ipc, distiller.protocol(lr=0.01), base.seed)
         accuracy[0, j], lr[0, j] = baseline.accuracies, 0.01
     return make_results(
@@ -135,6 +137,7 @@ def main(cfg: MainTableConfig) -> xr.Dataset:
         device=base.device,
         experts_dir=str(experts_dir),
         dataset=cfg.experts.dataset,
+        synthetic_sets=sets,
         protocol="paper" if cfg == PRESETS["paper"] else "reduced",
     )
 
@@ -172,4 +175,5 @@ if __name__ == "__main__":
         notes="Test accuracy (%), mean +- std over the evaluation models, every row in the same "
         "protocol; the published rows come from the full protocol.",
         plot=lambda nc, png: plot_bar(nc, png, hue="row", title="Fashion-MNIST: test accuracy"),
+        sets=plot_experiment_sets,
     )

@@ -7,6 +7,7 @@
         --label-strategy sla --out runs/fmnist-ipc10   # distil (or resume) a synthetic set
     tesla-func evaluate --synthetic runs/fmnist-ipc10/synthetic.safetensors --num-models 5
     tesla-func evaluate --random-real 10 --dataset fashion-mnist   # the baseline
+    tesla-func show runs/fmnist-ipc10/synthetic.safetensors   # its picture: synthetic.png
 
 Adding a subcommand: write ``_add_<name>_arguments(parser)`` and ``_run_<name>(args) -> int``
 and add one :class:`Command` line to :data:`COMMANDS`. The flags of a command that runs a config
@@ -20,15 +21,17 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from tesla_func.augment import DSA
 from tesla_func.configargs import add_config_arguments, config_from_args
-from tesla_func.data import ENV_VAR, available, load_dataset
+from tesla_func.data import ENV_VAR, available, load_dataset, load_dataset_like
 from tesla_func.distill import DistillConfig, Distiller
 from tesla_func.evaluate import EvalConfig, evaluate
 from tesla_func.experts import ExpertConfig, train_experts
+from tesla_func.plots import plot_synthetic
 from tesla_func.results import save_results
 from tesla_func.sampling import per_class_indices
 from tesla_func.synthetic import load_synthetic
@@ -125,9 +128,12 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     if args.synthetic:
         synthetic = load_synthetic(args.synthetic)
-        name = args.dataset or synthetic.header["config"]["dataset"]
-        zca = bool(synthetic.header.get("dataset_info", {}).get("zca", False))
-        dataset = load_dataset(name, args.root, zca=zca)
+        info = synthetic.header.get("dataset_info") or {}
+        name = args.dataset or info.get("name") or synthetic.header["config"]["dataset"]
+        if info.get("name") == name:  # the set's own dataset, reloaded as it was and checked
+            dataset = load_dataset_like(info, args.root, what=args.synthetic)
+        else:
+            dataset = load_dataset(name, args.root, zca=bool(info.get("zca", False)))
         images, labels, lr = synthetic.images, synthetic.labels, synthetic.lr
     else:
         dataset = load_dataset(args.dataset or "fashion-mnist", args.root)
@@ -148,6 +154,34 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------
+# tesla-func show
+# ----------------------------------------------------------------------------------------------
+
+
+def _add_show_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("synthetic",
+                        help="a synthetic.safetensors written by `distill` (or a snapshot)")
+    parser.add_argument("--out", default=None,
+                        help="the PNG to write (default: beside the file, <stem>.png)")
+    parser.add_argument("--root", default=None,
+                        help="folder holding the set's dataset: read only to undo ZCA "
+                             "(default: where the dataset is found; for 'folder', its recorded "
+                             "root)")
+    parser.add_argument("--max-classes", type=int, default=20,
+                        help="draw at most this many classes")
+    parser.add_argument("--max-per-class", type=int, default=20,
+                        help="draw at most this many images of each class")
+
+
+def _run_show(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else Path(args.synthetic).with_suffix(".png")
+    plot_synthetic(args.synthetic, out, root=args.root, max_classes=args.max_classes,
+                   max_per_class=args.max_per_class)
+    print(f"wrote {out}")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "data": Command("list the datasets and where their files are", _add_data_arguments, _run_data),
     "experts": Command(
@@ -159,6 +193,8 @@ COMMANDS: dict[str, Command] = {
                        _add_distill_arguments, _run_distill),
     "evaluate": Command("train fresh networks on a synthetic (or random real) set and test them",
                         _add_evaluate_arguments, _run_evaluate),
+    "show": Command("draw a synthetic set as pixels, one row per class", _add_show_arguments,
+                    _run_show),
 }
 
 

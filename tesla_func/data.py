@@ -1035,3 +1035,100 @@ def _validation_size(spec: _Spec, labels: Tensor, class_names: tuple[str, ...], 
 def fit_zca(images: Tensor, eps: float = ZCA_EPS) -> ZCAWhitening:
     """kornia's ZCA whitening fitted on (N, C, H, W) ``images`` (samples on dim 0), invertible."""
     return ZCAWhitening(eps=eps, compute_inv=True).fit(images)
+
+
+# ----------------------------------------------------------------------------------------------
+# A dataset as a file recorded it: reloaded, checked, and undone
+# ----------------------------------------------------------------------------------------------
+
+
+def dataset_options(name: str) -> tuple[str, ...]:
+    """The keyword options of :func:`load_dataset` that dataset ``name`` takes (``("image_size",)``
+    for "folder", none for the named datasets). Raises KeyError for an unknown name."""
+    return _spec(name).read_options
+
+
+def check_same_dataset(saved: dict, info: DatasetInfo, what: str) -> None:
+    """Raise ValueError unless ``info`` (a loaded dataset) is the dataset ``saved`` describes.
+
+    ``saved`` is the ``dataset_info`` an expert or synthetic-set header recorded (older files lack
+    some keys; those are not compared). Compared: the name, classes, channels, image size and ZCA,
+    the class names, and for datasets read only from a root ("folder") the root itself: every
+    folder dataset is named "folder", so the path is what tells two of them apart. ``what`` names
+    the file(s) in the message.
+    """
+    problems = []
+    if saved.get("name", info.name) != info.name:
+        problems.append(f"dataset {saved['name']!r} there, {info.name!r} here")
+    for key in ("num_classes", "channels", "image_size", "zca", "val_per_class"):
+        if key in saved and saved[key] != getattr(info, key):
+            problems.append(f"{key} {saved[key]!r} there, {getattr(info, key)!r} here")
+    if "class_names" in saved and tuple(saved["class_names"]) != info.class_names:
+        there, here = tuple(saved["class_names"]), info.class_names
+        first = next((i for i, (a, b) in enumerate(zip(there, here)) if a != b),
+                     min(len(there), len(here)))
+        problems.append(
+            f"class names differ from class {first} on: "
+            f"{list(there[first:first + 5])} there, {list(here[first:first + 5])} here"
+        )
+    if _spec(info.name).root_only and "source" in saved and saved["source"] != info.source:
+        problems.append(f"read from {saved['source']} there, from {info.source} here")
+    if problems:
+        raise ValueError(
+            f"{what} was made from another dataset than the one loaded ({info.name!r} from "
+            f"{info.source}): {'; '.join(problems)}"
+        )
+
+
+def load_dataset_like(saved: dict, root: str | Path | None = None, *, what: str = "the file"
+                      ) -> Dataset:
+    """Reload the dataset a file's ``dataset_info`` describes, and check it is that dataset.
+
+    Same name, ZCA setting and validation split; for "folder" the same image size (S x S: resizing images that
+    already have that size changes nothing, so this reproduces a load with or without
+    ``image_size``) and, without ``root``, the recorded root (``source``). Then
+    :func:`check_same_dataset`. Raises what :func:`load_dataset` raises (FileNotFoundError when
+    the files are gone), and ValueError when another dataset is found there.
+    """
+    name = saved["name"]
+    spec = _spec(name)
+    if root is None and spec.root_only:
+        root = saved.get("source")
+    options = {"image_size": saved.get("image_size")} if "image_size" in spec.read_options else {}
+    # the validation split it recorded (files from before the split held nothing out)
+    dataset = load_dataset(name, root, zca=bool(saved.get("zca", False)),
+                           val_per_class=int(saved.get("val_per_class", 0)), **options)
+    check_same_dataset(saved, dataset.info, what)
+    return dataset
+
+
+def pixels_from_info(
+    images: Tensor,
+    saved: dict,
+    *,
+    dataset: Dataset | None = None,
+    root: str | Path | None = None,
+) -> tuple[Tensor, str]:
+    """(B, C, H, W) network inputs -> (pixels about [0, 1], note), from a file's ``dataset_info``.
+
+    Mean/std are in ``saved`` and are undone directly. ZCA's fitted whitening is not stored in the
+    files (it is a (CHW)^2 matrix: 38 MB for CIFAR), so a ZCA-whitened set needs its dataset:
+    ``dataset`` if given (checked against ``saved``), else the one ``saved`` names, refitted
+    (:func:`load_dataset_like`, ``root`` as there). When that dataset is not found, the whitened
+    images come back unchanged with a note saying so (the caller scales them for display); the
+    note is empty when the result is pixels.
+    """
+    if dataset is not None:
+        check_same_dataset(saved, dataset.info, "the images")
+        return dataset.to_pixels(images), ""
+    if not saved.get("zca", False):
+        shape = (1, -1, 1, 1)
+        mean = torch.tensor(saved["mean"], dtype=images.dtype, device=images.device).view(shape)
+        std = torch.tensor(saved["std"], dtype=images.dtype, device=images.device).view(shape)
+        return images * std + mean, ""
+    try:
+        dataset = load_dataset_like(saved, root, what="the images")
+    except FileNotFoundError:
+        return images, (f"ZCA-whitened, shown min-max scaled per image: dataset "
+                        f"{saved['name']!r} (needed to undo ZCA) was not found")
+    return dataset.to_pixels(images), ""

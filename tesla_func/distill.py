@@ -23,6 +23,13 @@ the image gradient was zero for the rest of the run.
 The state (:mod:`tesla_func.distill_state`) is checkpointed atomically every ``save_every``
 iterations; a resumed run continues from the same state and, on CPU with the same seed and thread
 count, ends with bitwise the same synthetic set as an uninterrupted run.
+
+The log also records how far the labels drift (:func:`tesla_func.labels.label_drift`): each
+iteration, the fraction of images whose teacher label (the argmax of the labels the iteration
+trained on) is not the class the image started in, and the images per class by that label. The
+dataset is the one the experts recorded (``dataset_info`` in their header: reloaded with
+:func:`tesla_func.data.load_dataset_like` and checked), so experts of one image folder do not
+distil another.
 """
 
 from __future__ import annotations
@@ -40,8 +47,9 @@ from tqdm.auto import tqdm
 
 from tesla_func.augment import DSA
 from tesla_func.configargs import check_choice, check_non_negative, check_positive_ints
-from tesla_func.data import Dataset, load_dataset
+from tesla_func.data import Dataset, check_same_dataset, load_dataset_like
 from tesla_func.distill_state import (
+    CLASS_LOG_FIELDS,
     EVAL_FIELDS,
     LOG_FIELDS,
     DistillState,
@@ -50,14 +58,21 @@ from tesla_func.distill_state import (
 )
 from tesla_func.evaluate import EvalConfig, EvalResult, evaluate
 from tesla_func.experts import ExpertTrajectory, load_experts
-from tesla_func.labels import LABEL_STRATEGIES, LabelInputs, LabelStrategy, teacher_logits
+from tesla_func.labels import (
+    LABEL_STRATEGIES,
+    LabelInputs,
+    LabelStrategy,
+    label_drift,
+    teacher_logits,
+)
 from tesla_func.matching import METHODS, match_trajectory
 from tesla_func.models import ConvNet
 from tesla_func.optim import sgd
+from tesla_func.plots import plot_synthetic
 from tesla_func.provenance import provenance
 from tesla_func.results import make_results, save_results
 from tesla_func.sampling import draw_minibatches, per_class_indices
-from tesla_func.synthetic import SyntheticSet
+from tesla_func.synthetic import SyntheticSet, snapshot_path
 from tesla_func.types import Params
 
 IMAGE_INITS = ("real", "noise")
@@ -99,6 +114,10 @@ class DistillConfig:
     eval_epochs: int = 300  # evaluation protocol: training epochs (the paper: 1000)
     eval_models: int = 3  # evaluation protocol: networks trained per evaluation
     save_every: int = 25  # iterations between atomic checkpoints of the run
+    # iterations between snapshots of the set, kept as run/snapshots/images_<iteration>.safetensors
+    # (synthetic-set files, taken at iteration 0, every snapshot_every iterations and at the last;
+    # plots.plot_image_strip lines them up); 0: no snapshots
+    snapshot_every: int = 0
     seed: int = 0  # the run's generator: experts, start epochs, minibatches, DSA, initial images
     device: str = "cpu"  # where the matching runs
 
@@ -108,10 +127,10 @@ class DistillConfig:
                                    "eval_models", "save_every"))
         if self.batch_syn is not None:
             check_positive_ints(self, ("batch_syn",))
-        if not isinstance(self.eval_every, int) or self.eval_every < 0:
-            raise ValueError(
-                f"DistillConfig.eval_every must be an int >= 0, got {self.eval_every!r}"
-            )
+        for name in ("eval_every", "snapshot_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"DistillConfig.{name} must be an int >= 0, got {value!r}")
         check_choice(self, "method", METHODS)
         check_choice(self, "label_strategy", LABEL_STRATEGIES)
         check_choice(self, "image_init", IMAGE_INITS)
@@ -176,7 +195,8 @@ def initial_state(
     state = DistillState(
         iteration=0, images=images, label_logits=logits, log_lr=log_lr, momentum=None,
         generator=gen, order=torch.zeros(0, dtype=torch.long),
-        log={f: [] for f in LOG_FIELDS}, evals={f: [] for f in EVAL_FIELDS}, skipped=0,
+        log={f: [] for f in LOG_FIELDS + CLASS_LOG_FIELDS},
+        evals={f: [] for f in EVAL_FIELDS}, skipped=0,
     )
     state.momentum = sgd(cfg.momentum).init(_learned(state, strategy))
     return state
@@ -210,19 +230,16 @@ class Distiller:
             experts = load_experts(cfg.experts_dir)
         _check_experts(cfg, experts)
         self.experts = [e.to(self.device) for e in experts]
-        name, trained_on = experts[0].dataset, experts[0].header.get("dataset_info", {})
-        held_out = int(trained_on.get("val_per_class", 0))  # older expert files: none
+        name = experts[0].dataset
+        # the dataset the experts were trained on, as their header recorded it (zca, image size,
+        # class names, and for "folder" the root): reloaded and checked against it
+        recorded = {**experts[0].header.get("dataset_info", {}), "name": name}
+        what = f"the experts in {cfg.experts_dir}" if cfg.experts_dir else "the experts"
         if dataset is None:
-            dataset = load_dataset(name, cfg.data_root, zca=bool(trained_on.get("zca", False)),
-                                   val_per_class=held_out)
+            dataset = load_dataset_like(recorded, cfg.data_root, what=what)
         if dataset.info.name != name:
             raise ValueError(f"dataset {dataset.info.name!r} is not the experts' {name!r}")
-        if dataset.info.val_per_class != held_out:
-            raise ValueError(
-                f"the experts were trained with {held_out} images per class held out for "
-                f"validation, the dataset given holds out {dataset.info.val_per_class}: load it "
-                f"with val_per_class={held_out}, or train the experts on this split"
-            )
+        check_same_dataset(recorded, dataset.info, what)
         self.dataset = dataset
         k = dataset.info.num_classes
         self.n = cfg.ipc * k
@@ -282,9 +299,11 @@ class Distiller:
             augment = self.dsa.replayable([batch] * cfg.syn_steps, s.generator,
                                           device=self.device, dtype=s.images.dtype)
         beta = s.log_lr.exp()
+        labels = self.labels(expert, target_epoch)
+        drift, counts = label_drift(labels, self.classes, self.dataset.info.num_classes)
         res = match_trajectory(
             self.model, expert.params[t], expert.params[target_epoch], s.images,
-            self.labels(expert, target_epoch), beta, [b.to(self.device) for b in batches],
+            labels, beta, [b.to(self.device) for b in batches],
             method=cfg.method, augment=augment, state_stride=cfg.state_stride,
         )
         lr_grad = res.lr_grad * beta  # dL/dlog(beta)
@@ -311,9 +330,10 @@ class Distiller:
         for name, value in zip(LOG_FIELDS, (
             float(res.loss), float(s.log_lr.exp()), float(res.images_grad.norm()), labels_norm,
             float(lr_grad.abs()), float(not finite), float(e), float(t),
-            time.perf_counter() - tic,
+            time.perf_counter() - tic, float(drift),
         )):
             s.log[name].append(value)
+        s.log["class_count"].append(counts.tolist())
 
     def synthetic_set(self) -> SyntheticSet:
         s = self.state
@@ -368,27 +388,45 @@ class Distiller:
     def log_results(self):
         """The per-iteration log and the evaluations as one xarray Dataset."""
         s, cfg = self.state, self.cfg
-        data = {name: (("iteration",), np.asarray(values, dtype=np.float64))
-                for name, values in s.log.items()}
+        data = {name: (("iteration",), np.asarray(s.log[name], dtype=np.float64))
+                for name in LOG_FIELDS}
+        k = self.dataset.info.num_classes
+        for name in CLASS_LOG_FIELDS:
+            data[name] = (("iteration", "class"),
+                          np.asarray(s.log[name], dtype=np.float64).reshape(-1, k))
+        data["label_drift"] = (*data["label_drift"], {"units": "fraction"})
         for name in EVAL_FIELDS[1:]:
             data[f"eval_{name}"] = (("eval_iteration",), np.asarray(s.evals[name]))
         coords = {
             "iteration": np.arange(1, len(s.log["loss"]) + 1),
             "eval_iteration": np.asarray(s.evals["iteration"], dtype=np.int64),
+            "class": np.arange(k),
+            "class_name": (("class",), list(self.dataset.info.class_names)),
         }
         return make_results(data, coords, config=cfg, seed=cfg.seed, device=cfg.device,
                             skipped_updates=s.skipped, method=cfg.method,
                             label_strategy=cfg.label_strategy, ipc=cfg.ipc)
 
+    def snapshot(self) -> Path:
+        """Write the set as it is now to ``snapshot_path(out_dir, iteration)`` (atomically)."""
+        path = snapshot_path(self.out, self.state.iteration)
+        self.synthetic_set().save(path)
+        return path
+
     def run(self, stop_after: int | None = None) -> SyntheticSet:
         """Run (or resume) to ``cfg.iterations``; ``stop_after`` stops early (tests of resume).
 
-        Writes ``out_dir/checkpoint.safetensors`` every ``save_every`` iterations and, at the end,
-        ``out_dir/synthetic.safetensors`` and ``out_dir/log.nc``.
+        Writes ``out_dir/checkpoint.safetensors`` every ``save_every`` iterations, the snapshots
+        of ``snapshot_every`` and, at the end, ``out_dir/synthetic.safetensors``, its picture
+        ``out_dir/synthetic.png`` (:func:`tesla_func.plots.plot_synthetic`) and
+        ``out_dir/log.nc``. A resumed run rewrites the snapshots after its checkpoint with the
+        same bits.
         """
         cfg, s = self.cfg, self.state
         self.out.mkdir(parents=True, exist_ok=True)
         last = cfg.iterations if stop_after is None else min(cfg.iterations, stop_after)
+        if cfg.snapshot_every and s.iteration == 0:
+            self.snapshot()
         bar = tqdm(total=cfg.iterations, initial=s.iteration, unit="it",
                    desc=f"distill {cfg.method}/{cfg.label_strategy} ipc{cfg.ipc}",
                    disable=not self.progress)
@@ -399,6 +437,9 @@ class Distiller:
                             skipped=s.skipped)
             if cfg.eval_every and s.iteration % cfg.eval_every == 0 and s.iteration < cfg.iterations:
                 self._record_eval()
+            if cfg.snapshot_every and (s.iteration % cfg.snapshot_every == 0
+                                       or s.iteration == cfg.iterations):
+                self.snapshot()
             if s.iteration % cfg.save_every == 0 or s.iteration == last:
                 save_checkpoint(self.out / CHECKPOINT, cfg.to_dict(), s)
         bar.close()
@@ -409,6 +450,7 @@ class Distiller:
                 save_checkpoint(self.out / CHECKPOINT, cfg.to_dict(), s)
             synthetic.save(self.out / "synthetic.safetensors")
             save_results(self.log_results(), self.out / "log.nc")
+            plot_synthetic(synthetic, self.out / "synthetic.png", dataset=self.dataset)
         return synthetic
 
 

@@ -32,6 +32,13 @@ LOG_FIELDS = (
     "expert",  # which expert was matched
     "start_epoch",  # its start epoch t
     "seconds",  # wall time of the iteration
+    # fraction of the images whose teacher label (the argmax of the labels the iteration trained
+    # on; the class itself for hard labels) is not the class the image started in
+    "label_drift",
+)
+# Per-class fields: one list of K values per iteration (a (iteration, class) variable in log.nc).
+CLASS_LOG_FIELDS = (
+    "class_count",  # images per class by that argmax; they sum to N
 )
 # per evaluation: test accuracy, and validation accuracy (what choices of an iteration use)
 EVAL_FIELDS = ("iteration", "accuracy_mean", "accuracy_std", "val_accuracy_mean",
@@ -49,7 +56,8 @@ class DistillState:
     momentum: SGDState  # SGD momenta of the learned tensors, keyed like learned()
     generator: torch.Generator  # every random draw of the run (experts, epochs, batches, DSA)
     order: Tensor  # (n,) what is left of the current minibatch permutation
-    log: dict[str, list[float]]  # LOG_FIELDS, one value per iteration
+    # LOG_FIELDS: one value per iteration; CLASS_LOG_FIELDS: one list of K values per iteration
+    log: dict[str, list]
     evals: dict[str, list[float]]  # EVAL_FIELDS, one value per evaluation
     skipped: int  # updates skipped because something was not finite
 
@@ -111,7 +119,7 @@ def load_checkpoint(path: Path, config: dict[str, Any], device: torch.device) ->
         ),
         generator=gen,
         order=tensors["order"],
-        log={f: tensors[f"log/{f}"].tolist() for f in LOG_FIELDS},
+        log={f: tensors[f"log/{f}"].tolist() for f in LOG_FIELDS + CLASS_LOG_FIELDS},
         evals={f: tensors[f"log/eval_{f}"].tolist() for f in EVAL_FIELDS},
         skipped=int(header["skipped"]),
     )

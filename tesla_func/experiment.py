@@ -9,7 +9,10 @@ is derived from the config like every other command's (``--distill.lr-img 300``,
 
 - ``<name>.nc``: the results with their config, seed, versions, git revision and device;
 - ``<name>.png``: a seaborn figure drawn from the saved ``.nc`` only;
-- ``<name>.md``: a Markdown table of the headline numbers, with the command that made them.
+- ``<name>.md``: a Markdown table of the headline numbers, with the command that made them;
+- ``<name>_sets.png`` (scripts that pass ``sets``): pictures of the synthetic sets it made, drawn
+  from the cached runs' files (:func:`tesla_func.plots.plot_experiment_sets` draws the sets a
+  results file names in its ``synthetic_sets`` attribute).
 """
 
 from __future__ import annotations
@@ -197,11 +200,13 @@ def run_experiment(
     plot: Callable[[Path, Path], Any],
     notes: str | Callable[[xr.Dataset], str] = "",
     argv: Sequence[str] | None = None,
+    sets: Callable[[Path, Path], Any] | None = None,
 ) -> xr.Dataset:
     """The ``__main__`` of an experiment script: config from the command line, run (with the
     config's ``threads``, restored after), write the three outputs under ``results/<name>/``
     (``notes`` may be written from the results; the reduced-protocol note is added when it
-    applies), print the table."""
+    applies), print the table. ``sets(nc, png)``, if given, draws the synthetic sets the run
+    made into ``results/<name>/<name>_sets.png`` from the saved results file."""
     cfg = parse_config(cfg_type, presets, description, argv)
     revision = git_revision()
     if revision.endswith("-dirty"):
@@ -214,6 +219,9 @@ def run_experiment(
     if results.attrs.get("protocol") == "reduced":
         notes = f"{notes} {REDUCED_NOTE}".strip()
     paths = write_outputs(results, name, RESULTS_DIR / name, table=text, notes=notes, plot=plot)
+    if sets is not None:
+        paths["sets"] = RESULTS_DIR / name / f"{name}_sets.png"
+        sets(paths["netcdf"], paths["sets"])
     print(text + (f"\n\n{notes}" if notes else ""))
     print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
     return results

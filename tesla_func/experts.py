@@ -9,10 +9,10 @@ is finished (:func:`tesla_func.fileio.save_tensors`):
 - tensors ``epoch_000/<param name>`` ... ``epoch_<E>/<param name>`` (epoch 0 = the initial
   weights; names as in ``ConvNet.named_parameters()``, e.g. ``epoch_003/features.0.weight``);
 - JSON header: ``format`` ("tesla_func.expert"), ``format_version``, ``architecture``
-  (ConvNetConfig dict), ``dataset``, ``dataset_info`` (normalisation, ZCA), ``expert_config``,
-  ``expert_index``, ``seed`` (base seed; the expert's streams come from (seed, index)), ``lr``,
-  ``epochs``, ``test_accuracy`` (E + 1 values, index 0 = at init), ``seconds_per_epoch``,
-  ``provenance`` (library versions, git revision, device).
+  (ConvNetConfig dict), ``dataset``, ``dataset_info`` (normalisation, ZCA, class names, source),
+  ``expert_config``, ``expert_index``, ``seed`` (base seed; the expert's streams come from
+  (seed, index)), ``lr``, ``epochs``, ``test_accuracy`` (E + 1 values, index 0 = at init),
+  ``seconds_per_epoch``, ``provenance`` (library versions, git revision, device).
 
 While an expert trains, each finished epoch is written atomically to
 ``<out>/expert_007.partial/epoch_003.safetensors`` together with the state needed to continue
@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from tesla_func.augment import DSA
 from tesla_func.configargs import check_choice, check_positive_ints
-from tesla_func.data import DATASETS, Dataset, load_dataset
+from tesla_func.data import DATASETS, Dataset, dataset_options, load_dataset
 from tesla_func.evaluate import accuracy
 from tesla_func.fileio import load_tensors, save_tensors
 from tesla_func.models import ConvNet, ConvNetConfig, init_params
@@ -70,10 +70,20 @@ class ExpertConfig:
     batch_size: int = 256  # real images per SGD step
     dsa: bool = True  # DSA on every real batch
     seed: int = 0  # base seed; expert i draws from streams of (seed, i)
+    # "folder" only: resize every image to S x S pixels (bilinear); None: the images' own size,
+    # one square size for all
+    image_size: int | None = None
 
     def __post_init__(self) -> None:
         check_positive_ints(self, ("num_experts", "epochs", "width", "depth", "batch_size"))
         check_choice(self, "dataset", DATASETS)
+        if self.image_size is not None:
+            if "image_size" not in dataset_options(self.dataset):
+                raise ValueError(
+                    f"ExpertConfig.image_size is for your own images (dataset 'folder'); "
+                    f"dataset {self.dataset!r} has a fixed size: leave image_size unset"
+                )
+            check_positive_ints(self, ("image_size",))
         if self.norm not in STATELESS_NORMS:
             raise ValueError(
                 f"ExpertConfig.norm must be one of {STATELESS_NORMS}, got {self.norm!r}: "
@@ -172,7 +182,8 @@ def train_experts(
 
     Args:
         dataset: an already loaded dataset (must match ``cfg.dataset`` / ``cfg.zca``); else it is
-            loaded with ``load_dataset(cfg.dataset, root, zca=cfg.zca)``.
+            loaded with ``load_dataset(cfg.dataset, root, zca=cfg.zca)`` (and
+            ``image_size=cfg.image_size`` for "folder").
         on_epoch: ``(expert index, epoch, test accuracy)``, called after each checkpoint is on
             disk (epoch 0 = the initial weights); an exception it raises stops the run there,
             which is how the tests simulate a kill.
@@ -183,11 +194,17 @@ def train_experts(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if dataset is None:
-        dataset = load_dataset(cfg.dataset, root, zca=cfg.zca)
+        options = {"image_size": cfg.image_size} if cfg.image_size is not None else {}
+        dataset = load_dataset(cfg.dataset, root, zca=cfg.zca, **options)
     elif dataset.info.name != cfg.dataset or (cfg.zca is not None and dataset.info.zca != cfg.zca):
         raise ValueError(
             f"dataset {dataset.info.name!r} (zca={dataset.info.zca}) does not match "
             f"the config's {cfg.dataset!r} (zca={cfg.zca})"
+        )
+    elif cfg.image_size is not None and dataset.info.image_size != cfg.image_size:
+        raise ValueError(
+            f"dataset {dataset.info.name!r} has {dataset.info.image_size}-pixel images, but the "
+            f"config asks for image_size {cfg.image_size}"
         )
     device = torch.device(device)
     data = _Tensors(
@@ -364,8 +381,7 @@ def _finish(
         accuracy.append(header["accuracy"])
         if epoch > 0:
             seconds.append(header["seconds"])
-    info = dataset.info.to_dict()
-    info.pop("class_names")
+    info = dataset.info.to_dict()  # class names and source included: distill checks them
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

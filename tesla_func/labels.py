@@ -89,6 +89,20 @@ def teacher_logits(model: nn.Module, params: Params, images: Tensor) -> Tensor:
         model.train(was_training)
 
 
+def label_drift(labels: Tensor, classes: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """How far labels have drifted from the classes the images started in.
+
+    labels: (N,) int classes, or (N, K) logits or probabilities (the teacher's class is the
+    argmax; ties go to the lower class); classes: (N,) int64 the initial classes.
+    Returns (() float64 fraction of the N images whose teacher class is not their initial class,
+    (K,) float64 images per teacher class, summing to N). Hard labels drift 0 by construction.
+    """
+    teacher = labels if labels.dim() == 1 else labels.argmax(dim=1)  # (N,)
+    drift = (teacher != classes).to(torch.float64).mean()
+    counts = torch.bincount(teacher.cpu(), minlength=num_classes).to(torch.float64)
+    return drift, counts
+
+
 def _softmax_of(name: str) -> Callable[[LabelInputs], Tensor]:
     return lambda inputs: F.softmax(getattr(inputs, name), dim=-1)
 

@@ -9,6 +9,10 @@ One safetensors file (:mod:`tesla_func.fileio`; no pickle), ``synthetic.safetens
 - header (JSON): ``format`` ("tesla_func.synthetic"), the distillation config, the iteration, the
   skipped-update count, ``dataset_info`` (to undo the normalisation), the architecture and
   provenance.
+
+A run with ``DistillConfig.snapshot_every`` also keeps snapshots of its set in this format,
+``<run>/snapshots/images_<iteration>.safetensors`` (:func:`snapshot_path`; the header's
+``iteration`` says when), so that anything drawing or evaluating a set takes a snapshot too.
 """
 
 from __future__ import annotations
@@ -22,6 +26,17 @@ from torch import Tensor
 from tesla_func.fileio import load_tensors, save_tensors
 
 FORMAT = "tesla_func.synthetic"
+SNAPSHOTS = "snapshots"  # the folder of snapshots in a run folder (DistillConfig.snapshot_every)
+
+
+def snapshot_path(run_dir: str | Path, iteration: int) -> Path:
+    """Where the snapshot of the set after ``iteration`` iterations is kept in ``run_dir``."""
+    return Path(run_dir) / SNAPSHOTS / f"images_{iteration:06d}.safetensors"
+
+
+def snapshot_paths(run_dir: str | Path) -> list[Path]:
+    """The snapshots kept in ``run_dir``, in iteration order (empty if none)."""
+    return sorted((Path(run_dir) / SNAPSHOTS).glob("images_*.safetensors"))
 
 
 @dataclass(frozen=True, eq=False)

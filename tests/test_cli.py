@@ -151,3 +151,76 @@ def test_help_reads_as_the_configs_documentation(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--lr-grad-clip" in text and "is clipped to this before the update" in text
     assert "(default: 'tesla')" in text  # the method flag shows its default
+
+
+def test_folder_of_pngs_end_to_end_from_the_command_line(tmp_path, capsys):
+    from PIL import Image
+
+    from tesla_func.synthetic import load_synthetic
+    from tests.test_data import write_folder
+
+    root = tmp_path / "images"
+    write_folder(root, size=(12, 12))  # ant, bee, cat: 6 PNGs each, 5 train + 1 test
+    experts, run = tmp_path / "experts", tmp_path / "run"
+    assert cli.main(["experts", "--dataset", "folder", "--root", str(root), "--image-size", "8",
+                     "--num-experts", "1", "--epochs", "2", "--width", "4", "--batch-size", "8",
+                     "--no-dsa", "--out", str(experts), "--no-progress"]) == 0
+    (expert,) = load_experts(experts)
+    assert expert.config.image_size == 8 and expert.header["expert_config"]["image_size"] == 8
+    info = expert.header["dataset_info"]
+    assert info["class_names"] == ["ant", "bee", "cat"] and info["source"] == str(root)
+    distill = ["distill", "--experts-dir", str(experts), "--ipc", "2", "--iterations", "2",
+               "--syn-steps", "2", "--match-epochs", "1", "--max-start-epoch", "1",
+               "--eval-epochs", "1", "--eval-models", "1", "--label-strategy", "sla",
+               "--no-progress"]
+    assert cli.main([*distill, "--data-root", str(root), "--out", str(run)]) == 0
+    synthetic = load_synthetic(run / "synthetic.safetensors")
+    assert synthetic.images.shape == (6, 3, 8, 8) and synthetic.labels.shape == (6, 3)
+    assert (run / "synthetic.png").is_file()
+    # evaluate finds the folder where the set's header says it was read, at the same size
+    assert cli.main(["evaluate", "--synthetic", str(run / "synthetic.safetensors"), "--epochs",
+                     "1", "--num-models", "1", "--width", "4", "--no-progress"]) == 0
+    assert "test accuracy:" in capsys.readouterr().out
+    (run / "synthetic.png").unlink()
+    assert cli.main(["show", str(run / "synthetic.safetensors")]) == 0  # beside the file
+    assert cli.main(["show", str(run / "synthetic.safetensors"), "--out",
+                     str(tmp_path / "mine.png")]) == 0
+    for png in (run / "synthetic.png", tmp_path / "mine.png"):
+        assert Image.open(png).format == "PNG"
+    assert f"wrote {tmp_path / 'mine.png'}" in capsys.readouterr().out
+
+    # Not enough images for the IPC: the error names the class.
+    assert cli.main([*distill, "--ipc", "6", "--out", str(tmp_path / "r6")]) == 1
+    # (6 images: 1 test, 1 validation, 4 to train on)
+    assert "ipc 6 is larger than class 0 ('ant'), which has 4" in capsys.readouterr().err
+    # Experts of one folder do not distil another: other classes, or another place.
+    other = tmp_path / "other"
+    write_folder(other, classes=("dog", "eel", "fox"), size=(12, 12))
+    assert cli.main([*distill, "--data-root", str(other), "--out", str(tmp_path / "r2")]) == 1
+    err = capsys.readouterr().err
+    assert "was made from another dataset" in err and "['ant', 'bee', 'cat'] there" in err
+    copy = tmp_path / "copy"
+    write_folder(copy, size=(12, 12))
+    assert cli.main([*distill, "--data-root", str(copy), "--out", str(tmp_path / "r3")]) == 1
+    assert f"read from {root} there, from {copy} here" in capsys.readouterr().err
+    # image_size belongs to your own images only.
+    assert cli.main(["experts", "--dataset", "digits", "--image-size", "8", "--out",
+                     str(tmp_path / "e2")]) == 1
+    assert "ExpertConfig.image_size is for your own images" in capsys.readouterr().err
+
+
+def test_show_refuses_files_that_are_not_synthetic_sets(tmp_path, capsys):
+    import torch
+
+    from tesla_func.fileio import save_tensors
+
+    save_tensors(tmp_path / "expert.safetensors", {"x": torch.zeros(2)},
+                 {"format": "tesla_func.expert"})
+    assert cli.main(["show", str(tmp_path / "expert.safetensors")]) == 1
+    assert "is not a tesla_func synthetic set" in capsys.readouterr().err
+    (tmp_path / "notes.safetensors").write_text("hello")
+    assert cli.main(["show", str(tmp_path / "notes.safetensors")]) == 1
+    assert "truncated or not a tesla_func safetensors file" in capsys.readouterr().err
+    assert cli.main(["show", str(tmp_path / "absent.safetensors")]) == 1
+    assert "no such file" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png"))

@@ -249,3 +249,101 @@ def test_bad_setups_fail_before_any_work(tmp_path, experts_dir, digits, experts,
 def test_bad_config_values(changes, message):
     with pytest.raises(ValueError, match=message):
         DistillConfig(**changes)
+
+
+# ----------------------------------------------------------------------------------------------
+# What the log records of the labels, snapshots of the images, and the picture of the set
+
+
+def test_label_drift_and_class_counts_are_logged(tmp_path, experts_dir, digits, experts,
+                                                 monkeypatch):
+    # hard labels never drift: 0 every iteration, ipc images in every class
+    hard = make(config(experts_dir, iterations=2), tmp_path / "hard", digits, experts)
+    hard.run()
+    assert hard.state.log["label_drift"] == [0.0, 0.0]
+    assert hard.state.log["class_count"] == [[2.0] * 10] * 2
+    # SLA: by hand, from the labels each iteration trained on (the teacher's logits)
+    seen = []
+    real = distill_module.match_trajectory
+
+    def spy(model, start, target, images, labels, *args, **kwargs):
+        seen.append(labels.clone())
+        return real(model, start, target, images, labels, *args, **kwargs)
+
+    monkeypatch.setattr(distill_module, "match_trajectory", spy)
+    cfg = config(experts_dir, label_strategy="sla", iterations=3, lr_img=3000.0)
+    sla = make(cfg, tmp_path / "sla", digits, experts)
+    sla.run()
+    classes = torch.arange(10).repeat_interleave(2)
+    assert len(seen) == 3
+    for labels, drift, counts in zip(seen, sla.state.log["label_drift"],
+                                     sla.state.log["class_count"]):
+        teacher = labels.argmax(1)
+        assert drift == (teacher != classes).sum().item() / 20
+        assert counts == torch.bincount(teacher, minlength=10).double().tolist()
+        assert sum(counts) == 20
+    assert max(sla.state.log["label_drift"]) > 0  # these weak experts disagree with the classes
+    log = load_results(tmp_path / "sla" / "log.nc")
+    assert log["class_count"].dims == ("iteration", "class")
+    assert log["class_count"].values.tolist() == sla.state.log["class_count"]
+    assert list(log["class_name"].values) == list(digits.info.class_names)
+    assert log["label_drift"].attrs["units"] == "fraction"
+
+
+def test_snapshots_are_kept_and_a_resumed_run_rewrites_them_bitwise(
+    tmp_path, experts_dir, digits, experts, monkeypatch
+):
+    from tesla_func.synthetic import snapshot_path, snapshot_paths
+
+    cfg = config(experts_dir, label_strategy="learned", iterations=5, save_every=2,
+                 snapshot_every=2)
+    full = make(cfg, tmp_path / "full", digits, experts)
+    full.run()
+    kept = snapshot_paths(tmp_path / "full")
+    assert kept == [snapshot_path(tmp_path / "full", i) for i in (0, 2, 4, 5)]
+    first, last = load_synthetic(kept[0]), load_synthetic(kept[-1])
+    assert first.header["iteration"] == 0 and last.header["iteration"] == 5
+    initial = make(cfg, tmp_path / "fresh", digits, experts).state
+    assert torch.equal(first.images, initial.images)
+    assert torch.equal(first.label_logits, initial.label_logits)
+    assert torch.equal(last.images, load_synthetic(tmp_path / "full" / "synthetic.safetensors")
+                       .images)
+
+    killed = make(cfg, tmp_path / "killed", digits, experts)
+    real_step = killed.step
+
+    def dies_at_iteration_4():
+        if killed.state.iteration == 3:
+            raise KeyboardInterrupt  # killed after the checkpoint (and snapshot) at 2
+        real_step()
+
+    monkeypatch.setattr(killed, "step", dies_at_iteration_4)
+    with pytest.raises(KeyboardInterrupt):
+        killed.run()
+    assert snapshot_paths(tmp_path / "killed") == [snapshot_path(tmp_path / "killed", i)
+                                                   for i in (0, 2)]
+    resumed = make(cfg, tmp_path / "killed", digits, experts)
+    resumed.run()
+    for a, b in zip(kept, snapshot_paths(tmp_path / "killed"), strict=True):
+        x, y = load_synthetic(a), load_synthetic(b)
+        assert torch.equal(x.images, y.images) and torch.equal(x.label_logits, y.label_logits)
+        assert x.lr == y.lr and x.header["iteration"] == y.header["iteration"]
+    for name in ("label_drift", "class_count", "loss"):
+        assert resumed.state.log[name] == full.state.log[name]
+
+
+def test_a_finished_run_draws_its_set(tmp_path, experts_dir, digits, experts):
+    make(config(experts_dir, iterations=1, label_strategy="learned"), tmp_path, digits,
+         experts).run()
+    from PIL import Image
+
+    png = tmp_path / "synthetic.png"
+    assert png.read_bytes().startswith(b"\x89PNG")
+    width, height = Image.open(png).size
+    assert height > width  # 10 rows (classes) of 2 images
+
+
+@pytest.mark.parametrize("value", [-1, True, 1.5])
+def test_snapshot_every_must_be_a_non_negative_int(value):
+    with pytest.raises(ValueError, match="snapshot_every must be an int >= 0"):
+        DistillConfig(snapshot_every=value)

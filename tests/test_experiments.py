@@ -55,7 +55,8 @@ def test_ablate_labels_runs_end_to_end(ablate, tmp_path):
         label_strategies=("hard", "sla-only"),
     )
     ds = ablate.main(cfg)
-    assert dict(ds.sizes) == {"label_strategy": 2, "ipc": 2, "iteration": 2}
+    assert dict(ds.sizes) == {"label_strategy": 2, "ipc": 2, "iteration": 2,
+                              "log_iteration": 2, "class": 10}
     assert np.isfinite(ds.accuracy.values).all() and np.isfinite(ds.val_accuracy.values).all()
     assert (np.diff(ds.best_on_test.values, axis=-1) >= 0).all()  # best so far never drops
     # the reported number is the test accuracy where validation was best, so far
@@ -180,3 +181,30 @@ def test_selection_is_on_validation_only(ablate):
     val = np.array([[0.5, 0.7, np.nan, 0.7, 0.6]])
     chosen = ablate.selected_so_far(val)
     assert chosen.tolist() == [[0, 1, 1, 1, 1]]  # the earliest best; NaN is never chosen
+
+
+def test_ablate_labels_measures_label_drift_and_draws_its_sets(ablate, tmp_path, monkeypatch):
+    from tesla_func import experiment
+
+    monkeypatch.setattr(experiment, "RESULTS_DIR", tmp_path / "results")
+    argv = ["--experts.dataset", "digits", "--experts.num-experts", "1", "--experts.epochs", "2",
+            "--experts.width", "8", "--distill.iterations", "2", "--distill.syn-steps", "2",
+            "--distill.match-epochs", "1", "--distill.max-start-epoch", "1",
+            "--distill.eval-every", "0", "--distill.eval-epochs", "1",
+            "--distill.eval-models", "1", "--distill.snapshot-every", "1", "--ipcs", "2",
+            "--label-strategies", "hard", "sla", "--threads", "1"]
+    ds = experiment.run_experiment("ablate_labels", ablate.AblateLabelsConfig, ablate.PRESETS,
+                                   "", ablate.main, ablate.table, ablate.plot,
+                                   argv=argv, sets=ablate.plot_sets)
+    assert ds.label_drift.dims == ("label_strategy", "ipc", "log_iteration")
+    assert ds.class_count.dims == ("label_strategy", "ipc", "log_iteration", "class")
+    assert (ds.label_drift.sel(label_strategy="hard") == 0).all()
+    assert (ds.class_count.sum("class") == 20).all()  # 2 images x 10 classes, every iteration
+    assert (ds.class_count.sel(label_strategy="hard") == 2).all()
+    assert sorted(ds.attrs["synthetic_sets"]) == ["hard, IPC 2", "sla, IPC 2"]
+    assert ds.attrs["strip_run"].endswith(Path(ds.attrs["synthetic_sets"]["hard, IPC 2"])
+                                          .parent.name)
+    out = tmp_path / "results" / "ablate_labels"
+    for name in ("ablate_labels", "ablate_labels_drift", "ablate_labels_sets",
+                 "ablate_labels_strip"):
+        assert (out / f"{name}.png").read_bytes().startswith(b"\x89PNG"), name
