@@ -1,8 +1,7 @@
 """The Fashion-MNIST table: random real vs `tesla` (hard labels and SLA) vs `exact` vs `unrolled`
 at IPC 1, 10 and 50, with the published anchors printed beside.
 
-    python experiments/main_table.py                   # small CPU default (reduced protocol;
-                                                       # about 23 min on one thread here)
+    python experiments/main_table.py                   # small CPU default (reduced protocol)
     python experiments/main_table.py --preset paper    # width 128, 1000-epoch evaluation, GPU
     python experiments/main_table.py --ipcs 1 10 --rows tesla/hard exact/hard
 
@@ -57,8 +56,9 @@ class MainTableConfig:
     experts: ExpertConfig = ExpertConfig(dataset="fashion-mnist", num_experts=3, epochs=6, width=32)
     # distillation; method, label strategy, ipc and batch_syn are set per row
     distill: DistillConfig = DistillConfig(
-        # 50 keeps the default near 20 minutes here; 150 (about an hour) gained 0.9 / 0.1 points
-        # at IPC 10 for tesla / exact (results/main_table/main_table_150it.md)
+        # 50 keeps the default short on a CPU; 150 (about an hour more) gained 0.9 / 0.1 points
+        # at IPC 10 for tesla / exact in an earlier version of this table (all training images,
+        # no validation split)
         iterations=50,
         # Longer student trajectories matched IPC 10 better here (tesla, hard labels, test
         # accuracy after 50 / 100 / 150 iterations): T = 20 79.5 / 78.5 / -, T = 40 80.7 / 80.4 /
@@ -73,7 +73,7 @@ class MainTableConfig:
         eval_epochs=200,  # evaluation, reduced protocol
         eval_models=3,
     )
-    ipcs: tuple[int, ...] = (1, 10)  # add 50 with --ipcs 1 10 50 (about 3x the CPU time)
+    ipcs: tuple[int, ...] = (1, 10, 50)  # images per class; each IPC is a column
     # rows: (method, label strategy); random real is always added
     rows: tuple[str, ...] = ("tesla/hard", "tesla/sla", "exact/hard", "unrolled/hard")
     unrolled_max_ipc: int = 1  # skip `unrolled` above this IPC (its memory grows with T)
