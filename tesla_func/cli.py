@@ -7,6 +7,8 @@
         --out runs/fmnist-ipc10             # distil (or resume) a synthetic set
     tesla-func evaluate --synthetic runs/fmnist-ipc10/synthetic.safetensors --num-models 5
     tesla-func evaluate --random-real 10 --dataset fashion-mnist   # the baseline
+    tesla-func plan --dataset imagenet64 --model convnetd4 --ipc 1 --batch-syn 100 \\
+        --syn-steps 50 --device-memory 48GB   # predicted memory and FLOPs of every method
 
 Adding a subcommand: write ``_add_<name>_arguments(parser)`` and ``_run_<name>(args) -> int``
 and add one :class:`Command` line to :data:`COMMANDS`. Booleans are
@@ -168,6 +170,29 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------
+# tesla-func plan
+# ----------------------------------------------------------------------------------------------
+
+
+def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    from tesla_func.planner import PlanConfig
+
+    add_config_arguments(parser, PlanConfig)
+    parser.add_argument("--format", choices=("markdown", "json"), default="markdown",
+                        help="a Markdown table (default) or JSON for scripts")
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from tesla_func.planner import PlanConfig, plan, plan_markdown, plan_records
+
+    ds = plan(config_from_args(args, PlanConfig))
+    print(json.dumps(plan_records(ds), indent=2) if args.format == "json" else plan_markdown(ds))
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "data": Command("list the datasets and where their files are", _add_data_arguments, _run_data),
     "experts": Command(
@@ -179,6 +204,8 @@ COMMANDS: dict[str, Command] = {
                        _add_distill_arguments, _run_distill),
     "evaluate": Command("train fresh networks on a synthetic (or random real) set and test them",
                         _add_evaluate_arguments, _run_evaluate),
+    "plan": Command("predict the peak memory and FLOPs of each method, without data or a GPU",
+                    _add_plan_arguments, _run_plan),
 }
 
 

@@ -680,3 +680,42 @@ def load_dataset(name: str, root: str | Path | None = None, *, zca: bool | None 
 def fit_zca(images: Tensor, eps: float = ZCA_EPS) -> ZCAWhitening:
     """kornia's ZCA whitening fitted on (N, C, H, W) ``images`` (samples on dim 0), invertible."""
     return ZCAWhitening(eps=eps, compute_inv=True).fit(images)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes without files: what the memory planner (tesla_func.planner) needs to know of a dataset
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetShape:
+    """What a registered dataset looks like, known without reading its files."""
+
+    channels: int  # C
+    image_size: int  # H = W, pixels
+    num_classes: int  # K
+    train_size: int  # training images
+
+
+_SHAPES: dict[str, DatasetShape] = {
+    "fashion-mnist": DatasetShape(1, 28, 10, 60_000),
+    "digits": DatasetShape(1, 8, 10, 1_438),  # the fixed 80 % train split of 1797
+    "cifar10": DatasetShape(3, 32, 10, 50_000),
+    "cifar100": DatasetShape(3, 32, 100, 50_000),
+    "imagenet64": DatasetShape(3, 64, 1000, 1_281_167),
+}
+
+
+def shape(name: str) -> DatasetShape:
+    """Channels, image side, classes and training-set size of a registered dataset, no files read.
+
+    Raises:
+        KeyError: an unknown name, or a registered dataset without a shape entry (the message
+            lists the known ones).
+    """
+    if name not in _SHAPES:
+        raise KeyError(
+            f"no shape known for dataset {name!r}; known: {', '.join(_SHAPES)} "
+            "(a new dataset needs an entry in tesla_func.data._SHAPES)"
+        )
+    return _SHAPES[name]
