@@ -73,6 +73,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 ANY = -1  # max_syn_steps of a method whose matching call does not grow with T
+LIMITS = ("syn_steps", "batch_syn")
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,9 @@ class PlanConfig:
     keep_graphs: int | None = None  # tesla / exact: passed to match_trajectory when not None
     device_memory: str | None = None  # e.g. "48GB", "80GiB", "24e9": adds fits and limits
     experts_on_device: int = 0  # further expert checkpoints kept on the device (parameter sets)
+    # with device_memory: which limits to search for ("syn_steps": the largest T that fits,
+    # "batch_syn": the largest batch at the largest planned T); each costs extra predictions
+    limits: tuple[str, ...] = ("syn_steps", "batch_syn")
     extrapolate_above: int = 12  # T above this: predicted at two short T, extended linearly
     verify_max_steps: int = 100  # a T limit up to this is checked by a direct prediction (about
     # half a second per unrolled step on a CPU)
@@ -202,6 +206,9 @@ class PlanConfig:
             raise ValueError(f"unknown dtype {self.dtype!r}; known: {', '.join(DTYPES)}")
         if self.device_memory is not None:
             parse_bytes(self.device_memory)
+        object.__setattr__(self, "limits", tuple(self.limits))
+        if any(name not in LIMITS for name in self.limits):
+            raise ValueError(f"PlanConfig.limits {list(self.limits)} may hold {list(LIMITS)}")
         if self.batch_syn is not None and self.batch_syn > self.num_images:
             raise ValueError(
                 f"batch_syn {self.batch_syn} is larger than the synthetic set: ipc {self.ipc} x "
@@ -605,14 +612,17 @@ def plan(cfg: PlanConfig) -> xr.Dataset:
     device = cfg.device_bytes
     if device is not None:
         limits = _Limits(p, (sum(held.values()), transient), device)
-        max_steps = [limits.max_steps(m) for m in methods]
         data["fits"] = (("method", "steps"), total <= device, {"long_name": "fits the device"})
-        data["max_syn_steps"] = (("method",), np.array([s for s, _ in max_steps]), {
-            "long_name": "largest T that fits the device (-1: any T, 0: none)"})
-        data["max_syn_steps_verified"] = (("method",), np.array([v for _, v in max_steps]), {
-            "long_name": "the T limit was checked by a direct prediction"})
-        data["max_batch_syn"] = (("method",), np.array([limits.max_batch(m) for m in methods]), {
-            "long_name": f"largest batch_syn that fits at T = {max(steps)} (0: none)"})
+        if "syn_steps" in cfg.limits:
+            max_steps = [limits.max_steps(m) for m in methods]
+            data["max_syn_steps"] = (("method",), np.array([s for s, _ in max_steps]), {
+                "long_name": "largest T that fits the device (-1: any T, 0: none)"})
+            data["max_syn_steps_verified"] = (("method",), np.array([v for _, v in max_steps]), {
+                "long_name": "the T limit was checked by a direct prediction"})
+        if "batch_syn" in cfg.limits:
+            data["max_batch_syn"] = (("method",), np.array([limits.max_batch(m) for m in methods]),
+                                     {"long_name": f"largest batch_syn that fits at T = "
+                                                   f"{max(steps)} (0: none)"})
     s = cfg.shape
     return make_dataset(
         data,
@@ -649,16 +659,17 @@ def plan_records(ds: xr.Dataset) -> dict[str, Any]:
                 row["fits"] = bool(at["fits"])
             rows.append(row)
     limits = []
-    if "max_syn_steps" in ds:
+    if "max_syn_steps" in ds or "max_batch_syn" in ds:
         for m in ds["method"].values.tolist():
             at = ds.sel({"method": m})
-            steps = int(at["max_syn_steps"])
-            limits.append({
-                "method": m,
-                "max_syn_steps": "any" if steps == ANY else steps,
-                "max_syn_steps_verified": bool(at["max_syn_steps_verified"]),
-                "max_batch_syn": int(at["max_batch_syn"]),
-            })
+            lim: dict[str, Any] = {"method": m}
+            if "max_syn_steps" in ds:
+                steps = int(at["max_syn_steps"])
+                lim["max_syn_steps"] = "any" if steps == ANY else steps
+                lim["max_syn_steps_verified"] = bool(at["max_syn_steps_verified"])
+            if "max_batch_syn" in ds:
+                lim["max_batch_syn"] = int(at["max_batch_syn"])
+            limits.append(lim)
     return {
         "config": ds.attrs.get("config"),
         "num_images": int(ds.attrs["num_images"]),
@@ -718,15 +729,18 @@ def plan_markdown(ds: xr.Dataset) -> str:
     if rec["limits"]:
         lines.append("")
         for lim in rec["limits"]:
-            t = lim["max_syn_steps"]
-            text = ("any T (its peak does not grow with T)" if t == "any"
-                    else "not even T = 1" if t == 0
-                    else f"T <= {t}" + ("" if lim["max_syn_steps_verified"]
-                                        else " (linear estimate)"))
-            b = lim["max_batch_syn"]
-            lines.append(
-                f"- `{lim['method']}` fits {format_bytes(device)} for {text}; largest batch_syn "
-                f"at T = {max(cfg['syn_steps'])}: "
-                + (str(b) + (" (the whole set)" if b == rec["num_images"] else "") if b else "none")
-            )
+            parts = []
+            if "max_syn_steps" in lim:
+                t = lim["max_syn_steps"]
+                parts.append(
+                    "fits for any T (its peak does not grow with T)" if t == "any"
+                    else "does not fit even at T = 1" if t == 0
+                    else f"fits for T <= {t}" + ("" if lim["max_syn_steps_verified"]
+                                                 else " (linear estimate)"))
+            if "max_batch_syn" in lim:
+                b = lim["max_batch_syn"]
+                whole = " (the whole set)" if b == rec["num_images"] else ""
+                parts.append(f"largest batch_syn at T = {max(cfg['syn_steps'])}: "
+                             + (f"{b}{whole}" if b else "none"))
+            lines.append(f"- `{lim['method']}` on {format_bytes(device)}: " + "; ".join(parts))
     return "\n".join(lines)

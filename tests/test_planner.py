@@ -252,7 +252,7 @@ def test_limits_are_the_largest_that_fit():
         assert total(method, 4, b) <= device
         assert b == 20 or total(method, 4, b + 1) > device
     text = plan_markdown(ds)
-    assert "`unrolled` fits" in text and "T <= 6" in text and "any T" in text
+    assert "`unrolled` on" in text and "fits for T <= 6" in text and "any T" in text
 
 
 def test_a_device_too_small_for_one_step():
@@ -260,7 +260,7 @@ def test_a_device_too_small_for_one_step():
     lim = plan_records(ds)["limits"][0]
     assert lim["max_syn_steps"] == 0 and lim["max_batch_syn"] == 0
     assert not ds["fits"].any()
-    assert "not even T = 1" in plan_markdown(ds)
+    assert "does not fit even at T = 1" in plan_markdown(ds)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,3 +327,30 @@ def test_plan_command_reports_bad_input_without_a_traceback(capsys):
     assert "tesla-func plan: error:" in err and "too small for depth 4" in err
     assert cli.main(["plan", "--dataset", "cifar-10"]) == 1
     assert "known: fashion-mnist, digits, cifar10" in capsys.readouterr().err
+
+
+def test_paper_memory_experiment_runs_end_to_end(tmp_path):
+    import importlib.util
+
+    from tesla_func.experiment import write_outputs
+
+    spec = importlib.util.spec_from_file_location("paper_memory",
+                                                  ROOT / "experiments" / "paper_memory.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules["paper_memory"] = script
+    spec.loader.exec_module(script)
+    cfg = script.PaperMemoryConfig(steps=(1, 2), steps_dataset="digits", datasets=("digits",),
+                                   dataset_steps=2, width=2, batch_syn=4, dsa=False,
+                                   device_memory="1GiB", verify_max_steps=3)
+    ds = script.main(cfg)
+    assert ds["steps_total_bytes"].dims == ("method", "steps")
+    assert ds["dataset_total_bytes"].dims == ("dataset", "method")
+    public = ds["steps_public_tesla_bytes"].values
+    assert (public > ds["steps_total_bytes"].sel({"method": "tesla"}).values).all()
+    text = script.table(ds)
+    assert "| 2 |" in text and "| digits | convnet, IPC 1 |" in text
+    paths = write_outputs(ds, "paper_memory", table=text, out_dir=tmp_path,
+                          plot=lambda nc, png: script.plot_memory_plan(nc, png))
+    assert paths["figure"].read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(ValueError, match="compares unrolled, tesla and exact"):
+        script.main(script.PaperMemoryConfig(methods=("tesla",)))
