@@ -5,9 +5,9 @@
 
 (a) CIFAR-100, ConvNet-3 width 128, batch 100, T = 10..80: the iteration peak of `unrolled` (MTT),
     `tesla` and `exact` against T (the paper's Fig. 1a / Table 4).
-(b) T = 50, batch 100 on CIFAR-10, CIFAR-100 (ConvNet-3) and ImageNet-1K (ConvNetD4, 64x64, 1000
-    classes): the same three methods by dataset, and whether each fits a 48 GB card (the paper's
-    Fig. 1b / Table 5).
+(b) T = 50 (and T = 10, TESLA's published ImageNet-1K setting), batch 100 on CIFAR-10, CIFAR-100
+    (ConvNet-3) and ImageNet-1K (ConvNetD4, 64x64, 1000 classes): the same three methods by
+    dataset, and whether each fits a 48 GB card (the paper's Fig. 1b / Table 5).
 
 Every number is tesla_func.planner's prediction (the library's own code run on tensors without
 data; on CPU equal to the live-tensor count of a real run, byte for byte). The synthetic set is the
@@ -45,9 +45,9 @@ class PaperMemoryConfig:
     # (a) against T, on `steps_dataset`
     steps: tuple[int, ...] = (10, 20, 30, 40, 50, 60, 70, 80)
     steps_dataset: str = "cifar100"
-    # (b) by dataset, at T = `dataset_steps`
+    # (b) by dataset, at each T of `dataset_steps` (the figure shows the largest)
     datasets: tuple[str, ...] = ("cifar10", "cifar100", "imagenet64")
-    dataset_steps: int = 50
+    dataset_steps: tuple[int, ...] = (10, 50)
     methods: tuple[str, ...] = ("unrolled", "tesla", "exact")
     width: int = 128  # ConvNet feature maps
     batch_syn: int = 100  # images per student step
@@ -103,14 +103,20 @@ def main(cfg: PaperMemoryConfig) -> xr.Dataset:
     a = plan(plan_config(cfg, cfg.steps_dataset, cfg.steps))
     steps = a["steps"].values
     by_dataset = [
-        plan(plan_config(cfg, d, (cfg.dataset_steps,), device_memory=cfg.device_memory,
+        plan(plan_config(cfg, d, cfg.dataset_steps, device_memory=cfg.device_memory,
                          limits=("syn_steps",)))
         for d in cfg.datasets
     ]
-    at_t = [p.sel(steps=cfg.dataset_steps) for p in by_dataset]
+    dsteps = by_dataset[0]["steps"].values  # sorted
+    at_t = [p.sel(steps=dsteps[-1]) for p in by_dataset]
 
     def stack(var: str) -> np.ndarray:
-        return np.stack([p[var].values for p in at_t])  # (dataset, method)
+        """(dataset, method) at the largest T, or (dataset, method, dataset_steps)."""
+        if "steps" in by_dataset[0][var].dims:
+            return np.stack([p[var].values for p in by_dataset])
+        return np.stack([p[var].values for p in at_t])
+
+    three = ("dataset", "method", "dataset_steps")
 
     byte = {"units": "bytes"}
     tesla_total = a["total_peak_bytes"].sel({"method": "tesla"}).values
@@ -123,23 +129,22 @@ def main(cfg: PaperMemoryConfig) -> xr.Dataset:
         "steps_extrapolated": (("method", "steps"), a["extrapolated"].values, {}),
         "steps_public_tesla_bytes": (("steps",), tesla_total + public_tesla_extra(a, steps), {
             **byte, "long_name": "public TESLA code, lower bound"}),
-        "dataset_call_bytes": (("dataset", "method"), stack("call_peak_bytes"), byte),
-        "dataset_total_bytes": (("dataset", "method"), stack("total_peak_bytes"), byte),
-        "dataset_flops": (("dataset", "method"), stack("flops"), {"units": "FLOP"}),
-        "dataset_fits": (("dataset", "method"), stack("fits"), {
-            "long_name": f"fits {cfg.device_memory}"}),
+        "dataset_call_bytes": (three, stack("call_peak_bytes"), byte),
+        "dataset_total_bytes": (three, stack("total_peak_bytes"), byte),
+        "dataset_flops": (three, stack("flops"), {"units": "FLOP"}),
+        "dataset_fits": (three, stack("fits"), {"long_name": f"fits {cfg.device_memory}"}),
         "dataset_max_syn_steps": (("dataset", "method"), stack("max_syn_steps"), {
             "long_name": f"largest T that fits {cfg.device_memory} (-1: any T)"}),
         "dataset_max_syn_steps_verified": (("dataset", "method"),
                                            stack("max_syn_steps_verified"), {}),
-        "dataset_public_tesla_bytes": (("dataset",), np.array([
-            float(p["total_peak_bytes"].sel({"method": "tesla"}))
-            + public_tesla_extra(p, np.array(cfg.dataset_steps)) for p in at_t]), {
-            **byte, "long_name": "public TESLA code, lower bound"}),
+        "dataset_public_tesla_bytes": (("dataset", "dataset_steps"), np.stack([
+            p["total_peak_bytes"].sel({"method": "tesla"}).values + public_tesla_extra(p, dsteps)
+            for p in by_dataset]), {**byte, "long_name": "public TESLA code, lower bound"}),
     }
     return make_dataset(
         data,
-        coords={"method": list(cfg.methods), "steps": steps, "dataset": list(cfg.datasets)},
+        coords={"method": list(cfg.methods), "steps": steps, "dataset": list(cfg.datasets),
+                "dataset_steps": dsteps},
         config=cfg,
         seed=cfg.seed,
         device="cpu",
@@ -150,7 +155,7 @@ def main(cfg: PaperMemoryConfig) -> xr.Dataset:
         dsa_families=[a.attrs["dsa_family"]] + [p.attrs["dsa_family"] for p in by_dataset],
         num_params=[int(p.attrs["num_params"]) for p in by_dataset],
         steps_title=f"{cfg.steps_dataset}, ConvNet width {cfg.width}, batch {cfg.batch_syn}",
-        dataset_title=f"T = {cfg.dataset_steps}, batch {cfg.batch_syn}",
+        dataset_title=f"T = {int(dsteps[-1])}, batch {cfg.batch_syn}",
     )
 
 
@@ -181,23 +186,26 @@ def table(ds: xr.Dataset) -> str:
     rows = []
     device = format_bytes(ds.attrs["device_bytes"])
     for i, d in enumerate(ds["dataset"].values.tolist()):
-        at = ds.sel(dataset=d)
-        total = {m: float(at["dataset_total_bytes"].sel({"method": m})) for m in methods}
-        public = float(at["dataset_public_tesla_bytes"])
-        fits = "yes" if bool(at["dataset_fits"].sel({"method": "unrolled"})) else "no"
-        limit = int(at["dataset_max_syn_steps"].sel({"method": "unrolled"}))
-        checked = bool(at["dataset_max_syn_steps_verified"].sel({"method": "unrolled"}))
+        limit = int(ds["dataset_max_syn_steps"].sel({"dataset": d, "method": "unrolled"}))
+        checked = bool(ds["dataset_max_syn_steps_verified"].sel({"dataset": d,
+                                                                   "method": "unrolled"}))
         limit_text = ("any" if limit == ANY else f"{limit}" + ("" if checked else " (est.)"))
-        rows.append([d, f"{ds.attrs['models'][i]}, IPC {ds.attrs['ipcs'][i]}",
-                     *[_gib(total[m]) for m in methods], ratio(total["unrolled"], total["tesla"]),
-                     ratio(total["unrolled"], public), PAPER_RATIO.get(d, "-"), fits, limit_text])
+        for t in ds["dataset_steps"].values.tolist():
+            at = ds.sel({"dataset": d, "dataset_steps": t})
+            total = {m: float(at["dataset_total_bytes"].sel({"method": m})) for m in methods}
+            public = float(at["dataset_public_tesla_bytes"])
+            fits = "yes" if bool(at["dataset_fits"].sel({"method": "unrolled"})) else "no"
+            rows.append([d, f"{ds.attrs['models'][i]}, IPC {ds.attrs['ipcs'][i]}", t,
+                         *[_gib(total[m]) for m in methods],
+                         ratio(total["unrolled"], total["tesla"]), ratio(total["unrolled"], public),
+                         PAPER_RATIO.get(d, "-"), fits, limit_text])
     part_b = markdown_table(
-        ["dataset", "model", *[f"{m} (GiB)" for m in methods], "unrolled / tesla",
+        ["dataset", "model", "T", *[f"{m} (GiB)" for m in methods], "unrolled / tesla",
          "unrolled / public TESLA", "paper (MTT / TESLA)", f"unrolled fits {device}",
          f"largest T for unrolled on {device}"], rows)
     return (
         f"(a) {ds.attrs['steps_title']}: predicted iteration peak\n\n{part_a}\n\n"
-        f"(b) {ds.attrs['dataset_title']}: predicted iteration peak\n\n{part_b}\n\n"
+        f"(b) batch {cfg['batch_syn']}, by dataset: predicted iteration peak\n\n{part_b}\n\n"
         f"{PAPER_NOTE}. DSA family planned on every step: "
         f"{', '.join(ds.attrs['dsa_families'])}; labels {cfg['labels']}."
     )

@@ -404,7 +404,8 @@ def plot_memory_plan(
     line at the device memory ``ds.attrs[device_attr]`` if set.
 
     Reads a file with ``steps_vars`` over (method, steps) and ``dataset_var`` over (dataset,
-    method); panels whose variables are missing are left out.
+    method); any further dim of the dataset panel's variables is shown at its last value (e.g.
+    the largest T). Panels whose variables are missing are left out.
     """
     ds = load_dataset_nc(path)
     left = [v for v in steps_vars if v in ds.data_vars]
@@ -429,10 +430,13 @@ def plot_memory_plan(
                 ax.set_xlabel("T, student steps")
                 ax.set_title(ds.attrs.get("steps_title", "against T"), fontsize=10)
             else:
-                frame = (ds[dataset_var] / gib).to_dataframe(name="GiB").reset_index()
+                def last(da: xr.DataArray) -> xr.DataArray:
+                    return da.isel({d: -1 for d in da.dims if d not in ("dataset", "method")})
+
+                frame = (last(ds[dataset_var]) / gib).to_dataframe(name="GiB").reset_index()
                 sns.barplot(data=frame, x="dataset", y="GiB", hue="method", ax=ax)
                 if dataset_reference_var in ds.data_vars:
-                    ref = ds[dataset_reference_var]
+                    ref = last(ds[dataset_reference_var])
                     ax.scatter(np.arange(ref.sizes["dataset"]), ref.values / gib, marker="_",
                                s=900, color="black", zorder=3,
                                label=ref.attrs.get("long_name", dataset_reference_var))

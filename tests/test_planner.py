@@ -340,15 +340,15 @@ def test_paper_memory_experiment_runs_end_to_end(tmp_path):
     sys.modules["paper_memory"] = script
     spec.loader.exec_module(script)
     cfg = script.PaperMemoryConfig(steps=(1, 2), steps_dataset="digits", datasets=("digits",),
-                                   dataset_steps=2, width=2, batch_syn=4, dsa=False,
+                                   dataset_steps=(1, 2), width=2, batch_syn=4, dsa=False,
                                    device_memory="1GiB", verify_max_steps=3)
     ds = script.main(cfg)
     assert ds["steps_total_bytes"].dims == ("method", "steps")
-    assert ds["dataset_total_bytes"].dims == ("dataset", "method")
+    assert ds["dataset_total_bytes"].dims == ("dataset", "method", "dataset_steps")
     public = ds["steps_public_tesla_bytes"].values
     assert (public > ds["steps_total_bytes"].sel({"method": "tesla"}).values).all()
     text = script.table(ds)
-    assert "| 2 |" in text and "| digits | convnet, IPC 1 |" in text
+    assert "| 2 |" in text and "| digits | convnet, IPC 1 | 2 |" in text
     paths = write_outputs(ds, "paper_memory", table=text, out_dir=tmp_path,
                           plot=lambda nc, png: script.plot_memory_plan(nc, png))
     assert paths["figure"].read_bytes().startswith(b"\x89PNG")
