@@ -8,6 +8,8 @@
     tesla-func evaluate --synthetic runs/fmnist-ipc10/synthetic.safetensors --num-models 5
     tesla-func evaluate --random-real 10 --dataset fashion-mnist   # the baseline
     tesla-func show runs/fmnist-ipc10/synthetic.safetensors   # its picture: synthetic.png
+    tesla-func plan --dataset imagenet64 --model convnetd4 --ipc 1 --batch-syn 100 \\
+        --syn-steps 50 --device-memory 48GB   # predicted memory and FLOPs of every method
 
 Adding a subcommand: write ``_add_<name>_arguments(parser)`` and ``_run_<name>(args) -> int``
 and add one :class:`Command` line to :data:`COMMANDS`. The flags of a command that runs a config
@@ -182,6 +184,28 @@ def _run_show(args: argparse.Namespace) -> int:
     return 0
 
 
+# tesla-func plan
+# ----------------------------------------------------------------------------------------------
+
+
+def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    from tesla_func.planner import PlanConfig
+
+    add_config_arguments(parser, PlanConfig)
+    parser.add_argument("--format", choices=("markdown", "json"), default="markdown",
+                        help="a Markdown table (default) or JSON for scripts")
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from tesla_func.planner import PlanConfig, plan, plan_markdown, plan_records
+
+    ds = plan(config_from_args(args, PlanConfig))
+    print(json.dumps(plan_records(ds), indent=2) if args.format == "json" else plan_markdown(ds))
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "data": Command("list the datasets and where their files are", _add_data_arguments, _run_data),
     "experts": Command(
@@ -195,6 +219,8 @@ COMMANDS: dict[str, Command] = {
                         _add_evaluate_arguments, _run_evaluate),
     "show": Command("draw a synthetic set as pixels, one row per class", _add_show_arguments,
                     _run_show),
+    "plan": Command("predict the peak memory and FLOPs of each method, without data or a GPU",
+                    _add_plan_arguments, _run_plan),
 }
 
 

@@ -172,11 +172,23 @@ class _Raw:
 
 
 @dataclass(frozen=True)
+class DatasetShape:
+    """What a registered dataset looks like, known without reading its files (the memory
+    planner needs no data)."""
+
+    channels: int  # C
+    image_size: int  # H = W, pixels
+    num_classes: int  # K
+    train_size: int  # images in the training files (validation split included)
+
+
+@dataclass(frozen=True)
 class _Spec:
     """One registry entry: where to find a dataset, how to read it and how to normalise it."""
 
     name: str
     summary: str  # for `tesla-func data`
+    shape: DatasetShape | None  # None: only known once the files are read ("folder")
     # images per class held out of the training files as the validation split; None: one
     # sixth of the smallest class (at least 1)
     val_per_class: int | None
@@ -769,6 +781,7 @@ _ENV_HINT = f"or pass root=DIR (--root DIR) or set {ENV_VAR}=DIR"
 _SPECS: dict[str, _Spec] = {
     "fashion-mnist": _Spec(
         name="fashion-mnist",
+        shape=DatasetShape(1, 28, 10, 60_000),
         val_per_class=500,
         summary="55000 train + 5000 validation / 10000 test, 28x28x1, 10 classes",
         mean=(0.2860,),
@@ -783,6 +796,7 @@ _SPECS: dict[str, _Spec] = {
     ),
     "digits": _Spec(
         name="digits",
+        shape=DatasetShape(1, 8, 10, 1_438),
         val_per_class=20,
         summary="1238 train + 200 validation / 359 test, 8x8x1, 10 classes",
         mean=None,
@@ -795,6 +809,7 @@ _SPECS: dict[str, _Spec] = {
     ),
     "cifar10": _Spec(
         name="cifar10",
+        shape=DatasetShape(3, 32, 10, 50_000),
         val_per_class=500,
         summary="45000 train + 5000 validation / 10000 test, 32x32x3, 10 classes",
         mean=(0.4914, 0.4822, 0.4465),
@@ -807,6 +822,7 @@ _SPECS: dict[str, _Spec] = {
     ),
     "cifar100": _Spec(
         name="cifar100",
+        shape=DatasetShape(3, 32, 100, 50_000),
         val_per_class=50,
         summary="45000 train + 5000 validation / 10000 test, 32x32x3, 100 classes",
         mean=(0.5071, 0.4866, 0.4409),
@@ -819,6 +835,7 @@ _SPECS: dict[str, _Spec] = {
     ),
     "imagenet64": _Spec(
         name="imagenet64",
+        shape=DatasetShape(3, 64, 1000, 1_281_167),
         val_per_class=10,
         summary="1271167 train + 10000 validation / 50000 test (the official val), 64x64x3, "
         "1000 classes (~63 GB as float32)",
@@ -832,6 +849,7 @@ _SPECS: dict[str, _Spec] = {
     ),
     "folder": _Spec(
         name="folder",
+        shape=None,
         val_per_class=None,
         summary="your own PNG/JPEG images, one sub-folder per class (or train/ and test/)",
         mean=None,
@@ -852,6 +870,20 @@ def _spec(name: str) -> _Spec:
     if name not in _SPECS:
         raise KeyError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     return _SPECS[name]
+
+
+def shape(name: str) -> DatasetShape:
+    """Channels, image side, classes and training-set size of a registered dataset, no files read.
+
+    Raises KeyError for an unknown name or a dataset whose shape only its files tell ("folder";
+    the messages list the known names).
+    """
+    spec = _spec(name)
+    if spec.shape is None:
+        fixed = [n for n, s in _SPECS.items() if s.shape is not None]
+        raise KeyError(f"dataset {name!r} has no fixed shape (it is known once its files are "
+                       f"read); datasets with one: {', '.join(fixed)}")
+    return spec.shape
 
 
 def search_dirs(name: str, root: str | Path | None = None) -> list[Path]:

@@ -1,0 +1,368 @@
+"""The planner: the distillation's memory and FLOPs predicted at any size, without data or a GPU.
+
+Its numbers are the library's own code run on fake tensors (tesla_func.memory.predict_cost), so
+here they are checked against real runs at small sizes, the linear extension in T against direct
+prediction, and the limits against the predictions on either side of them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from tesla_func import cli, match_trajectory, measure_peak_memory, predict_cost
+from tesla_func.augment import DSA, ReplayedDSA
+from tesla_func.data import DATASETS, load_dataset, locate, shape
+from tesla_func.models import build_model, init_params
+from tesla_func.planner import (
+    ANY,
+    LabelKind,
+    PlanConfig,
+    Predictor,
+    format_bytes,
+    label_kind,
+    held_bytes,
+    parse_bytes,
+    plan,
+    plan_markdown,
+    plan_records,
+    teacher_peak_bytes,
+    update_peak_bytes,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+# A small plan: digits (1x8x8, 10 classes), ConvNet depth 1 width 4, 20 images, batch 8
+SMALL = {"dataset": "digits", "model": "convnet", "width": 4, "depth": 1, "ipc": 2,
+         "batch_syn": 8, "syn_steps": (2,), "dsa": False}
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: shapes, sizes, configs
+
+
+def test_every_dataset_has_a_shape_that_agrees_with_its_summary():
+    from tesla_func.data import _spec
+
+    for name in DATASETS:
+        if _spec(name).shape is None:  # a folder of one's own: known once read
+            with pytest.raises(KeyError, match="no fixed shape"):
+                shape(name)
+            continue
+        s = shape(name)
+        summary = locate(name).summary
+        held_out = _spec(name).val_per_class * s.num_classes
+        assert f"{s.train_size - held_out} train + {held_out} validation" in summary, name
+        assert f"{s.image_size}x{s.image_size}x{s.channels}" in summary, name
+        assert f"{s.num_classes} classes" in summary, name
+    with pytest.raises(KeyError, match="known: fashion-mnist"):
+        shape("mnist")
+
+
+def test_digits_shape_matches_the_loaded_set():
+    pytest.importorskip("sklearn")
+    data, s = load_dataset("digits"), shape("digits")
+    assert tuple(data.train_images.shape[1:]) == (s.channels, s.image_size, s.image_size)
+    training_files = len(data.train_images) + len(data.val_images)
+    assert (training_files, data.info.num_classes) == (s.train_size, s.num_classes)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("24GiB", 24 * 2**30), ("48GB", 48 * 10**9), ("80e9", 80 * 10**9), ("512MiB", 512 * 2**20),
+    ("1.5 TB", 1.5e12), ("48gb", 48 * 10**9), (8e10, 8 * 10**10), ("4096", 4096),
+])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == int(expected)
+
+
+@pytest.mark.parametrize("text", ["48 gigs", "GB", "-3GB", "0", "1e999", ""])
+def test_parse_bytes_refuses_what_it_cannot_read(text):
+    with pytest.raises(ValueError, match="memory size"):
+        parse_bytes(text)
+
+
+def test_format_bytes():
+    assert format_bytes(512) == "0.5 KiB"
+    assert format_bytes(3 * 2**20) == "3.0 MiB"
+    assert format_bytes(48e9) == "44.70 GiB"
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"dataset": "mnist"}, "unknown dataset 'mnist'; known: fashion-mnist, digits"),
+    ({"model": "resnet50"}, "unknown model 'resnet50'; known: convnet, convnetd4"),
+    ({"model": "convnetd4", "width": None, "depth": None}, "too small for depth 4"),
+    ({"model": "resnet18", "width": None, "depth": None}, "too small for instance norm"),
+    ({"model": "vit", "width": 8}, "does not accept"),
+    ({"batch_syn": 21}, r"larger than the synthetic set: ipc 2 x 10 classes = 20 images"),
+    ({"methods": ("tesla", "adjoint")}, "known: \\['exact', 'tesla', 'unrolled'\\]"),
+    ({"label_strategy": "soft"}, "unknown label strategy 'soft'; known: hard, sla"),
+    ({"dtype": "float8"}, "unknown dtype"),
+    ({"device_memory": "lots"}, "cannot read 'lots' as a memory size"),
+    ({"syn_steps": (0,)}, "syn_steps must be T values >= 1"),
+    ({"ipc": 0}, "PlanConfig.ipc must be an int >= 1"),
+])
+def test_bad_configs_say_what_is_wrong(change, message):
+    with pytest.raises(ValueError, match=message):
+        PlanConfig(**{**SMALL, **change})
+
+
+def test_label_kinds_come_from_the_strategies():
+    assert label_kind("hard") == LabelKind(soft=False, learned=False, teacher=False)
+    assert label_kind("learned") == LabelKind(soft=True, learned=True, teacher=False)
+    assert label_kind("sla-only") == LabelKind(soft=True, learned=False, teacher=True,
+                                               images=False)
+
+
+def test_keep_graphs_is_passed_only_when_set_and_only_to_tesla_and_exact():
+    p = Predictor(PlanConfig(**SMALL))
+    assert p.method_kwargs("tesla") == {"method": "tesla"}
+    p = Predictor(PlanConfig(**SMALL, keep_graphs=2, state_stride=3))
+    assert p.method_kwargs("tesla") == {"method": "tesla", "keep_graphs": 2}
+    assert p.method_kwargs("exact") == {"method": "exact", "state_stride": 3, "keep_graphs": 2}
+    assert p.method_kwargs("unrolled") == {"method": "unrolled"}
+    assert p.anchors("exact", 50)[0] >= 3 + 3 + 2  # past the first segment and the kept graphs
+
+
+# ----------------------------------------------------------------------------------------------
+# The predictions against real runs
+
+
+def _real_arguments(cfg: PlanConfig, steps: int, family: str | None, seed: int = 0):
+    """Real tensors of the shapes the planner plans (the same DSA family on every step)."""
+    gen = torch.Generator().manual_seed(seed)
+    s, n, batch = cfg.shape, cfg.num_images, cfg.batch
+    model = build_model(cfg.model, s.channels, s.num_classes, s.image_size,
+                        width=cfg.width, depth=cfg.depth)
+    start = init_params(model, gen)
+    target = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in start.items()}
+    labels = (torch.randn(n, s.num_classes, generator=gen) if label_kind(cfg.label_strategy).soft
+              else torch.randint(0, s.num_classes, (n,), generator=gen))
+    augment = None
+    if family is not None:
+        draws = tuple(DSA().sample(batch, gen, family=family) for _ in range(steps))
+        augment = ReplayedDSA(DSA(), draws)
+    return {
+        "model": model, "start": start, "target": target,
+        "images": torch.randn(n, s.channels, s.image_size, s.image_size, generator=gen),
+        "labels": labels, "lr": torch.tensor(0.01),
+        "batches": [torch.randperm(n, generator=gen)[:batch] for _ in range(steps)],
+        "augment": augment,
+    }
+
+
+@pytest.mark.parametrize(("labels", "dsa"), [("learned", True), ("hard", False)])
+def test_planned_call_equals_a_real_measurement(labels, dsa):
+    cfg = PlanConfig(**{**SMALL, "label_strategy": labels, "dsa": dsa, "syn_steps": (3,)})
+    ds = plan(cfg)
+    family = None if ds.attrs["dsa_family"] == "none" else ds.attrs["dsa_family"]
+    args = _real_arguments(cfg, 3, family)
+    for method in cfg.methods:
+        _, measured = measure_peak_memory(match_trajectory, **args, method=method)
+        at = ds.sel({"method": method, "steps": 3})
+        assert int(at["call_peak_bytes"]) == measured.peak_bytes, method
+        _, cost = predict_cost(match_trajectory, **args, method=method)
+        assert int(at["flops"]) == cost.flops, method
+
+
+@pytest.mark.parametrize(("method", "stride", "labels", "dsa", "steps"), [
+    ("unrolled", 1, "hard", True, 7),
+    ("tesla", 1, "learned", False, 7),
+    ("exact", 1, "sla", False, 7),
+    ("exact", 2, "hard", False, 10),
+    ("exact", 3, "hard", False, 13),
+])
+def test_linear_extension_in_steps_equals_direct_prediction(method, stride, labels, dsa, steps):
+    cfg = PlanConfig(**{**SMALL, "label_strategy": labels, "dsa": dsa, "state_stride": stride,
+                        "extrapolate_above": 0})
+    p = Predictor(cfg)
+    extended, extrapolated = p.call(method, steps)
+    assert extrapolated and max(p.anchors(method, steps)) < steps
+    direct = p.direct(method, steps)
+    assert extended.peak_bytes == direct.peak_bytes
+    assert extended.flops == direct.flops and extended.flops_by_op == direct.flops_by_op
+
+
+def test_update_peak_is_what_the_distillers_sgd_step_holds():
+    from tesla_func.optim import SGDState, sgd
+
+    params = {"images": torch.randn(20, 1, 8, 8), "label_logits": torch.randn(20, 10)}
+    grads = {k: torch.randn_like(v) for k, v in params.items()}
+    momenta = SGDState({k: torch.randn_like(v) for k, v in params.items()})
+    _, peak = measure_peak_memory(sgd(0.5).update, params, grads, momenta, 1.0)
+    images, logits = 20 * 1 * 8 * 8 * 4, 20 * 10 * 4
+    assert peak.peak_bytes == 2 * (images + logits)  # the new momenta and the new values
+    cfg = PlanConfig(**{**SMALL, "label_strategy": "learned"})
+    assert update_peak_bytes(cfg) == images + logits + 2 * (images + logits)
+
+
+def test_teacher_peak_is_a_real_teacher_forward_above_its_output():
+    cfg = PlanConfig(**{**SMALL, "label_strategy": "sla"})
+    args = _real_arguments(cfg, 1, None)
+    model = args["model"].eval()
+
+    def teacher(params, images):
+        with torch.no_grad():
+            return functional_call(model, params, (images,), strict=True)
+
+    _, measured = measure_peak_memory(teacher, args["target"], args["images"])
+    assert teacher_peak_bytes(cfg) == measured.peak_bytes - 20 * 10 * 4
+    assert teacher_peak_bytes(PlanConfig(**SMALL)) == 0  # hard labels: no teacher
+
+
+def test_iteration_peak_adds_up():
+    cfg = PlanConfig(**{**SMALL, "label_strategy": "learned", "syn_steps": (1, 2)})
+    ds = plan(cfg)
+    held = held_bytes(cfg)
+    params = sum(p.numel() for p in cfg.skeleton().parameters()) * 4
+    assert held["synthetic images"] == held["image momentum"] == 20 * 64 * 4
+    assert held["labels"] == held["label momentum"] == 20 * 10 * 4
+    assert held["expert start and target"] == 2 * params
+    assert int(ds["step_inputs_bytes"].sel(steps=2)) == 2 * 8 * 8  # int64 indices, no DSA
+    transient = max(int(ds["update_peak_bytes"]), int(ds["teacher_peak_bytes"]))
+    for method in cfg.methods:
+        for t in (1, 2):
+            at = ds.sel({"method": method, "steps": t})
+            expected = (sum(held.values()) + int(ds["step_inputs_bytes"].sel(steps=t))
+                        + max(int(at["call_peak_bytes"]), transient))
+            assert int(at["total_peak_bytes"]) == expected
+    assert not ds["extrapolated"].any()
+
+
+# ----------------------------------------------------------------------------------------------
+# Limits
+
+
+def test_limits_are_the_largest_that_fit():
+    cfg = PlanConfig(**{**SMALL, "syn_steps": (4,)})
+    p = Predictor(cfg)
+    held = sum(held_bytes(cfg).values())
+    transient = max(update_peak_bytes(cfg), teacher_peak_bytes(cfg))
+
+    def total(method, steps, batch=None):
+        call = p.direct(method, steps, batch).peak_bytes
+        return held + p.step_inputs_bytes(steps, batch) + max(call, transient)
+
+    device = (total("unrolled", 6) + total("unrolled", 7)) // 2  # unrolled fits up to T = 6
+    ds = plan(PlanConfig(**{**SMALL, "syn_steps": (4,), "device_memory": str(device),
+                            "verify_max_steps": 10}))
+    limits = {r["method"]: r for r in plan_records(ds)["limits"]}
+    assert limits["unrolled"]["max_syn_steps"] == 6 and limits["unrolled"]["max_syn_steps_verified"]
+    assert limits["tesla"]["max_syn_steps"] == "any"
+    assert int(ds["max_syn_steps"].sel({"method": "tesla"})) == ANY
+    exact = limits["exact"]["max_syn_steps"]
+    assert exact > 6 and not limits["exact"]["max_syn_steps_verified"]  # far beyond a check
+    assert bool(ds["fits"].sel({"method": "unrolled", "steps": 4}))
+    # the largest batch at T = 4: it fits and one more image does not (or it is the whole set)
+    for method, lim in limits.items():
+        b = lim["max_batch_syn"]
+        assert total(method, 4, b) <= device
+        assert b == 20 or total(method, 4, b + 1) > device
+    text = plan_markdown(ds)
+    assert "`unrolled` on" in text and "fits for T <= 6" in text and "any T" in text
+
+
+def test_a_device_too_small_for_one_step():
+    ds = plan(PlanConfig(**{**SMALL, "methods": ("unrolled",), "device_memory": "1KiB"}))
+    lim = plan_records(ds)["limits"][0]
+    assert lim["max_syn_steps"] == 0 and lim["max_batch_syn"] == 0
+    assert not ds["fits"].any()
+    assert "does not fit even at T = 1" in plan_markdown(ds)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scale: nothing of the planned size is allocated
+
+
+def test_planning_more_than_50_gb_stays_under_2_gb_of_resident_memory():
+    """A run that would need more than 50 GB, predicted in a fresh process; its peak resident
+    memory (the kernel's high-water mark, VmHWM) stays under 2 GB."""
+    script = textwrap.dedent("""
+        import json, torch
+        from pathlib import Path
+        torch.set_num_threads(1)
+        from tesla_func.planner import PlanConfig, Predictor
+        cfg = PlanConfig(dataset="cifar100", model="convnet", width=128, ipc=50, batch_syn=5000,
+                         syn_steps=(4,), methods=("unrolled",), dsa=False)
+        cost = Predictor(cfg).direct("unrolled", 4)
+        hwm = next(l for l in Path("/proc/self/status").read_text().splitlines()
+                   if l.startswith("VmHWM:"))
+        print(json.dumps({"peak_bytes": cost.peak_bytes, "hwm_bytes": int(hwm.split()[1]) * 1024}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["peak_bytes"] > 50e9, out
+    assert out["hwm_bytes"] < 2e9, out
+
+
+# ----------------------------------------------------------------------------------------------
+# Transfer architectures and the command line
+
+
+@pytest.mark.parametrize(("dataset", "model", "kw"), [
+    ("cifar10", "resnet18", {"width": 2}),
+    ("digits", "vit", {"depth": 1}),
+    ("digits", "convnetd4", {"width": 2, "depth": 3}),
+])
+def test_transfer_architectures_plan(dataset, model, kw):
+    cfg = PlanConfig(dataset=dataset, model=model, ipc=1, batch_syn=4, syn_steps=(1,),
+                     methods=("tesla",), dsa=False, **kw)
+    ds = plan(cfg)
+    at = ds.sel({"method": "tesla", "steps": 1})
+    assert int(at["call_peak_bytes"]) > 0 and int(at["flops"]) > 0
+
+
+def test_plan_command_prints_markdown_and_json(capsys):
+    argv = ["plan", "--dataset", "digits", "--model", "convnet", "--width", "4", "--depth", "1",
+            "--ipc", "2", "--batch-syn", "8", "--syn-steps", "1", "2", "--no-dsa"]
+    assert cli.main([*argv, "--device-memory", "1GiB", "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [(r["method"], r["steps"]) for r in out["rows"]] == [
+        (m, t) for m in ("unrolled", "tesla", "exact") for t in (1, 2)]
+    assert out["device_bytes"] == 2**30 and all(r["fits"] for r in out["rows"])
+    assert out["held_bytes"]["synthetic images"] == 20 * 64 * 4
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "| method | T | matching call | iteration peak | GFLOPs (call) |" in text
+
+
+def test_plan_command_reports_bad_input_without_a_traceback(capsys):
+    assert cli.main(["plan", "--dataset", "digits", "--model", "convnetd4"]) == 1
+    err = capsys.readouterr().err
+    assert "tesla-func plan: error:" in err and "too small for depth 4" in err
+    assert cli.main(["plan", "--dataset", "cifar-10"]) == 1
+    assert "known: fashion-mnist, digits, cifar10" in capsys.readouterr().err
+
+
+def test_paper_memory_experiment_runs_end_to_end(tmp_path):
+    import importlib.util
+
+    from tesla_func.results import write_outputs
+
+    spec = importlib.util.spec_from_file_location("paper_memory",
+                                                  ROOT / "experiments" / "paper_memory.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules["paper_memory"] = script
+    spec.loader.exec_module(script)
+    cfg = script.PaperMemoryConfig(steps=(1, 2), steps_dataset="digits", datasets=("digits",),
+                                   dataset_steps=(1, 2), width=2, batch_syn=4, dsa=False,
+                                   device_memory="1GiB", verify_max_steps=3)
+    ds = script.main(cfg)
+    assert ds["steps_total_bytes"].dims == ("method", "steps")
+    assert ds["dataset_total_bytes"].dims == ("dataset", "method", "dataset_steps")
+    public = ds["steps_public_tesla_bytes"].values
+    assert (public > ds["steps_total_bytes"].sel({"method": "tesla"}).values).all()
+    text = script.table(ds)
+    assert "| 2 |" in text and "| digits | convnet, IPC 1 | 2 |" in text
+    paths = write_outputs(ds, "paper_memory", table=text, out_dir=tmp_path,
+                          plot=lambda nc, png: script.plot_memory_plan(nc, png))
+    assert paths["figure"].read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(ValueError, match="compares unrolled, tesla and exact"):
+        script.main(script.PaperMemoryConfig(methods=("tesla",)))
