@@ -13,12 +13,14 @@ Each iteration:
    the label logits, and always log(beta).
 
 The student learning rate stays positive through its parametrisation beta = exp(log_beta): the
-update is on log_beta, with dL/dlog_beta = beta * dL/dbeta. A non-finite loss or gradient skips
-the whole update; the skip is counted and logged (users of the public code report NaN losses and
-beta exploding or turning negative; nothing guarded against them there). ``lr_grad_clip`` bounds
-how far beta can move in one iteration: a single bad segment once sent beta from 0.19 to 0.003
-(|dL/dlog_beta| = 4.3 against a typical 0.05-0.3), after which the student no longer moved and
-the image gradient was zero for the rest of the run.
+update is on log_beta, with dL/dlog_beta = beta * dL/dbeta. A non-finite loss or gradient (the
+label-logit gradient only if the strategy learns the logits), or an update that would make a
+learned tensor non-finite (a finite gradient times a too-large ``lr_img`` can overflow), skips
+the whole update, momenta included; the skip is counted and logged (users of the public code
+report NaN losses and beta exploding or turning negative; nothing guarded against them there).
+``lr_grad_clip`` bounds how far beta can move in one iteration: a single bad segment once sent
+beta from 0.19 to 0.003 (|dL/dlog_beta| = 4.3 against a typical 0.05-0.3), after which the
+student no longer moved and the image gradient was zero for the rest of the run.
 
 The state (:mod:`tesla_func.distill_state`) is checkpointed atomically every ``save_every``
 iterations; a resumed run continues from the same state and, on CPU with the same seed and thread
@@ -316,9 +318,12 @@ class Distiller:
             if cfg.lr_grad_clip is not None:
                 grads["log_lr"] = lr_grad.clamp(-cfg.lr_grad_clip, cfg.lr_grad_clip)
             learned = _learned(s, self.strategy)
-            learned, s.momentum = self.optimizer.update(
+            learned, momentum = self.optimizer.update(
                 learned, {k: grads[k] for k in learned}, s.momentum, self.lrs
             )
+            finite = all(bool(torch.isfinite(v).all()) for v in learned.values())
+        if finite:  # commit only a finite update: inf images would stop the next iteration
+            s.momentum = momentum
             s.images = learned.get("images", s.images)
             s.label_logits = learned.get("label_logits", s.label_logits)
             s.log_lr = learned["log_lr"]

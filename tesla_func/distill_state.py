@@ -28,7 +28,7 @@ LOG_FIELDS = (
     "images_grad_norm",
     "labels_grad_norm",  # NaN unless the strategy learns label logits
     "lr_grad_norm",  # |dL/dlog(beta)| before clipping
-    "skipped",  # 1 if a non-finite loss or gradient skipped the update
+    "skipped",  # 1 if a non-finite loss, gradient or updated value skipped the update
     "expert",  # which expert was matched
     "start_epoch",  # its start epoch t
     "seconds",  # wall time of the iteration

@@ -9,9 +9,12 @@ once timed through pytest-benchmark (pedantic, one round), then, on CPU for T in
 once more in a fresh subprocess for the process peak RSS. With ``rounds`` > 1 every method at
 that T is then timed again, round by round (unrolled, tesla, exact, unrolled, ...), and the
 fastest round is kept: the methods are compared under the same load. Sizes and options:
-tests/conftest.py and tesla_func/benchmarking.py. Wall-clock limits are never asserted; the
-deterministic memory claims (README's "extra memory" column) are, once the smallest and the
-largest T of a method are in.
+tests/conftest.py and tesla_func/benchmarking.py. Wall-clock limits are never asserted. What is
+deterministic is: every point's loss is finite and its peak positive; every timed round computes
+the warm-up's loss again (bitwise on CPU); all methods compute the same loss at a T; and the
+memory claims (README's "extra memory" column), once two T of a method are in: on CPU the growth
+of ``tesla``'s and ``exact``'s peaks to the byte, in stored parameter vectors (tests/test_memory.py
+derives the counts from the code).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from tesla_func.benchmarking import (
     write_scaling_report,
 )
 from tesla_func.results import load_results
+from tests.test_memory import exact_state_vectors, tesla_state_vectors
 
 pytest.importorskip("pytest_benchmark")
 
@@ -51,18 +55,28 @@ def test_scaling(benchmark, scaling_run: ScalingRun, scaling_point: tuple[int, i
         pytest.skip(f"round 1 of {method} at T={steps} did not run")
 
     times: list[tuple[float, float]] = []  # (wall, CPU) seconds
+    losses: list[float] = []
 
     def timed() -> None:
         wall, cpu = time.perf_counter(), time.process_time()
-        match_trajectory(**args, method=method)
+        timed_result = match_trajectory(**args, method=method)
         synchronize(cfg.device)
         times.append((time.perf_counter() - wall, time.process_time() - cpu))
+        losses.append(float(timed_result.loss))
 
     benchmark.pedantic(timed, rounds=1, iterations=1, warmup_rounds=0)
     (wall, cpu), = times
     benchmark.extra_info.update(method=method, steps=steps, round=round_ + 1, time_s=wall,
                                 cpu_s=cpu, threads=torch.get_num_threads(), width=cfg.width,
                                 num_images=cfg.num_images, device=cfg.device)
+    assert math.isfinite(wall) and wall > 0 and math.isfinite(cpu) and cpu >= 0
+    # The timed call is the warm-up's call again: the same loss, bitwise on CPU (deterministic
+    # kernels at a fixed thread count); CUDA's kernels need not be.
+    warm_loss = float(result.loss) if round_ == 0 else scaling_run.get(method, steps)["loss"]
+    if torch.device(cfg.device).type == "cpu":
+        assert losses[0] == warm_loss, (method, steps, round_, losses[0], warm_loss)
+    else:
+        assert losses[0] == pytest.approx(warm_loss, rel=1e-5), (method, steps, round_)
     if round_ > 0:
         scaling_run.add_round(method, steps, wall, cpu)
         return
@@ -75,19 +89,45 @@ def test_scaling(benchmark, scaling_run: ScalingRun, scaling_point: tuple[int, i
     scaling_run.add(record)
 
     assert math.isfinite(record["loss"]) and record["peak_bytes"] > 0
+    _check_losses_agree(scaling_run, steps)
     state_bytes = sum(v.numel() * v.element_size() for v in args["start"].values())
     _check_memory_claims(scaling_run, method, state_bytes)
 
 
-def _check_memory_claims(run: ScalingRun, method: str, state_bytes: int) -> None:
-    """README: ``tesla`` O(graph); ``exact`` O(graph + T params); ``unrolled`` O(T graph)."""
-    lo, hi = min(run.config.steps), max(run.config.steps)
-    first, last = run.get(method, lo), run.get(method, hi)
-    if lo == hi or first is None or last is None:
+def _check_losses_agree(run: ScalingRun, steps: int) -> None:
+    """Once every method has run at T: they compute the same loss L (the same student loop; only
+    the gradients differ), to float32 rounding."""
+    records = [run.get(m, steps) for m in METHODS]
+    if any(r is None for r in records):
         return
-    short, long = first["peak_bytes"], last["peak_bytes"]
-    what = f"{method}: peak {long} B at T={hi} vs {short} B at T={lo}"
-    if method == "tesla":
+    losses = {r["method"]: r["loss"] for r in records}
+    for loss in losses.values():
+        assert loss == pytest.approx(losses["unrolled"], rel=1e-5), (steps, losses)
+
+
+def _check_memory_claims(run: ScalingRun, method: str, state_bytes: int) -> None:
+    """README: ``tesla`` O(graph); ``exact`` O(graph + T params); ``unrolled`` O(T graph).
+
+    On CPU (the live-tensor count, exact to the byte) the peak of ``tesla`` and ``exact`` may
+    grow from the smallest T to the largest by exactly the parameter vectors their code keeps
+    (tests/test_memory.py): none for ``tesla`` from T = 3, one per step for ``exact``; one vector
+    more fails. ``exact``'s ledger starts at T = 2 (at T = 1 its one step has no walk back). The
+    CUDA allocator's peak is rounded to blocks and was not calibrated: there the old 10 % bound.
+    """
+    kind = next(r["memory_kind"] for r in run.records if r["method"] == method)
+    done = [t for t in sorted(run.config.steps) if run.get(method, t) is not None]
+    if method == "exact" and kind == "live-tensors":
+        done = [t for t in done if t >= 2]
+    if len(done) < 2:
+        return
+    lo, hi = done[0], done[-1]
+    short, long = run.get(method, lo)["peak_bytes"], run.get(method, hi)["peak_bytes"]
+    what = f"{method}: peak {long} B at T={hi} vs {short} B at T={lo} ({state_bytes} B a state)"
+    if method in ("tesla", "exact") and kind == "live-tensors":
+        ledger = tesla_state_vectors if method == "tesla" else (
+            lambda t: exact_state_vectors(t, 1))
+        assert long - short == (ledger(hi) - ledger(lo)) * state_bytes, what
+    elif method == "tesla":
         assert long <= MEMORY_GROWTH_TARGET * short, what
     elif method == "exact":  # the T stored student states are the only growth allowed
         assert long <= MEMORY_GROWTH_TARGET * short + (hi - lo) * state_bytes, what

@@ -224,3 +224,68 @@ def test_show_refuses_files_that_are_not_synthetic_sets(tmp_path, capsys):
     assert cli.main(["show", str(tmp_path / "absent.safetensors")]) == 1
     assert "no such file" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.slow
+def test_installed_entry_point_killed_and_rerun_ends_bitwise_as_an_uninterrupted_run(tmp_path):
+    """The ``tesla-func`` script (pip install -e . puts it on PATH) in real processes: a distill
+    killed with SIGKILL once its first checkpoint is on disk, then the same command again, ends
+    with bitwise the set that the same command, run without interruption, makes."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from tesla_func.fileio import load_tensors
+    from tesla_func.synthetic import load_synthetic
+
+    script = shutil.which("tesla-func")
+    assert script, "the tesla-func entry point is not on PATH: run pip install -e ."
+    root = Path(__file__).resolve().parents[1]
+    # This checkout's code (an editable install may point at another one), and one torch thread
+    # as in this process (the tests run single-threaded): bitwise equality needs the same count.
+    path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    assert torch.get_num_threads() == 1
+    experts = tmp_path / "experts"
+    assert cli.main(["experts", "--dataset", "digits", "--num-experts", "1", "--epochs", "2",
+                     "--width", "8", "--no-dsa", "--out", str(experts), "--no-progress"]) == 0
+    iterations = 8  # 0.2 s each here, with a checkpoint each: about a second to kill it mid-run
+
+    def arguments(out):
+        return ["distill", "--experts-dir", str(experts), "--ipc", "1", "--method", "exact",
+                "--label-strategy", "learned", "--iterations", str(iterations),
+                "--syn-steps", "2", "--match-epochs", "1", "--max-start-epoch", "1",
+                "--save-every", "1", "--eval-epochs", "1", "--eval-models", "1",
+                "--out", str(out), "--no-progress"]
+
+    killed = subprocess.Popen([script, *arguments(tmp_path / "killed")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoint = tmp_path / "killed" / "checkpoint.safetensors"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    _, err = killed.communicate(timeout=60)
+    assert killed.returncode == -signal.SIGKILL, f"it ended before it was killed: {err[-2000:]}"
+    assert not (tmp_path / "killed" / "synthetic.safetensors").exists()
+    _, header = load_tensors(checkpoint)  # written atomically: whole, whenever the kill came
+    assert 1 <= header["iteration"] < iterations, header["iteration"]
+
+    rerun = subprocess.Popen([script, *arguments(tmp_path / "killed")], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert cli.main(arguments(tmp_path / "full")) == 0  # meanwhile: the uninterrupted run
+    out, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err[-3000:]
+    assert "synthetic set:" in out and "0 skipped updates" in out
+    a = load_synthetic(tmp_path / "killed" / "synthetic.safetensors")
+    b = load_synthetic(tmp_path / "full" / "synthetic.safetensors")
+    assert a.header["iteration"] == b.header["iteration"] == iterations
+    for name in ("images", "labels", "label_logits"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert torch.equal(x, y), f"{name} differ by up to {float((x - y).abs().max())}"
+    assert a.lr == b.lr

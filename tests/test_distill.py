@@ -13,6 +13,7 @@ from tesla_func.distill import DistillConfig, Distiller
 from tesla_func.experts import ExpertConfig, load_experts, train_experts
 from tesla_func.labels import LABEL_STRATEGIES, LabelStrategy
 from tesla_func.matching import MatchResult
+from tesla_func.models import ConvNet
 from tesla_func.results import load_results
 from tesla_func.synthetic import load_synthetic
 
@@ -125,9 +126,21 @@ def test_learned_logits_start_near_one_hot(tmp_path, experts_dir, digits, expert
     assert torch.equal(probs.argmax(1), torch.arange(10).repeat_interleave(2))
 
 
-def test_sla_labels_come_from_the_target_checkpoint(
-    tmp_path, experts_dir, digits, experts, monkeypatch
+class _ModeShowingConvNet(ConvNet):
+    """The experts' ConvNet with every logit raised by 1 in train mode: a shift that no softmax
+    and no cross-entropy sees, but that shows in the logits in which mode a call ran."""
+
+    def forward(self, x):
+        return super().forward(x) + float(self.training)
+
+
+@pytest.mark.parametrize("name", ["sla", "sla-last", "sla-only"])
+def test_sla_teacher_is_the_right_checkpoint_in_eval_mode_on_raw_images(
+    tmp_path, experts_dir, digits, experts, monkeypatch, name
 ):
+    """docs/reference.md section 4: the teacher is the expert at the iteration's target epoch
+    (``sla-last``: its last epoch), in eval mode, on the un-augmented images (DSA is on). Each
+    checkpoint of each expert gives other logits, so the labels name the one they came from."""
     seen = []
     real = distill_module.match_trajectory
 
@@ -136,33 +149,148 @@ def test_sla_labels_come_from_the_target_checkpoint(
         return real(model, start, target, images, labels, *args, **kwargs)
 
     monkeypatch.setattr(distill_module, "match_trajectory", spy)
-    distiller = make(config(experts_dir, label_strategy="sla", iterations=1), tmp_path, digits,
-                     experts)
+    cfg = config(experts_dir, label_strategy=name)
+    assert cfg.dsa
+    distiller = make(cfg, tmp_path, digits, experts)
+    distiller.model = _ModeShowingConvNet(distiller.experts[0].config)
+    for _ in range(3):
+        distiller.step()
+    assert distiller.model.training  # the student steps run in train mode: the mode is restored
+
+    plain = ConvNet(distiller.experts[0].config).eval()
+
+    def teacher(params, images):
+        with torch.no_grad():
+            return torch.func.functional_call(plain, params, (images,))
+
+    checkpoints = [(e, j) for e, ex in enumerate(distiller.experts) for j in range(ex.epochs + 1)]
+    for target, images, labels in seen:
+        (e, target_epoch), = [
+            (e, j) for e, j in checkpoints if distiller.experts[e].params[j] is target
+        ]
+        epoch = distiller.experts[e].epochs if name == "sla-last" else target_epoch
+        assert epoch != target_epoch or name != "sla-last"  # the two rules are told apart
+        # Raw images, eval mode, that checkpoint of that expert: and no other checkpoint.
+        agree = [
+            (e2, j) for e2, j in checkpoints
+            if torch.allclose(labels, teacher(distiller.experts[e2].params[j], images),
+                              rtol=1e-5, atol=1e-5)
+        ]
+        assert agree == [(e, epoch)], (name, e, target_epoch, agree)
+    # The saved labels: expert 0 at the latest target epoch (sla-last: its last epoch).
+    last_target = cfg.max_start_epoch - 1 + cfg.match_epochs
+    epoch = distiller.experts[0].epochs if name == "sla-last" else last_target
+    expected = torch.softmax(teacher(distiller.experts[0].params[epoch], distiller.state.images),
+                             -1)
+    torch.testing.assert_close(distiller.synthetic_set().labels, expected, rtol=1e-5, atol=1e-6)
+
+
+def _scripted_match(bad_call: int | None = None, bad_part: str | None = None):
+    """A stand-in for match_trajectory: finite random results, except that call ``bad_call``
+    (0-based) gets one non-finite entry in ``bad_part`` (loss, images, labels or lr)."""
+    calls = []
+
+    def fake(model, start, target, images, labels, lr, *args, **kwargs):
+        gen = torch.Generator().manual_seed(len(calls))
+        parts = {
+            "loss": torch.tensor(0.5),
+            "images": 0.01 * torch.randn(images.shape, generator=gen),
+            "labels": (torch.randn(labels.shape, generator=gen)
+                       if labels.is_floating_point() else None),
+            "lr": torch.tensor(0.3),
+        }
+        if len(calls) == bad_call:
+            part = parts[bad_part].clone()
+            part.view(-1)[-1] = float("nan") if bad_part != "lr" else float("inf")
+            parts[bad_part] = part
+        calls.append(len(calls))
+        return MatchResult(parts["loss"], parts["images"], parts["labels"], parts["lr"])
+
+    return fake
+
+
+def _snapshot(state):
+    """Everything an update may change: the learned tensors and their momenta, cloned."""
+    return {**{k: v.clone() for k, v in state.tensors().items()},
+            **{f"momentum/{k}": v.clone() for k, v in state.momentum.momentum.items()}}
+
+
+def _moved(a, b):
+    """The names whose tensors differ between two snapshots."""
+    assert a.keys() == b.keys()
+    return {k for k in a if not torch.equal(a[k], b[k])}
+
+
+@pytest.mark.parametrize(
+    "strategy, bad_part",
+    [("hard", "loss"), ("hard", "images"), ("hard", "lr"), ("learned", "labels"),
+     ("learned", "images")],
+)
+def test_one_non_finite_part_skips_the_whole_update(
+    tmp_path, experts_dir, digits, experts, monkeypatch, strategy, bad_part
+):
+    """One non-finite entry anywhere the update reads: nothing moves (images, logits, log(beta)
+    and their momenta), the skip is counted and logged, and the next iteration updates again."""
+    distiller = make(config(experts_dir, label_strategy=strategy), tmp_path, digits, experts)
+    monkeypatch.setattr(distill_module, "match_trajectory", _scripted_match(1, bad_part))
+    initial = _snapshot(distiller.state)
+    distiller.step()  # a finite update: everything learned moves, the momenta become non-zero
+    before = _snapshot(distiller.state)
+    assert _moved(before, initial) == set(before), "nothing to compare"
+    distiller.step()  # the non-finite one
+    assert _moved(_snapshot(distiller.state), before) == set()
+    assert distiller.state.skipped == 1 and distiller.state.log["skipped"] == [0.0, 1.0]
+    distiller.step()  # finite again: the run goes on
+    assert _moved(_snapshot(distiller.state), before) == set(before)
+    assert distiller.state.skipped == 1 and distiller.state.log["skipped"] == [0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("strategy", ["hard", "sla", "sla-only"])
+def test_a_label_gradient_that_is_not_learned_does_not_block_the_update(
+    tmp_path, experts_dir, digits, experts, monkeypatch, strategy
+):
+    """The label-logit gradient is checked only when the strategy learns the logits: for the
+    others a NaN in it is ignored (its log entry is NaN anyway) and the update goes ahead."""
+    learns = LABEL_STRATEGIES[strategy]
+    assert not learns.learns_logits
+    distiller = make(config(experts_dir, label_strategy=strategy), tmp_path, digits, experts)
+    fake = _scripted_match(0, "labels")
+
+    def with_label_grad(model, start, target, images, labels, *args, **kwargs):
+        logits = torch.zeros(len(images), 10)  # hard labels get no gradient: give them one
+        return fake(model, start, target, images, logits, *args, **kwargs)
+
+    monkeypatch.setattr(distill_module, "match_trajectory", with_label_grad)
+    before = _snapshot(distiller.state)
     distiller.step()
-    target, images, labels = seen[0]
-    teacher = torch.func.functional_call(distiller.model, target, (images,))
-    torch.testing.assert_close(labels, teacher)
+    assert distiller.state.log["skipped"] == [0.0] and distiller.state.skipped == 0
+    expected = {"log_lr", "momentum/log_lr"}
+    if learns.learns_images:
+        expected |= {"images", "momentum/images"}
+    assert _moved(_snapshot(distiller.state), before) == expected
 
 
-def test_non_finite_update_is_skipped_and_counted(
+def test_an_update_that_overflows_the_images_is_skipped(
     tmp_path, experts_dir, digits, experts, monkeypatch
 ):
-    def broken(*args, **kwargs):
-        images = args[3]
-        return MatchResult(
-            torch.tensor(float("nan")),
-            torch.full_like(images, float("nan")),
-            None,
-            torch.tensor(float("inf")),
-        )
+    """A finite gradient times a too-large lr_img can overflow float32 (3e38 * 1000 = inf). The
+    update is then not committed (the next iteration's matching would refuse inf images): it is
+    skipped and counted like a non-finite gradient, and the run goes on."""
+    distiller = make(config(experts_dir, lr_img=1000.0), tmp_path, digits, experts)
 
-    distiller = make(config(experts_dir), tmp_path, digits, experts)
-    before = (distiller.state.images.clone(), distiller.state.log_lr.clone())
-    monkeypatch.setattr(distill_module, "match_trajectory", broken)
+    def huge(model, start, target, images, labels, lr, *args, **kwargs):
+        return MatchResult(torch.tensor(0.5), torch.full_like(images, 3e38), None,
+                           torch.tensor(0.1))
+
+    monkeypatch.setattr(distill_module, "match_trajectory", huge)
+    before = _snapshot(distiller.state)
     distiller.step()
+    assert _moved(_snapshot(distiller.state), before) == set()
     assert distiller.state.skipped == 1 and distiller.state.log["skipped"] == [1.0]
-    assert torch.equal(distiller.state.images, before[0])
-    assert torch.equal(distiller.state.log_lr, before[1])
+    monkeypatch.undo()
+    distiller.step()  # real matching on the images, which are still finite
+    assert distiller.state.skipped == 1 and torch.isfinite(distiller.state.images).all()
+    assert not torch.equal(distiller.state.images, before["images"])
 
 
 @pytest.mark.parametrize("clip, expected_step", [(None, 40.0 * 0.1), (0.5, 0.5 * 0.1)])
@@ -347,3 +475,91 @@ def test_a_finished_run_draws_its_set(tmp_path, experts_dir, digits, experts):
 def test_snapshot_every_must_be_a_non_negative_int(value):
     with pytest.raises(ValueError, match="snapshot_every must be an int >= 0"):
         DistillConfig(snapshot_every=value)
+
+
+@pytest.mark.parametrize("strategy", ["hard", "learned"])
+def test_exact_and_unrolled_distil_the_same_set(tmp_path, experts_dir, digits, experts, strategy):
+    """exact computes MTT's gradient (proofs/c_adjoint.md), so from the same seed it distils the
+    set unrolled distils: in float64, to 1e-10 after a few iterations (DSA on, state_stride 2)."""
+    from tests.test_golden import _as_float64
+
+    data64, experts64 = _as_float64(digits, experts)
+    states = {}
+    for method in ("unrolled", "exact"):
+        cfg = config(experts_dir, method=method, label_strategy=strategy, state_stride=2,
+                     lr_img=100.0)
+        distiller = Distiller(cfg, tmp_path / method, progress=False, dataset=data64,
+                              experts=experts64)
+        assert distiller.state.images.dtype == torch.float64
+        initial = distiller.state.tensors()
+        for _ in range(3):
+            distiller.step()
+        states[method] = distiller.state
+    a, b = states["exact"], states["unrolled"]
+    assert a.skipped == b.skipped == 0
+    assert all(not torch.equal(v, initial[k]) for k, v in b.tensors().items())  # all moved
+    assert a.log["expert"] == b.log["expert"] and a.log["start_epoch"] == b.log["start_epoch"]
+    for name, value in b.tensors().items():
+        torch.testing.assert_close(a.tensors()[name], value, rtol=1e-10,
+                                   atol=1e-10 * float(value.abs().max()),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    torch.testing.assert_close(torch.tensor(a.log["loss"]), torch.tensor(b.log["loss"]),
+                               rtol=1e-10, atol=0)
+
+
+def test_noise_initialised_images_are_seeded_standard_normal(tmp_path, experts_dir, digits,
+                                                             experts):
+    """image_init="noise": N(0, 1) images of the real images' shape, drawn from the run's seed
+    (the same set for the same seed, another for another), not real images; they distil."""
+    def first_images(seed, init="noise"):
+        cfg = config(experts_dir, image_init=init, seed=seed)
+        return make(cfg, tmp_path / f"{init}{seed}", digits, experts).state.images
+
+    noise, real = first_images(0), first_images(0, "real")
+    assert noise.shape == real.shape == (20, 1, 8, 8) and noise.dtype == real.dtype
+    assert torch.equal(noise, first_images(0)) and not torch.equal(noise, first_images(1))
+    assert abs(float(noise.mean())) < 0.1 and abs(float(noise.std()) - 1) < 0.1  # 1280 draws
+    train = digits.train_images.flatten(1)
+
+    def nearest(images):  # distance of each image to the closest training image
+        return torch.cdist(images.flatten(1), train,
+                           compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+
+    assert (nearest(real) == 0).all() and (nearest(noise) > 1.0).all()
+    distiller = make(config(experts_dir, image_init="noise"), tmp_path / "run", digits, experts)
+    distiller.step()
+    assert distiller.state.skipped == 0 and not torch.equal(distiller.state.images, noise)
+
+
+def test_load_synthetic_refuses_other_files(tmp_path, experts_dir, digits, experts):
+    """load_synthetic names the file and says what it is not: an expert file, a distillation
+    checkpoint, a set's tensors under another format, a file that is not safetensors, a
+    truncated set; a missing file is FileNotFoundError."""
+    from tesla_func.experts import expert_path
+    from tesla_func.fileio import load_tensors, save_tensors
+
+    make(config(experts_dir), tmp_path / "run", digits, experts).run(stop_after=1)
+    checkpoint = tmp_path / "run" / "checkpoint.safetensors"
+    assert checkpoint.exists() and not (tmp_path / "run" / "synthetic.safetensors").exists()
+    for path in (expert_path(experts_dir, 0), checkpoint):
+        with pytest.raises(ValueError, match=r"is not a tesla_func synthetic set \(format "
+                                             r"'tesla_func\.(expert|distill_checkpoint)'"):
+            load_synthetic(path)
+    text = tmp_path / "notes.safetensors"
+    text.write_text("not a tensor file")
+    with pytest.raises(ValueError, match="notes.safetensors"):
+        load_synthetic(text)
+    good = tmp_path / "good.safetensors"
+    make(config(experts_dir), tmp_path / "run", digits, experts).synthetic_set().save(good)
+    assert torch.equal(load_synthetic(good).labels, torch.arange(10).repeat_interleave(2))
+    tensors, header = load_tensors(good)  # the right tensors under another format's name
+    renamed = tmp_path / "renamed.safetensors"
+    save_tensors(renamed, tensors, {**header, "format": "tesla_func.golden"})
+    with pytest.raises(ValueError, match=r"renamed.safetensors is not a tesla_func synthetic set"):
+        load_synthetic(renamed)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated.safetensors"):
+        load_synthetic(truncated)
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        load_synthetic(tmp_path / "missing.safetensors")
