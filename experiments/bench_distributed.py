@@ -252,14 +252,16 @@ def notes(ds: xr.Dataset) -> str:
         "(graph bytes per row) fitted on W = 1. Every rank also holds the expert trajectories "
         f"({experts:.1f} MiB here), not counted in the table. Time: the slowest rank's fastest "
         f"of {cfg['rounds']} iterations; speed-up = W = 1's time / this time.\n\n"
-        "What the time can show on this machine: W ranks here are W processes with one torch "
+        "What the times can show on this machine: W ranks are W processes with one torch "
         "thread each on a 2-core CPU shared with other jobs (load average at the start "
-        f"{ds.attrs.get('load_average')}), talking through gloo over loopback. W = 2 uses both "
-        "cores where W = 1 uses one, so its speed-up mixes the parallel split of the work with "
-        "the second core; the all-reduces of T step gradients and T Hessian-vector products "
-        "(one parameter vector each) cost little next to a ConvNet step at these sizes. It "
-        "cannot show scaling beyond 2 processes, network (NCCL, InfiniBand) costs, or GPU "
-        "timings; other jobs on the machine add noise to every time."
+        f"{ds.attrs.get('load_average')}), talking through gloo over loopback. CPU (s) is each "
+        "rank's own CPU time in an iteration: it shows how the work splits over the ranks (the "
+        "rows of every step halve; the per-step all-reduces of a parameter vector and the "
+        "parameter-sized work of every rank do not). The wall time falls only where every rank "
+        "has a free core: here the two ranks share the 2 cores with the other jobs, and each "
+        "collective waits for the slower rank, so the wall-time speed-up measures the machine's "
+        "load as much as the method. Nothing here shows more than 2 processes, a network between "
+        "nodes (NCCL, InfiniBand) or GPU times."
     )
 
 
