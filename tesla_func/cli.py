@@ -11,6 +11,14 @@
     tesla-func plan --dataset imagenet64 --model convnetd4 --ipc 1 --batch-syn 100 \\
         --syn-steps 50 --device-memory 48GB   # predicted memory and FLOPs of every method
 
+    torchrun --nproc_per_node=2 -m tesla_func.cli distill ...   # the same on 2 processes
+
+Under torchrun (its RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT in the
+environment) ``experts``, ``distill`` and ``evaluate`` join one process group: gloo for device cpu,
+nccl for cuda (device = LOCAL_RANK), with ``--group-timeout`` seconds for any collective. Experts
+and evaluation models are spread over the ranks, the synthetic set is sharded; rank 0 prints and
+writes (:mod:`tesla_func.distributed`).
+
 Adding a subcommand: write ``_add_<name>_arguments(parser)`` and ``_run_<name>(args) -> int``
 and add one :class:`Command` line to :data:`COMMANDS`. The flags of a command that runs a config
 come from the config's fields (:mod:`tesla_func.configargs`), their help from the fields'
@@ -26,11 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from tesla_func.augment import DSA
 from tesla_func.configargs import add_config_arguments, config_from_args
 from tesla_func.data import ENV_VAR, available, load_dataset, load_dataset_like
 from tesla_func.distill import DistillConfig, Distiller
+from tesla_func.distributed import together, torchrun_group
 from tesla_func.evaluate import EvalConfig, evaluate
 from tesla_func.experts import ExpertConfig, train_experts
 from tesla_func.plots import plot_synthetic
@@ -69,6 +79,23 @@ def _run_data(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# torchrun: the commands that run on several processes
+# ----------------------------------------------------------------------------------------------
+
+
+def _add_launch_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--group-timeout", type=float, default=1800.0, metavar="SECONDS",
+                        help="under torchrun: how long any collective (or a rank waiting for "
+                             "the others' experts while none makes progress) may wait before it "
+                             "fails (default: 1800)")
+
+
+def _rank(group: object | None) -> int:
+    """This process's rank (0 without a process group): rank 0 prints."""
+    return 0 if group is None else dist.get_rank(group)
+
+
+# ----------------------------------------------------------------------------------------------
 # tesla-func experts
 # ----------------------------------------------------------------------------------------------
 
@@ -80,12 +107,16 @@ def _add_experts_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="where the experts train")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="tqdm progress bars")
+    _add_launch_arguments(parser)
 
 
 def _run_experts(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, ExpertConfig)
-    paths = train_experts(cfg, args.out, root=args.root, device=args.device, progress=args.progress)
-    print(f"{len(paths)} experts in {args.out}")
+    with torchrun_group(args.device, args.group_timeout) as group:
+        paths = train_experts(cfg, args.out, root=args.root, device=args.device,
+                              progress=args.progress, group=group, wait_s=args.group_timeout)
+        if _rank(group) == 0:
+            print(f"{len(paths)} experts in {args.out}")
     return 0
 
 
@@ -100,14 +131,17 @@ def _add_distill_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run folder: checkpoint, synthetic.safetensors, log.nc (resumes)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="tqdm progress bar")
+    _add_launch_arguments(parser)
 
 
 def _run_distill(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, DistillConfig)
-    distiller = Distiller(cfg, args.out, progress=args.progress)
-    synthetic = distiller.run()
-    print(f"synthetic set: {args.out}/synthetic.safetensors ({len(synthetic.images)} images, "
-          f"lr {synthetic.lr:.4g}, {distiller.state.skipped} skipped updates)")
+    with torchrun_group(cfg.device, args.group_timeout) as group:
+        distiller = Distiller(cfg, args.out, progress=args.progress, group=group)
+        synthetic = distiller.run()
+        if _rank(group) == 0:
+            print(f"synthetic set: {args.out}/synthetic.safetensors ({len(synthetic.images)} "
+                  f"images, lr {synthetic.lr:.4g}, {distiller.state.skipped} skipped updates)")
     return 0
 
 
@@ -125,9 +159,12 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training lr (default: the synthetic set's learned lr, or 0.01)")
     parser.add_argument("--dsa", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", default=None, help="write the accuracies here as netCDF")
+    _add_launch_arguments(parser)
 
 
-def _run_evaluate(args: argparse.Namespace) -> int:
+def _evaluation_set(args: argparse.Namespace):
+    """(images, labels, lr, dataset): the synthetic set or the random real baseline to train
+    on, its default lr, and the dataset holding the test set."""
     if args.synthetic:
         synthetic = load_synthetic(args.synthetic)
         info = synthetic.header.get("dataset_info") or {}
@@ -144,10 +181,21 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                                   dataset.info.class_names)
         images, labels = dataset.train_images[index], dataset.train_labels[index]
         lr = 0.01
-    arch_kwargs = {"width": args.width} if args.width else {}
-    cfg = config_from_args(args, EvalConfig, EvalConfig(lr=args.lr or lr, arch_kwargs=arch_kwargs))
-    result = evaluate(images, labels, dataset.test_images, dataset.test_labels, cfg,
-                      DSA() if args.dsa else None, num_classes=dataset.info.num_classes)
+    return images, labels, lr, dataset
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    with torchrun_group(args.device or EvalConfig().device, args.group_timeout) as group:
+        with together(group):  # a rank that cannot read the set stops every rank
+            images, labels, lr, dataset = _evaluation_set(args)
+        arch_kwargs = {"width": args.width} if args.width else {}
+        cfg = config_from_args(args, EvalConfig,
+                               EvalConfig(lr=args.lr or lr, arch_kwargs=arch_kwargs))
+        result = evaluate(images, labels, dataset.test_images, dataset.test_labels, cfg,
+                          DSA() if args.dsa else None, num_classes=dataset.info.num_classes,
+                          group=group)
+        if _rank(group) != 0:
+            return 0
     print(f"test accuracy: {result}")
     if args.out:
         source = args.synthetic or f"random real, ipc {args.random_real}"
@@ -239,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command].run(args)
-    except (FileNotFoundError, ValueError, KeyError) as err:
+    except (FileNotFoundError, ValueError, KeyError, TimeoutError) as err:
         message = err.args[0] if err.args else repr(err)
         print(f"tesla-func {args.command}: error: {message}", file=sys.stderr)
         return 1

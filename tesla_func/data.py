@@ -1103,7 +1103,8 @@ def check_same_dataset(saved: dict, info: DatasetInfo, what: str) -> None:
             f"class names differ from class {first} on: "
             f"{list(there[first:first + 5])} there, {list(here[first:first + 5])} here"
         )
-    if _spec(info.name).root_only and "source" in saved and saved["source"] != info.source:
+    read_from_root = info.name in _SPECS and _SPECS[info.name].root_only  # (or made in memory)
+    if read_from_root and "source" in saved and saved["source"] != info.source:
         problems.append(f"read from {saved['source']} there, from {info.source} here")
     if problems:
         raise ValueError(

@@ -32,21 +32,37 @@ trained on) is not the class the image started in, and the images per class by t
 dataset is the one the experts recorded (``dataset_info`` in their header: reloaded with
 :func:`tesla_func.data.load_dataset_like` and checked), so experts of one image folder do not
 distil another.
+Several processes (``Distiller(cfg, out, group=...)``, or ``torchrun ... -m tesla_func.cli
+distill``): the synthetic set is sharded. Rank r holds a contiguous block of the class-major rows
+of the images, the label logits and their momenta (:class:`tesla_func.distributed.Shards`); log
+beta, the generator, the minibatch order and the logs are replicated. Every rank draws the same
+expert, start epoch, minibatch indices and DSA parameters from the same generator and keeps its
+own rows (:func:`tesla_func.distributed.local_minibatches`), so the union over ranks is what one
+process draws, and W ranks end with the synthetic set of one process up to float rounding. The
+label strategies work on each rank's rows (a teacher labels the rank's own images). The
+non-finite guard is agreed over the ranks, so all of them update or all skip. Rank 0 gathers the
+shards and writes the checkpoint (the one-process format: a run resumes on any number of ranks,
+each taking its rows), the final set and the log; progress bars and messages come from rank 0.
+Evaluation spreads its models over the ranks (:func:`tesla_func.evaluate.evaluate`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
+from tesla_func import distributed
 from tesla_func.augment import DSA
 from tesla_func.configargs import check_choice, check_non_negative, check_positive_ints
 from tesla_func.data import Dataset, check_same_dataset, load_dataset_like
@@ -54,6 +70,7 @@ from tesla_func.distill_state import (
     CLASS_LOG_FIELDS,
     EVAL_FIELDS,
     LOG_FIELDS,
+    ROW_SHARDED,
     DistillState,
     load_checkpoint,
     save_checkpoint,
@@ -69,7 +86,7 @@ from tesla_func.labels import (
 )
 from tesla_func.matching import METHODS, match_trajectory
 from tesla_func.models import ConvNet
-from tesla_func.optim import sgd
+from tesla_func.optim import SGDState, sgd
 from tesla_func.plots import plot_synthetic
 from tesla_func.provenance import provenance
 from tesla_func.results import make_results, save_results
@@ -99,6 +116,9 @@ class DistillConfig:
     # exact method: keep every k-th student state in the forward pass and recompute the others
     # (memory (T/k + k) parameter vectors instead of T; k - 1 extra forward steps per k)
     state_stride: int = 1
+    # rows that go through the network at once in a student step (None: the whole minibatch;
+    # the same result up to rounding, with about one microbatch's graph in memory)
+    microbatch_size: int | None = None
     lr_img: float = 1000.0  # SGD lr of the images
     # SGD lr of log(beta) (beta = exp(log_beta) stays positive). A raw-beta lr r (the papers'
     # lr_lr, 1e-7..1e-5) is about r / beta^2 here: 0.1..10 for beta = 0.01..0.001.
@@ -129,6 +149,8 @@ class DistillConfig:
                                    "eval_models", "save_every"))
         if self.batch_syn is not None:
             check_positive_ints(self, ("batch_syn",))
+        if self.microbatch_size is not None:
+            check_positive_ints(self, ("microbatch_size",))
         for name in ("eval_every", "snapshot_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -175,22 +197,28 @@ def _check_experts(cfg: DistillConfig, experts: list[ExpertTrajectory]) -> None:
 
 
 def initial_state(
-    cfg: DistillConfig, dataset: Dataset, beta0: float, device: torch.device
+    cfg: DistillConfig, dataset: Dataset, beta0: float, device: torch.device,
+    rows: slice | None = None,
 ) -> DistillState:
     """The state before iteration 1: images from ``ipc`` random real images of every class (or
-    noise of their shape), the strategy's initial logits, log(beta0), zero momenta."""
+    noise of their shape), the strategy's initial logits, log(beta0), zero momenta.
+
+    ``rows``: only these rows of the images and logits (a rank's shard); the generator draws what
+    it draws for the whole set, so every rank's generator continues alike."""
     gen = torch.Generator().manual_seed(cfg.seed)
     k = dataset.info.num_classes
     index = per_class_indices(dataset.train_labels, cfg.ipc, gen, k, dataset.info.class_names)
     if cfg.image_init == "real":
-        images = dataset.train_images[index].clone()
+        images = dataset.train_images[index if rows is None else index[rows]].clone()
     else:
         images = torch.randn(dataset.train_images[index].shape, generator=gen)
+        images = images if rows is None else images[rows].clone()
     images = images.to(device)
     strategy = cfg.strategy
     logits = None
     if strategy.initial_logits is not None:
         classes = torch.arange(k).repeat_interleave(cfg.ipc)
+        classes = classes if rows is None else classes[rows]
         logits = strategy.initial_logits(classes, k, cfg.label_init_confidence, images.dtype)
         logits = logits.to(device)
     log_lr = torch.tensor(math.log(beta0), dtype=images.dtype, device=device)
@@ -212,7 +240,15 @@ def _learned(state: DistillState, strategy: LabelStrategy) -> Params:
 
 
 class Distiller:
-    """Runs :class:`DistillConfig`; ``run()`` returns the synthetic set and writes ``out_dir``."""
+    """Runs :class:`DistillConfig`; ``run()`` returns the synthetic set and writes ``out_dir``.
+
+    ``group``: a ``torch.distributed`` process group whose ranks share the run (every rank
+    constructs a Distiller with the same config, data and experts, and the same ``out_dir``, a
+    folder all of them see); None: one process. See the module docstring. Bad set-ups raise on
+    every rank before any work: an error on any rank, ranks that differ in config, data, experts
+    or the checkpoint they found, more ranks than synthetic images, an NCCL group on CPU, or
+    torch.distributed not initialised.
+    """
 
     def __init__(
         self,
@@ -222,7 +258,23 @@ class Distiller:
         progress: bool = True,
         dataset: Dataset | None = None,
         experts: list[ExpertTrajectory] | None = None,
+        group: object | None = None,
     ):
+        self.group, self.rank, self.shards = group, 0, None
+        if group is None:
+            self._build(cfg, out_dir, progress, dataset, experts)
+            return
+        self.rank, _ = distributed.check_group(group)  # the same answer on every rank
+        with distributed.together(group, self._fingerprint):  # any rank's error: on every rank
+            self._build(cfg, out_dir, progress and self.rank == 0, dataset, experts)
+
+    @property
+    def rows(self) -> slice | None:
+        """This rank's rows of the synthetic set (None: one process, all of them)."""
+        return None if self.shards is None else self.shards.rows(self.rank)
+
+    def _build(self, cfg, out_dir, progress, dataset, experts) -> None:
+        """Everything the constructor does on one rank (it raises before any collective)."""
         self.cfg, self.out, self.progress = cfg, Path(out_dir), progress
         self.device = torch.device(cfg.device)
         if experts is None:
@@ -250,6 +302,9 @@ class Distiller:
                 f"batch_syn {cfg.batch_syn} is larger than the synthetic set "
                 f"(ipc {cfg.ipc} x {k} classes = {self.n} images)"
             )
+        if self.group is not None:
+            self.shards = distributed.Shards(self.n, distributed.world_size(self.group))
+            distributed.check_backend(self.group, self.device)
         self.strategy = cfg.strategy
         self.optimizer = sgd(cfg.momentum)
         self.lrs = {"images": cfg.lr_img, "label_logits": cfg.lr_labels, "log_lr": cfg.lr_lr}
@@ -257,13 +312,67 @@ class Distiller:
         self.beta0 = cfg.lr_init if cfg.lr_init is not None else self.experts[0].lr
         self.dsa = DSA() if cfg.dsa else None
         self.classes = torch.arange(k, device=self.device).repeat_interleave(cfg.ipc)
+        if self.rows is not None:
+            self.classes = self.classes[self.rows]  # (N_r,) the classes of this rank's rows
         self.last_eval: EvalResult | None = None  # the latest evaluation this process made
         checkpoint = self.out / CHECKPOINT
         self.state = (
-            load_checkpoint(checkpoint, cfg.to_dict(), self.device)
+            load_checkpoint(checkpoint, cfg.to_dict(), self.device, self.rows)
             if checkpoint.exists()
-            else initial_state(cfg, dataset, self.beta0, self.device)
+            else initial_state(cfg, dataset, self.beta0, self.device, self.rows)
         )
+
+    def _fingerprint(self) -> dict[str, str]:
+        """What every rank of a run must share (compared by the set-up handshake)."""
+        s, info = self.state, self.dataset.info
+        last = [torch.cat([p.reshape(-1) for p in e.params[-1].values()]) for e in self.experts]
+        return {
+            "the config": json.dumps(self.cfg.to_dict(), sort_keys=True),
+            "the checkpoint": f"iteration {s.iteration}",
+            "the dataset": f"{info.name} {tuple(self.dataset.train_images.shape)} "
+                           f"{distributed.checksum(self.dataset.train_labels.double())}",
+            "the experts": " ".join(f"{e.epochs}:{distributed.checksum(p)}"
+                                    for e, p in zip(self.experts, last)),
+            "the generator": str(zlib.crc32(s.generator.get_state().numpy().tobytes())),
+            "log(beta)": repr(float(s.log_lr)),
+        }
+
+    # -- several ranks ------------------------------------------------------------------------
+
+    def _whole(self, rows: Tensor) -> Tensor:
+        """The whole set's (n, ...) from this rank's rows, on every rank (one process: as is)."""
+        if self.group is None:
+            return rows.detach()
+        return distributed.gather_rows(rows, self.shards, self.group, everyone=True)
+
+    def _norm(self, shard: Tensor) -> float:
+        """||whole-set tensor|| from this rank's rows (one process: its norm)."""
+        if self.group is None:
+            return float(shard.norm())
+        (square,) = distributed.sum_floats(self.group, [float(shard.double().square().sum())])
+        return math.sqrt(square)
+
+    def _save_checkpoint(self) -> None:
+        """The atomic checkpoint. On several ranks rank 0 gathers the shards (one at a time) and
+        writes the one-process file, so any number of ranks resumes it; every rank waits for the
+        file."""
+        path, s = self.out / CHECKPOINT, self.state
+        if self.group is None:
+            save_checkpoint(path, self.cfg.to_dict(), s)
+            return
+
+        def gather(tensors: Params) -> Params:  # rank 0: the whole set's; elsewhere None
+            return {k: distributed.gather_rows(v, self.shards, self.group, everyone=False)
+                    for k, v in tensors.items() if k in ROW_SHARDED}
+
+        rows, moms = gather(s.tensors()), gather(s.momentum.momentum)
+        if self.rank == 0:
+            whole = dataclasses.replace(
+                s, images=rows["images"], label_logits=rows.get("label_logits"),
+                momentum=SGDState({**s.momentum.momentum, **moms}),
+            )
+            save_checkpoint(path, self.cfg.to_dict(), whole)
+        distributed.barrier(self.group)
 
     # -- labels ---------------------------------------------------------------------------------
 
@@ -300,20 +409,28 @@ class Distiller:
         if self.dsa is not None:
             augment = self.dsa.replayable([batch] * cfg.syn_steps, s.generator,
                                           device=self.device, dtype=s.images.dtype)
+        if self.group is not None:  # this rank's rows of the minibatches every rank drew
+            batches, augment = distributed.local_minibatches(self.shards, self.rank, batches,
+                                                             augment)
         beta = s.log_lr.exp()
         labels = self.labels(expert, target_epoch)
         drift, counts = label_drift(labels, self.classes, self.dataset.info.num_classes)
+        if self.group is not None:  # over every rank's rows: mismatches and counts add up
+            summed = distributed.sum_floats(
+                self.group, [float(drift) * len(self.classes), *counts.tolist()])
+            drift, counts = summed[0] / self.n, torch.tensor(summed[1:], dtype=torch.float64)
         res = match_trajectory(
             self.model, expert.params[t], expert.params[target_epoch], s.images,
             labels, beta, [b.to(self.device) for b in batches],
             method=cfg.method, augment=augment, state_stride=cfg.state_stride,
+            microbatch_size=cfg.microbatch_size, group=self.group,
         )
         lr_grad = res.lr_grad * beta  # dL/dlog(beta)
         grads = {"images": res.images_grad, "label_logits": res.labels_grad, "log_lr": lr_grad}
         checked = [res.loss, res.images_grad, lr_grad]
         if self.strategy.learns_logits:
             checked.append(res.labels_grad)
-        finite = all(bool(torch.isfinite(x).all()) for x in checked)
+        finite = self._agree(all(bool(torch.isfinite(x).all()) for x in checked))
         if finite:
             if cfg.lr_grad_clip is not None:
                 grads["log_lr"] = lr_grad.clamp(-cfg.lr_grad_clip, cfg.lr_grad_clip)
@@ -321,7 +438,7 @@ class Distiller:
             learned, momentum = self.optimizer.update(
                 learned, {k: grads[k] for k in learned}, s.momentum, self.lrs
             )
-            finite = all(bool(torch.isfinite(v).all()) for v in learned.values())
+            finite = self._agree(all(bool(torch.isfinite(v).all()) for v in learned.values()))
         if finite:  # commit only a finite update: inf images would stop the next iteration
             s.momentum = momentum
             s.images = learned.get("images", s.images)
@@ -331,16 +448,23 @@ class Distiller:
             s.skipped += 1
         s.iteration += 1
         nan = float("nan")
-        labels_norm = float(res.labels_grad.norm()) if self.strategy.learns_logits else nan
+        labels_norm = self._norm(res.labels_grad) if self.strategy.learns_logits else nan
         for name, value in zip(LOG_FIELDS, (
-            float(res.loss), float(s.log_lr.exp()), float(res.images_grad.norm()), labels_norm,
+            float(res.loss), float(s.log_lr.exp()), self._norm(res.images_grad), labels_norm,
             float(lr_grad.abs()), float(not finite), float(e), float(t),
             time.perf_counter() - tic, float(drift),
         )):
             s.log[name].append(value)
         s.log["class_count"].append(counts.tolist())
 
+    def _agree(self, finite: bool) -> bool:
+        """``finite`` on every rank (one process: as it is): all ranks update, or all skip."""
+        if self.group is None:
+            return finite
+        return distributed.sum_floats(self.group, [float(not finite)])[0] == 0
+
     def synthetic_set(self) -> SyntheticSet:
+        """The whole set (on several ranks: gathered, on every rank; every rank must call it)."""
         s = self.state
         header = {
             "config": self.cfg.to_dict(),
@@ -351,10 +475,10 @@ class Distiller:
             "provenance": provenance(self.device),
         }
         return SyntheticSet(
-            s.images.detach().cpu(),
-            self.final_labels().detach().cpu(),
+            self._whole(s.images).cpu(),
+            self._whole(self.final_labels()).cpu(),
             float(s.log_lr.exp()),
-            None if s.label_logits is None else s.label_logits.detach().cpu(),
+            None if s.label_logits is None else self._whole(s.label_logits).cpu(),
             header,
         )
 
@@ -379,7 +503,7 @@ class Distiller:
         return evaluate(synthetic.images, synthetic.labels, data.test_images, data.test_labels,
                         protocol, DSA() if self.cfg.dsa else None,
                         num_classes=data.info.num_classes, val_images=data.val_images,
-                        val_labels=data.val_labels)
+                        val_labels=data.val_labels, group=self.group)
 
     def _record_eval(self) -> None:
         result = self.last_eval = self.evaluate()
@@ -387,8 +511,9 @@ class Distiller:
         values = (s.iteration, result.mean, result.std, result.val_mean, result.val_std)
         for name, value in zip(EVAL_FIELDS, values):
             s.evals[name].append(float(value))
-        tqdm.write(f"iteration {s.iteration}: validation accuracy {100 * result.val_mean:.2f} %, "
-                   f"test accuracy {result}")
+        if self.rank == 0:
+            tqdm.write(f"iteration {s.iteration}: validation accuracy "
+                       f"{100 * result.val_mean:.2f} %, test accuracy {result}")
 
     def log_results(self):
         """The per-iteration log and the evaluations as one xarray Dataset."""
@@ -415,7 +540,9 @@ class Distiller:
     def snapshot(self) -> Path:
         """Write the set as it is now to ``snapshot_path(out_dir, iteration)`` (atomically)."""
         path = snapshot_path(self.out, self.state.iteration)
-        self.synthetic_set().save(path)
+        synthetic = self.synthetic_set()  # gathered on every rank; rank 0 writes it
+        if self.rank == 0:
+            synthetic.save(path)
         return path
 
     def run(self, stop_after: int | None = None) -> SyntheticSet:
@@ -424,8 +551,8 @@ class Distiller:
         Writes ``out_dir/checkpoint.safetensors`` every ``save_every`` iterations, the snapshots
         of ``snapshot_every`` and, at the end, ``out_dir/synthetic.safetensors``, its picture
         ``out_dir/synthetic.png`` (:func:`tesla_func.plots.plot_synthetic`) and
-        ``out_dir/log.nc``. A resumed run rewrites the snapshots after its checkpoint with the
-        same bits.
+        ``out_dir/log.nc`` (on several ranks: rank 0 writes, and every rank returns the whole
+        set). A resumed run rewrites the snapshots after its checkpoint with the same bits.
         """
         cfg, s = self.cfg, self.state
         self.out.mkdir(parents=True, exist_ok=True)
@@ -446,16 +573,19 @@ class Distiller:
                                        or s.iteration == cfg.iterations):
                 self.snapshot()
             if s.iteration % cfg.save_every == 0 or s.iteration == last:
-                save_checkpoint(self.out / CHECKPOINT, cfg.to_dict(), s)
+                self._save_checkpoint()
         bar.close()
         synthetic = self.synthetic_set()
         if s.iteration >= cfg.iterations:
             if not s.evals["iteration"] or s.evals["iteration"][-1] != s.iteration:
                 self._record_eval()
-                save_checkpoint(self.out / CHECKPOINT, cfg.to_dict(), s)
-            synthetic.save(self.out / "synthetic.safetensors")
-            save_results(self.log_results(), self.out / "log.nc")
-            plot_synthetic(synthetic, self.out / "synthetic.png", dataset=self.dataset)
+                self._save_checkpoint()
+            if self.rank == 0:
+                synthetic.save(self.out / "synthetic.safetensors")
+                save_results(self.log_results(), self.out / "log.nc")
+                plot_synthetic(synthetic, self.out / "synthetic.png", dataset=self.dataset)
+            if self.group is not None:
+                distributed.barrier(self.group)  # every rank returns once the files are there
         return synthetic
 
 

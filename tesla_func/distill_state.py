@@ -4,7 +4,9 @@ Everything that changes during a run lives in one :class:`DistillState`: the lea
 SGD momenta, the generator every random draw comes from, what is left of the minibatch
 permutation, and the logs. It is written as one safetensors file (``checkpoint.safetensors``,
 atomically: :mod:`tesla_func.fileio`) whose header holds the run's config, so a resumed run
-continues from exactly this state and refuses a checkpoint of another config.
+continues from exactly this state and refuses a checkpoint of another config. A run on several
+ranks writes the same file (rank 0 gathers the shards), and each rank of a resumed run reads its
+rows of it (``load_checkpoint(..., rows=)``), whatever the number of ranks that wrote it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ LOG_FIELDS = (
 CLASS_LOG_FIELDS = (
     "class_count",  # images per class by that argmax; they sum to N
 )
+# the tensors (and momenta) with one row per synthetic image: on several ranks each holds its rows
+ROW_SHARDED = ("images", "label_logits")
 # per evaluation: test accuracy, and validation accuracy (what choices of an iteration use)
 EVAL_FIELDS = ("iteration", "accuracy_mean", "accuracy_std", "val_accuracy_mean",
                "val_accuracy_std")
@@ -84,8 +88,14 @@ def save_checkpoint(path: Path, config: dict[str, Any], state: DistillState) -> 
     save_tensors(path, tensors, header)
 
 
-def load_checkpoint(path: Path, config: dict[str, Any], device: torch.device) -> DistillState:
+def load_checkpoint(
+    path: Path, config: dict[str, Any], device: torch.device, rows: slice | None = None
+) -> DistillState:
     """Read a checkpoint written by :func:`save_checkpoint` for the same ``config``.
+
+    ``rows``: keep only these rows of the images, label logits and their momenta (a rank's
+    shard, :data:`ROW_SHARDED`); the file always holds the whole set, so a run resumes on any
+    number of ranks.
 
     Raises ``ValueError`` listing the differing fields when it belongs to another run, and naming
     the file when it is truncated or of another kind.
@@ -108,6 +118,9 @@ def load_checkpoint(path: Path, config: dict[str, Any], device: torch.device) ->
         )
     gen = torch.Generator()
     gen.set_state(tensors["generator"])
+    if rows is not None:
+        tensors = {k: v[rows].clone() if k.removeprefix("momentum/") in ROW_SHARDED else v
+                   for k, v in tensors.items()}
     on = {k: v.to(device) for k, v in tensors.items() if not k.startswith("log/")}
     return DistillState(
         iteration=int(header["iteration"]),

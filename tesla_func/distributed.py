@@ -1,5 +1,9 @@
-"""Matching on several processes (``match_trajectory(..., group=...)``): the reductions and the
-handshake that make every rank compute one call on the union of their rows.
+"""Work on several processes (torch.distributed): matching, distillation, experts, evaluation.
+
+The first part is matching (``match_trajectory(..., group=...)``): the reductions and the
+handshake that make every rank compute one call on the union of their rows. The second part
+(below the matching code) shards a distillation run, spreads experts and evaluation models over
+the ranks, makes every rank raise the same error on a bad set-up, and reads a torchrun launch.
 
 Each rank holds a shard of the synthetic set and, for every step i, some rows of its minibatch;
 the step's minibatch is the concatenation of every rank's rows in rank order (rank r's rows take
@@ -29,9 +33,15 @@ augmentations replay the same draws is not checked: draw them from the same gene
 
 from __future__ import annotations
 
+import builtins
+import contextlib
+import datetime
+import os
+import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -311,3 +321,354 @@ def _mismatch(names: list[str], differ: list[int], table: Tensor, methods: Seque
         "state_stride, keep_graphs, microbatch_size, model, label kind and kind of "
         "augmentation; only images, labels and the batches' indices are the rank's own"
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Distillation, experts and evaluation on several processes, and the torchrun launch.
+#
+# ``Distiller(cfg, out, group=...)`` shards the synthetic set: rank r holds a contiguous block of
+# the class-major rows (:class:`Shards`) of the images, the label logits and their momenta; log
+# beta, the generator and the logs are replicated. Every rank draws the same minibatch indices
+# and DSA parameters from the same generator and keeps its own rows (:func:`local_minibatches`),
+# so a run on W ranks computes what one process computes, up to the order of float sums.
+# ``train_experts(..., group=...)`` trains expert i on rank i % W; ``evaluate(..., group=...)``
+# trains model k on rank k % W and sums the accuracies over the ranks (:func:`spread`).
+
+
+@dataclass(frozen=True)
+class Shards:
+    """The rows of a set of ``n`` rows in contiguous blocks over ``world`` ranks: rank r holds
+    rows [start(r), start(r) + sizes[r]), sizes[r] = n // W + (1 if r < n % W else 0).
+
+    A synthetic set is class-major (``ipc`` rows of class 0, then class 1, ...), so each rank
+    holds whole classes where W divides the number of classes."""
+
+    n: int
+    world: int
+
+    def __post_init__(self) -> None:
+        if self.world > self.n:
+            raise ValueError(
+                f"{self.world} ranks for a synthetic set of {self.n} images: every rank needs at "
+                f"least one image; run on at most {self.n} ranks or raise ipc"
+            )
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        base, extra = divmod(self.n, self.world)
+        return tuple(base + (r < extra) for r in range(self.world))
+
+    def start(self, rank: int) -> int:
+        return sum(self.sizes[:rank])
+
+    def rows(self, rank: int) -> slice:
+        """Rank ``rank``'s rows of the whole set."""
+        return slice(self.start(rank), self.start(rank) + self.sizes[rank])
+
+    def owner(self, index: Tensor) -> Tensor:
+        """(B,) the rank holding each of the rows ``index`` (B,) of the whole set."""
+        ends = torch.tensor([self.start(r + 1) for r in range(self.world)], device=index.device)
+        return torch.bucketize(index, ends, right=True)
+
+
+class RankOrderAugment:
+    """Replays a minibatch's augmentation when the minibatch is laid out in rank order.
+
+    ``match_trajectory(..., group=...)`` sees step i's minibatch as every rank's rows in rank
+    order, while its transforms were drawn (every rank alike) for the rows in the order the
+    minibatch was drawn. ``order[i][j]`` is the drawn position of the row at rank-order position
+    j, so each row gets the transform it gets in one process: ``augment(x, step, rows=rows)``
+    applies the drawn transforms of positions ``order[step][rows]``.
+    """
+
+    def __init__(self, augment: object, order: tuple[Tensor, ...]) -> None:
+        self.augment, self.order = augment, order  # T tensors (B_i,)
+
+    def __call__(self, x: Tensor, step: int, *, rows: Tensor | None = None) -> Tensor:
+        order = self.order[step]
+        return self.augment(x, step, rows=order if rows is None else order[rows.to(order.device)])
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        return tuple(len(o) for o in self.order)
+
+
+def local_minibatches(
+    shards: Shards, rank: int, batches: Sequence[Tensor], augment: object | None
+) -> tuple[list[Tensor], RankOrderAugment | None]:
+    """This rank's rows of every minibatch of the whole set, as indices into its shard, in the
+    order they were drawn; and ``augment`` (drawn for the whole minibatches, a RowAugment such as
+    ReplayedDSA) re-addressed to the rank order of ``match_trajectory(..., group=...)``."""
+    start, local, order = shards.start(rank), [], []
+    for batch in batches:  # (B,) indices into the whole set
+        owner = shards.owner(batch)
+        local.append(batch[owner == rank] - start)
+        order.append(torch.sort(owner, stable=True).indices)  # rank order -> drawn position
+    if augment is None:
+        return local, None
+    if not accepts_rows(augment):
+        raise TypeError("augment must accept rows= (ReplayedDSA does) to be split over ranks")
+    return local, RankOrderAugment(augment, tuple(order))
+
+
+def check_backend(group: object, device: torch.device) -> None:
+    """NCCL moves CUDA tensors only: refuse a CPU run on an NCCL group (same answer on every
+    rank, no collective)."""
+    if dist.get_backend(group) == "nccl" and torch.device(device).type != "cuda":
+        raise ValueError(
+            f"the process group uses NCCL, which moves CUDA tensors only, but the work runs on "
+            f"{device}: use a gloo group for cpu (torchrun and the command line choose gloo for "
+            "cpu and nccl for cuda)"
+        )
+
+
+def sum_floats(group: object, values: Sequence[float]) -> list[float]:
+    """Python floats summed over the ranks in one float64 all-reduce."""
+    flat = torch.tensor(list(values), dtype=torch.float64, device=_device(group))
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    return flat.cpu().tolist()
+
+
+def max_float(group: object, value: float) -> float:
+    flat = torch.tensor([value], dtype=torch.float64, device=_device(group))
+    dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
+    return float(flat)
+
+
+def barrier(group: object) -> None:
+    dist.barrier(group=group)
+
+
+def gather_rows(shard: Tensor, shards: Shards, group: object, *, everyone: bool) -> Tensor | None:
+    """The whole set (n, ...) from every rank's ``shard`` (sizes[r], ...), on the CPU.
+
+    ``everyone``: every rank gets it (one broadcast per rank); else rank 0 only (the others send
+    to it; they get None). Shards move one at a time, so a device holds at most one other rank's
+    shard beyond its own (NCCL moves CUDA tensors; the result is copied to the CPU piece by
+    piece).
+    """
+    rank = dist.get_rank(group)
+    shard = shard.detach().contiguous()
+    parts = []
+    for r, size in enumerate(shards.sizes):
+        source = dist.get_global_rank(group, r)
+        if everyone:
+            part = shard if r == rank else shard.new_empty((size, *shard.shape[1:]))
+            dist.broadcast(part, src=source, group=group)
+            parts.append(part.cpu())
+        elif r == 0:
+            parts.append(shard.cpu() if rank == 0 else None)
+        elif rank == r:
+            dist.send(shard, dst=dist.get_global_rank(group, 0), group=group)
+        elif rank == 0:
+            part = shard.new_empty((size, *shard.shape[1:]))
+            dist.recv(part, src=source, group=group)
+            parts.append(part.cpu())
+    return torch.cat(parts) if everyone or rank == 0 else None
+
+
+def spread(count: int, group: object) -> list[int]:
+    """The items of ``range(count)`` this rank takes: i with i % W == rank (experts, evaluation
+    models), so item i does the same work whatever the number of ranks."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    return list(range(rank, count, world))
+
+
+def checksum(tensor: Tensor) -> str:
+    """A float64 fingerprint of a tensor's values (its shape, sum, sum of squares and a
+    position-weighted sum): equal on ranks that hold the same values, different for almost any
+    difference."""
+    if tensor.numel() == 0:
+        return f"{tuple(tensor.shape)}"
+    return f"{tuple(tensor.shape)} {_checksums({'x': tensor})}"
+
+
+def raise_together(
+    group: object, error: BaseException | None, fingerprint: Mapping[str, str] | None
+) -> None:
+    """The set-up handshake: every rank raises when any rank failed or the ranks disagree.
+
+    Call it on every rank after the rank's own set-up, with the exception the set-up raised
+    (None if it went well) and, where it went well, a fingerprint (name -> text) of what every
+    rank must share. One ``all_gather_object``. When every rank failed with the same message, each
+    raises its own error; when some failed, every rank raises the first failing rank's error (its
+    type where it is a built-in exception, else RuntimeError) naming the failing ranks; when the
+    fingerprints differ, every rank raises a ValueError naming the first difference.
+    """
+    world = dist.get_world_size(group)
+    mine = None if error is None else (type(error).__name__, _message(error))
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, (mine, None if error else dict(fingerprint or {})),
+                           group=group)
+    failed = [r for r, (e, _) in enumerate(gathered) if e is not None]
+    if failed:
+        name, text = gathered[failed[0]][0]
+        if len(failed) == world and all(gathered[r][0][1] == text for r in failed):
+            raise error
+        kind = getattr(builtins, name, None)
+        if not (isinstance(kind, type) and issubclass(kind, Exception)):
+            kind = RuntimeError
+        raise kind(f"{text} [raised on rank(s) {failed} of {world}; every rank stops before any "
+                   "work]") from error
+    prints = [f for _, f in gathered]
+    for key in prints[0]:
+        other = next((r for r in range(world) if prints[r].get(key) != prints[0][key]), None)
+        if other is not None:
+            raise ValueError(
+                f"the ranks do not agree on {key}: rank 0 has {prints[0][key]!r}, rank {other} "
+                f"has {prints[other].get(key)!r}. {_advice(key)}"
+            )
+
+
+@contextlib.contextmanager
+def together(
+    group: object | None, fingerprint: Callable[[], Mapping[str, str]] | None = None
+) -> Iterator[None]:
+    """Run a block of set-up on every rank, then :func:`raise_together`: an exception in the
+    block on any rank is raised on every rank, and (when none raised) ``fingerprint()``, called
+    after the block, must agree. ``group`` None: the block runs as it is."""
+    if group is None:
+        yield
+        return
+    error = None
+    try:
+        yield
+    except Exception as caught:  # noqa: BLE001 -- raised on every rank just below
+        error = caught
+    raise_together(group, error, None if error or fingerprint is None else fingerprint())
+
+
+def _message(error: BaseException) -> str:
+    return error.args[0] if len(error.args) == 1 and isinstance(error.args[0], str) else str(error)
+
+
+_ADVICE = {
+    "the checkpoint": "Every rank must see the same output folder (one folder shared by all "
+    "nodes): rank 0 writes the checkpoint and every rank resumes from it.",
+}
+
+
+def _advice(key: str) -> str:
+    return _ADVICE.get(key, "Every rank must run the same config on the same data: launch them "
+                       "with the same command line.")
+
+
+def wait_for_files(paths: Sequence[Path], folder: Path, stall_s: float, poll_s: float = 0.5,
+                   ) -> None:
+    """Wait until every file of ``paths`` exists, while ``folder`` keeps changing.
+
+    Ranks that train different experts finish at different times, longer apart than a
+    collective's timeout may allow; the files they write (an expert file, or an epoch checkpoint
+    under ``folder``) show that they are alive. Raises TimeoutError when nothing under
+    ``folder`` changed for ``stall_s`` seconds and files are still missing: a rank failed, or the
+    folder is not shared between the ranks' machines.
+    """
+
+    def newest() -> float:
+        return max((p.stat().st_mtime for p in folder.rglob("*.safetensors")), default=0.0)
+
+    last, seen = time.monotonic(), newest()
+    while True:
+        missing = [p for p in paths if not p.exists()]
+        if not missing:
+            return
+        now = newest()
+        if now != seen:
+            seen, last = now, time.monotonic()
+        elif time.monotonic() - last > stall_s:
+            raise TimeoutError(
+                f"{len(missing)} expert file(s) never appeared ({missing[0].name}, ...) and "
+                f"nothing under {folder} changed for {stall_s:.0f} s: a rank failed, or {folder} "
+                "is not one folder shared by every rank"
+            )
+        time.sleep(poll_s)
+
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+"""What torchrun sets for every process (among others) and the launch reads."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    """This process's place in a torchrun launch."""
+
+    rank: int
+    world: int
+    local_rank: int  # its index on its node: the CUDA device it uses
+
+
+def launch_from_env(environ: Mapping[str, str]) -> Launch | None:
+    """The torchrun launch described by ``environ``, None when none of its variables is set.
+
+    Raises ValueError naming the variables when only some are set, or their values do not fit
+    together (so every rank of a broken launch stops with the same message, before any work).
+    """
+    given = {k: environ[k] for k in TORCHRUN_VARIABLES if environ.get(k, "") != ""}
+    if not given:
+        return None
+    missing = [k for k in TORCHRUN_VARIABLES if k not in given]
+    if missing:
+        shown = ", ".join(f"{k}={v}" for k, v in given.items())
+        raise ValueError(
+            f"the torchrun environment is only partly set ({shown}; missing: "
+            f"{', '.join(missing)}): launch with `torchrun --nproc_per_node=N -m tesla_func.cli "
+            f"...`, which sets them all, or unset {', '.join(given)} to run one process"
+        )
+    try:
+        rank, world, local = (int(given[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+        int(given["MASTER_PORT"])
+    except ValueError as err:
+        raise ValueError(f"RANK, WORLD_SIZE, LOCAL_RANK and MASTER_PORT must be integers, "
+                         f"got {given}") from err
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise ValueError(f"need WORLD_SIZE >= 1, 0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0, got "
+                         f"RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local}")
+    return Launch(rank, world, local)
+
+
+def backend_for(device: str | torch.device) -> str:
+    """gloo for cpu, nccl for cuda (the backends torch.distributed offers for each)."""
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return "gloo"
+    if kind == "cuda":
+        return "nccl"
+    raise ValueError(f"distributed runs support device cpu (gloo) and cuda (nccl), got {device}")
+
+
+@contextlib.contextmanager
+def torchrun_group(
+    device: str | torch.device, timeout_s: float, environ: Mapping[str, str] | None = None
+) -> Iterator[object | None]:
+    """The process group of a torchrun launch (read from the environment), or None for one
+    process; destroyed on exit.
+
+    The backend follows ``device``: gloo for cpu, nccl for cuda, where the process uses CUDA
+    device ``LOCAL_RANK`` (so ``device="cuda"`` means its own GPU). Every collective of the group
+    fails after ``timeout_s`` seconds instead of waiting forever. A torch.distributed already
+    initialised (by the caller) is used as it is and left alone.
+    """
+    launch = launch_from_env(os.environ if environ is None else environ)
+    if launch is None:
+        yield None
+        return
+    backend = backend_for(device)
+    if dist.is_initialized():
+        yield dist.group.WORLD
+        return
+    if backend == "nccl":
+        if not torch.cuda.is_available() or launch.local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device} on LOCAL_RANK {launch.local_rank} needs CUDA device "
+                f"{launch.local_rank}, but this node has {torch.cuda.device_count()}: launch at "
+                "most that many processes per node (--nproc_per_node)"
+            )
+        torch.cuda.set_device(launch.local_rank)
+    dist.init_process_group(
+        backend, init_method="env://", rank=launch.rank, world_size=launch.world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()

@@ -32,6 +32,10 @@ Labels are hard ``(N,)`` class indices or soft ``(N, K)`` *probabilities* (rows 
 trained with cross-entropy against those probabilities. A distilled set with learned label
 *logits* is evaluated with ``labels=torch.softmax(logits, dim=1)``.
 
+Several processes (``evaluate(..., group=...)``): model k trains on rank k % W and the ranks'
+accuracies are summed into every rank's result, so W ranks report the numbers of one process
+(each model is the same network wherever it trains; bitwise on CPU with the same threads).
+
 Deviation from the public MTT code, on purpose: it trains E + 1 epochs and re-creates the optimiser
 at the lr drop (discarding the momentum buffer); here the momentum buffer carries across the drop,
 as with an lr scheduler, and exactly E epochs run.
@@ -43,7 +47,7 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -54,6 +58,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
+from tesla_func import distributed
 from tesla_func.configargs import check_positive_ints
 from tesla_func.models import build_model, init_params
 from tesla_func.optim import sgd
@@ -284,12 +289,14 @@ def _train_vmap(
     sets: _Sets,
     cfg: EvalConfig,
     augment: RandomAugment | None,
+    ids: Sequence[int] | None = None,
 ) -> tuple[dict[str, list[float]], Params]:
     images, labels, tested = sets
     k_models, n = len(inits), images.shape[0]
+    ids = range(k_models) if ids is None else ids  # the models' numbers k (their seeds)
     params = {name: torch.stack([p[name] for p in inits]) for name in inits[0]}  # name -> (K, ...)
-    orders = [seeded_generator(cfg.seed, k, _ORDER) for k in range(k_models)]
-    augs = [seeded_generator(cfg.seed, k, _AUGMENT) for k in range(k_models)]
+    orders = [seeded_generator(cfg.seed, k, _ORDER) for k in ids]
+    augs = [seeded_generator(cfg.seed, k, _AUGMENT) for k in ids]
 
     def loss(p: Params, x: Tensor, y: Tensor) -> Tensor:
         """One model's batch loss: x (B, C, H, W), y (B,) or (B, classes)."""
@@ -326,9 +333,11 @@ def _train_loop(
     sets: _Sets,
     cfg: EvalConfig,
     augment: RandomAugment | None,
+    ids: Sequence[int] | None = None,
 ) -> tuple[dict[str, list[float]], Params]:
     images, labels, tested = sets
     n, finals = images.shape[0], []
+    ids = range(len(inits)) if ids is None else ids  # the models' numbers k (their seeds)
     accuracies: dict[str, list[float]] = {name: [] for name in tested}
     optimizer = sgd(cfg.momentum, cfg.weight_decay)
     bar = tqdm(
@@ -336,7 +345,7 @@ def _train_loop(
         desc=f"evaluate {cfg.arch} x{len(inits)} (loop)",
         disable=not cfg.progress,
     )
-    for k, init in enumerate(inits):
+    for k, init in zip(ids, inits):
         model = copy.deepcopy(skeleton)  # fresh buffers (BatchNorm running stats) for each model
         params = dict(model.named_parameters())
         with torch.no_grad():
@@ -384,6 +393,7 @@ def evaluate(
     num_classes: int | None = None,
     val_images: Tensor | None = None,
     val_labels: Tensor | None = None,
+    group: object | None = None,
 ) -> EvalResult:
     """Train ``config.num_models`` fresh networks on (images, labels); test them on the test set
     (and on the validation split, if given: choices are made on it, never on the test set).
@@ -398,17 +408,20 @@ def evaluate(
                  with the model's own CPU generator (DSA: pass ``tesla_func.augment.DSA()``); None = none
     num_classes: defaults to the soft labels' width, else max label + 1 over both sets
     val_images, val_labels: (V, C, H, W) and (V,) the validation split; ``val_accuracies``
+    group:       None, or a ``torch.distributed`` process group whose ranks share the K models
+                 (every rank calls with the same arguments): model k trains on rank k % W and
+                 every rank returns all K accuracies (and ``final_params``); ``seconds`` is the
+                 slowest rank's. Bad or differing arguments raise on every rank before training.
 
     The architecture is ``config.arch`` built for (C, num_classes, H) with ``config.arch_kwargs``;
     H must equal W. Returns the K test accuracies (fractions) with their mean and std.
     """
     cfg = config
-    num_classes = _check_sets(images, labels, test_images, test_labels, num_classes)
-    has_val = val_images is not None and len(val_images) > 0
-    if has_val:
-        _check_sets(images, labels, val_images, val_labels, num_classes)
-    if images.shape[2] != images.shape[3]:
-        raise ValueError(f"images must be square, got (H, W) = {tuple(images.shape[2:])}")
+    sets_given = (images, labels, test_images, test_labels, num_classes, val_images, val_labels)
+    models = range(cfg.num_models)
+    if group is not None:  # model k trains on rank k % W
+        models = _agree(group, cfg, augment, *sets_given)
+    num_classes, has_val = _validate(*sets_given)
     device, dtype = torch.device(cfg.device), images.dtype
     # Skeleton and initial weights are made on the CPU from the model's own generator, so a
     # model's init does not depend on the device (or touch the CUDA RNG), then moved.
@@ -421,7 +434,7 @@ def evaluate(
             k: v.to(device)
             for k, v in init_params(skeleton, seeded_generator(cfg.seed, k, _INIT)).items()
         }
-        for k in range(cfg.num_models)
+        for k in models
     ]
     skeleton = skeleton.to(device)
     tested = {"test": (test_images, test_labels), **({"val": (val_images, val_labels)}
@@ -438,16 +451,90 @@ def evaluate(
     engine = "vmap" if use_vmap and not has_buffers else "loop"
     train = _train_vmap if engine == "vmap" else _train_loop
     start = time.perf_counter()
-    accuracies, final = train(skeleton, inits, sets, cfg, augment)
+    if group is None:
+        accuracies, final = train(skeleton, inits, sets, cfg, augment)
+        seconds = time.perf_counter() - start
+    else:
+        rank = distributed.check_group(group)[0]
+        quiet = cfg if rank == 0 else dataclasses.replace(cfg, progress=False)  # bars: rank 0
+        accuracies, final = (
+            train(skeleton, inits, sets, quiet, augment, models) if inits
+            else ({name: [] for name in tested}, {})  # more ranks than models
+        )
+        accuracies, final = _sum_over_ranks(group, models, accuracies, final, skeleton, cfg)
+        seconds = distributed.max_float(group, time.perf_counter() - start)
     return EvalResult(
         accuracies=tuple(accuracies["test"]),
         val_accuracies=tuple(accuracies["val"]) if has_val else None,
         config=cfg,
         engine=engine,
         train_size=sets.images.shape[0],
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
         final_params={k: v.cpu() for k, v in final.items()} if cfg.keep_params else None,
     )
+
+
+def _validate(images, labels, test_images, test_labels, num_classes, val_images, val_labels,
+              ) -> tuple[int, bool]:
+    """The checks of :func:`evaluate`'s sets: (number of classes, whether a validation split is
+    given)."""
+    num_classes = _check_sets(images, labels, test_images, test_labels, num_classes)
+    has_val = val_images is not None and len(val_images) > 0
+    if has_val:
+        _check_sets(images, labels, val_images, val_labels, num_classes)
+    if images.shape[2] != images.shape[3]:
+        raise ValueError(f"images must be square, got (H, W) = {tuple(images.shape[2:])}")
+    return num_classes, has_val
+
+
+def _agree(group: object, cfg: EvalConfig, augment: object, *sets: Tensor | int | None,
+           ) -> list[int]:
+    """Every rank validates the arguments; all raise together, also when the ranks' arguments
+    differ. Returns the models k this rank trains (k % W == rank)."""
+    names = ("images", "labels", "test images", "test labels", "num_classes",
+             "validation images", "validation labels")
+
+    def fingerprint() -> dict[str, str]:
+        shared = {k: v for k, v in cfg.to_dict().items() if k != "progress"}  # bars: rank 0
+        return {
+            "the config": repr(shared), "the augmentation": type(augment).__name__,
+            **{f"the {name}": distributed.checksum(value.double())
+               if isinstance(value, Tensor) else repr(value) for name, value in zip(names, sets)},
+        }
+
+    distributed.check_group(group)
+    with distributed.together(group, fingerprint):
+        _validate(*sets)
+        distributed.check_backend(group, torch.device(cfg.device))
+    return distributed.spread(cfg.num_models, group)
+
+
+def _sum_over_ranks(
+    group: object,
+    models: Sequence[int],
+    accuracies: dict[str, list[float]],
+    final: Params,
+    skeleton: nn.Module,
+    cfg: EvalConfig,
+) -> tuple[dict[str, list[float]], Params]:
+    """All K models' accuracies (and trained weights, with ``keep_params``) on every rank: each
+    rank fills its models' entries of zero arrays, which one all-reduce sums (x + 0 = x: exact)."""
+    k_models, names = cfg.num_models, list(accuracies)
+    table = [[0.0] * k_models for _ in names]
+    for row, name in zip(table, names):
+        for k, value in zip(models, accuracies[name]):
+            row[k] = value
+    summed = distributed.sum_floats(group, [v for row in table for v in row])
+    accuracies = {name: summed[i * k_models:(i + 1) * k_models] for i, name in enumerate(names)}
+    if not cfg.keep_params:
+        return accuracies, final
+    stacked = {}
+    for name, p in skeleton.named_parameters():
+        stacked[name] = torch.zeros((k_models, *p.shape), dtype=p.dtype, device=p.device)
+        for j, k in enumerate(models):
+            stacked[name][k] = final[name][j]
+    (whole,) = distributed.sum_over_ranks(group, stacked)
+    return accuracies, whole
 
 
 # A whole real training set converges in far fewer epochs than a 10-image set, and 1000 epochs of

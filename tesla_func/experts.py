@@ -19,6 +19,11 @@ While an expert trains, each finished epoch is written atomically to
 (the shuffling and augmentation generators' states, SGD momentum buffers if any). A killed run
 started again skips finished experts and continues a half-finished one after its last complete
 epoch, giving bitwise the same weights as a run never interrupted (same device, same threads).
+
+Several processes (``train_experts(..., group=...)``, or ``torchrun ... -m tesla_func.cli
+experts``): expert i trains on rank i % W. An expert's randomness comes from (seed, i) only, so
+it is bitwise the expert one process trains (same device and threads), and resuming works per
+expert as in one process. The output folder must be one folder that every rank sees.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from safetensors import safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tesla_func import distributed
 from tesla_func.augment import DSA
 from tesla_func.configargs import check_choice, check_positive_ints
 from tesla_func.data import DATASETS, Dataset, dataset_options, load_dataset
@@ -177,6 +183,8 @@ def train_experts(
     device: torch.device | str = "cpu",
     progress: bool = True,
     on_epoch: EpochCallback | None = None,
+    group: object | None = None,
+    wait_s: float = 1800.0,
 ) -> list[Path]:
     """Train ``cfg.num_experts`` experts into ``out_dir``, resuming whatever a past run finished.
 
@@ -187,25 +195,72 @@ def train_experts(
         on_epoch: ``(expert index, epoch, test accuracy)``, called after each checkpoint is on
             disk (epoch 0 = the initial weights); an exception it raises stops the run there,
             which is how the tests simulate a kill.
+        group: a ``torch.distributed`` process group whose ranks share the work (every rank
+            calls with the same arguments and the same ``out_dir``, one folder they all see):
+            expert i trains on rank i % W; progress bars come from rank 0.
+        wait_s: with ``group``, how long a rank that has finished its experts waits for the
+            others' while nothing under ``out_dir`` changes (each epoch writes a file), before
+            it raises TimeoutError.
 
-    Returns the paths of the N expert files.
-    Raises ValueError if ``out_dir`` holds experts or partial runs of another configuration.
+    Returns the paths of the N expert files (with ``group``: once every rank has finished).
+    Raises ValueError if ``out_dir`` holds experts or partial runs of another configuration
+    (with ``group``: on every rank, before any training).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if group is None:
+        return _train_experts(cfg, out, dataset, root, device, progress, on_epoch, None)
+    rank, _ = distributed.check_group(group)
+    with distributed.together(group, lambda: {"the expert config": repr(cfg.to_dict())}):
+        out.mkdir(parents=True, exist_ok=True)
+        dataset = _dataset(cfg, dataset, root)
+        for index in range(cfg.num_experts):  # every rank checks every file already there
+            _check_folder(cfg, out, index)
+    mine = distributed.spread(cfg.num_experts, group)
+    _train_experts(cfg, out, dataset, root, device, progress and rank == 0, on_epoch, mine)
+    paths = [expert_path(out, i) for i in range(cfg.num_experts)]
+    distributed.wait_for_files(paths, out, wait_s)
+    distributed.barrier(group)
+    return paths
+
+
+def _dataset(cfg: ExpertConfig, dataset: Dataset | None, root: str | Path | None) -> Dataset:
+    """The dataset given (checked against the config), or the config's, loaded."""
     if dataset is None:
         options = {"image_size": cfg.image_size} if cfg.image_size is not None else {}
-        dataset = load_dataset(cfg.dataset, root, zca=cfg.zca, **options)
-    elif dataset.info.name != cfg.dataset or (cfg.zca is not None and dataset.info.zca != cfg.zca):
+        return load_dataset(cfg.dataset, root, zca=cfg.zca, **options)
+    if dataset.info.name != cfg.dataset or (cfg.zca is not None and dataset.info.zca != cfg.zca):
         raise ValueError(
             f"dataset {dataset.info.name!r} (zca={dataset.info.zca}) does not match "
             f"the config's {cfg.dataset!r} (zca={cfg.zca})"
         )
-    elif cfg.image_size is not None and dataset.info.image_size != cfg.image_size:
+    if cfg.image_size is not None and dataset.info.image_size != cfg.image_size:
         raise ValueError(
             f"dataset {dataset.info.name!r} has {dataset.info.image_size}-pixel images, but the "
             f"config asks for image_size {cfg.image_size}"
         )
+    return dataset
+
+
+def _check_folder(cfg: ExpertConfig, out: Path, index: int) -> None:
+    """Refuse expert ``index``'s files in ``out`` when another config made them."""
+    if expert_path(out, index).exists():
+        _check_same_config(_read_header(expert_path(out, index)), cfg, expert_path(out, index))
+    _last_saved_epoch(_partial_dir(out, index), cfg)
+
+
+def _train_experts(
+    cfg: ExpertConfig,
+    out: Path,
+    dataset: Dataset | None,
+    root: str | Path | None,
+    device: torch.device | str,
+    progress: bool,
+    on_epoch: EpochCallback | None,
+    indices: Sequence[int] | None,
+) -> list[Path]:
+    """Train (or resume) experts ``indices`` (None: all N) into ``out``; their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = _dataset(cfg, dataset, root)
     device = torch.device(device)
     data = _Tensors(
         train_x=dataset.train_images.to(device),
@@ -214,7 +269,8 @@ def train_experts(
         test_y=dataset.test_labels.to(device),
     )
     paths = []
-    experts_bar = tqdm(range(cfg.num_experts), desc="experts", unit="expert", disable=not progress)
+    indices = range(cfg.num_experts) if indices is None else indices
+    experts_bar = tqdm(indices, desc="experts", unit="expert", disable=not progress)
     for index in experts_bar:
         path = expert_path(out, index)
         if path.exists():
