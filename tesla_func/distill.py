@@ -59,7 +59,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from tesla_func import distributed
@@ -71,7 +70,7 @@ from tesla_func.distill_state import (
     EVAL_FIELDS,
     LOG_FIELDS,
     ROW_SHARDED,
-    DistillState,
+    initial_state,
     load_checkpoint,
     save_checkpoint,
 )
@@ -90,9 +89,8 @@ from tesla_func.optim import SGDState, sgd
 from tesla_func.plots import plot_synthetic
 from tesla_func.provenance import provenance
 from tesla_func.results import make_results, save_results
-from tesla_func.sampling import draw_minibatches, per_class_indices
+from tesla_func.sampling import draw_minibatches
 from tesla_func.synthetic import SyntheticSet, snapshot_path
-from tesla_func.types import Params
 
 IMAGE_INITS = ("real", "noise")
 CHECKPOINT = "checkpoint.safetensors"
@@ -177,6 +175,29 @@ class DistillConfig:
         return dataclasses.asdict(self)
 
 
+def _experts_and_dataset(
+    cfg: DistillConfig, experts: list[ExpertTrajectory] | None, dataset: Dataset | None
+) -> tuple[list[ExpertTrajectory], Dataset]:
+    """The experts (given, or loaded from ``cfg.experts_dir``) and the dataset they were trained
+    on, as their header recorded it (ZCA, validation split, image size, class names, and for
+    "folder" the root): given and checked against the record, or reloaded from it."""
+    if experts is None:
+        if cfg.experts_dir is None:
+            raise ValueError("DistillConfig.experts_dir is required: the folder of "
+                             "expert_*.safetensors that `tesla-func experts` wrote")
+        experts = load_experts(cfg.experts_dir)
+    _check_experts(cfg, experts)
+    name = experts[0].dataset
+    recorded = {**experts[0].header.get("dataset_info", {}), "name": name}
+    what = f"the experts in {cfg.experts_dir}" if cfg.experts_dir else "the experts"
+    if dataset is None:
+        dataset = load_dataset_like(recorded, cfg.data_root, what=what)
+    if dataset.info.name != name:
+        raise ValueError(f"dataset {dataset.info.name!r} is not the experts' {name!r}")
+    check_same_dataset(recorded, dataset.info, what)
+    return experts, dataset
+
+
 def _check_experts(cfg: DistillConfig, experts: list[ExpertTrajectory]) -> None:
     if not experts:
         raise ValueError(f"no experts to match in {cfg.experts_dir}")
@@ -194,49 +215,6 @@ def _check_experts(cfg: DistillConfig, experts: list[ExpertTrajectory]) -> None:
             f"checkpoints up to epoch {last_needed}, but the experts in {cfg.experts_dir} have "
             f"{shortest} epochs"
         )
-
-
-def initial_state(
-    cfg: DistillConfig, dataset: Dataset, beta0: float, device: torch.device,
-    rows: slice | None = None,
-) -> DistillState:
-    """The state before iteration 1: images from ``ipc`` random real images of every class (or
-    noise of their shape), the strategy's initial logits, log(beta0), zero momenta.
-
-    ``rows``: only these rows of the images and logits (a rank's shard); the generator draws what
-    it draws for the whole set, so every rank's generator continues alike."""
-    gen = torch.Generator().manual_seed(cfg.seed)
-    k = dataset.info.num_classes
-    index = per_class_indices(dataset.train_labels, cfg.ipc, gen, k, dataset.info.class_names)
-    if cfg.image_init == "real":
-        images = dataset.train_images[index if rows is None else index[rows]].clone()
-    else:
-        images = torch.randn(dataset.train_images[index].shape, generator=gen)
-        images = images if rows is None else images[rows].clone()
-    images = images.to(device)
-    strategy = cfg.strategy
-    logits = None
-    if strategy.initial_logits is not None:
-        classes = torch.arange(k).repeat_interleave(cfg.ipc)
-        classes = classes if rows is None else classes[rows]
-        logits = strategy.initial_logits(classes, k, cfg.label_init_confidence, images.dtype)
-        logits = logits.to(device)
-    log_lr = torch.tensor(math.log(beta0), dtype=images.dtype, device=device)
-    state = DistillState(
-        iteration=0, images=images, label_logits=logits, log_lr=log_lr, momentum=None,
-        generator=gen, order=torch.zeros(0, dtype=torch.long),
-        log={f: [] for f in LOG_FIELDS + CLASS_LOG_FIELDS},
-        evals={f: [] for f in EVAL_FIELDS}, skipped=0,
-    )
-    state.momentum = sgd(cfg.momentum).init(_learned(state, strategy))
-    return state
-
-
-def _learned(state: DistillState, strategy: LabelStrategy) -> Params:
-    """The tensors the strategy learns, by name: log(beta) always, images and logits if it says."""
-    keep = {"log_lr", *(["images"] if strategy.learns_images else []),
-            *(["label_logits"] if strategy.learns_logits else [])}
-    return {k: v for k, v in state.tensors().items() if k in keep}
 
 
 class Distiller:
@@ -260,7 +238,7 @@ class Distiller:
         experts: list[ExpertTrajectory] | None = None,
         group: object | None = None,
     ):
-        self.group, self.rank, self.shards = group, 0, None
+        self.group, self.rank = group, 0
         if group is None:
             self._build(cfg, out_dir, progress, dataset, experts)
             return
@@ -268,32 +246,12 @@ class Distiller:
         with distributed.together(group, self._fingerprint):  # any rank's error: on every rank
             self._build(cfg, out_dir, progress and self.rank == 0, dataset, experts)
 
-    @property
-    def rows(self) -> slice | None:
-        """This rank's rows of the synthetic set (None: one process, all of them)."""
-        return None if self.shards is None else self.shards.rows(self.rank)
-
     def _build(self, cfg, out_dir, progress, dataset, experts) -> None:
         """Everything the constructor does on one rank (it raises before any collective)."""
         self.cfg, self.out, self.progress = cfg, Path(out_dir), progress
         self.device = torch.device(cfg.device)
-        if experts is None:
-            if cfg.experts_dir is None:
-                raise ValueError("DistillConfig.experts_dir is required: the folder of "
-                                 "expert_*.safetensors that `tesla-func experts` wrote")
-            experts = load_experts(cfg.experts_dir)
-        _check_experts(cfg, experts)
+        experts, dataset = _experts_and_dataset(cfg, experts, dataset)
         self.experts = [e.to(self.device) for e in experts]
-        name = experts[0].dataset
-        # the dataset the experts were trained on, as their header recorded it (zca, image size,
-        # class names, and for "folder" the root): reloaded and checked against it
-        recorded = {**experts[0].header.get("dataset_info", {}), "name": name}
-        what = f"the experts in {cfg.experts_dir}" if cfg.experts_dir else "the experts"
-        if dataset is None:
-            dataset = load_dataset_like(recorded, cfg.data_root, what=what)
-        if dataset.info.name != name:
-            raise ValueError(f"dataset {dataset.info.name!r} is not the experts' {name!r}")
-        check_same_dataset(recorded, dataset.info, what)
         self.dataset = dataset
         k = dataset.info.num_classes
         self.n = cfg.ipc * k
@@ -302,8 +260,8 @@ class Distiller:
                 f"batch_syn {cfg.batch_syn} is larger than the synthetic set "
                 f"(ipc {cfg.ipc} x {k} classes = {self.n} images)"
             )
+        self.ranks = distributed.SetRanks(self.n, self.group)  # who holds which rows
         if self.group is not None:
-            self.shards = distributed.Shards(self.n, distributed.world_size(self.group))
             distributed.check_backend(self.group, self.device)
         self.strategy = cfg.strategy
         self.optimizer = sgd(cfg.momentum)
@@ -312,14 +270,14 @@ class Distiller:
         self.beta0 = cfg.lr_init if cfg.lr_init is not None else self.experts[0].lr
         self.dsa = DSA() if cfg.dsa else None
         self.classes = torch.arange(k, device=self.device).repeat_interleave(cfg.ipc)
-        if self.rows is not None:
-            self.classes = self.classes[self.rows]  # (N_r,) the classes of this rank's rows
+        if self.ranks.rows is not None:
+            self.classes = self.classes[self.ranks.rows]  # (N_r,) the classes of this rank's rows
         self.last_eval: EvalResult | None = None  # the latest evaluation this process made
         checkpoint = self.out / CHECKPOINT
         self.state = (
-            load_checkpoint(checkpoint, cfg.to_dict(), self.device, self.rows)
+            load_checkpoint(checkpoint, cfg.to_dict(), self.device, self.ranks.rows)
             if checkpoint.exists()
-            else initial_state(cfg, dataset, self.beta0, self.device, self.rows)
+            else initial_state(cfg, dataset, self.beta0, self.device, self.ranks.rows)
         )
 
     def _fingerprint(self) -> dict[str, str]:
@@ -337,42 +295,21 @@ class Distiller:
             "log(beta)": repr(float(s.log_lr)),
         }
 
-    # -- several ranks ------------------------------------------------------------------------
-
-    def _whole(self, rows: Tensor) -> Tensor:
-        """The whole set's (n, ...) from this rank's rows, on every rank (one process: as is)."""
-        if self.group is None:
-            return rows.detach()
-        return distributed.gather_rows(rows, self.shards, self.group, everyone=True)
-
-    def _norm(self, shard: Tensor) -> float:
-        """||whole-set tensor|| from this rank's rows (one process: its norm)."""
-        if self.group is None:
-            return float(shard.norm())
-        (square,) = distributed.sum_floats(self.group, [float(shard.double().square().sum())])
-        return math.sqrt(square)
-
     def _save_checkpoint(self) -> None:
         """The atomic checkpoint. On several ranks rank 0 gathers the shards (one at a time) and
         writes the one-process file, so any number of ranks resumes it; every rank waits for the
         file."""
-        path, s = self.out / CHECKPOINT, self.state
-        if self.group is None:
-            save_checkpoint(path, self.cfg.to_dict(), s)
-            return
-
-        def gather(tensors: Params) -> Params:  # rank 0: the whole set's; elsewhere None
-            return {k: distributed.gather_rows(v, self.shards, self.group, everyone=False)
-                    for k, v in tensors.items() if k in ROW_SHARDED}
-
-        rows, moms = gather(s.tensors()), gather(s.momentum.momentum)
+        s = self.state
+        rows = {k: self.ranks.to_first(v) for k, v in s.tensors().items() if k in ROW_SHARDED}
+        moms = {k: self.ranks.to_first(v) for k, v in s.momentum.momentum.items()
+                if k in ROW_SHARDED}
         if self.rank == 0:
             whole = dataclasses.replace(
                 s, images=rows["images"], label_logits=rows.get("label_logits"),
                 momentum=SGDState({**s.momentum.momentum, **moms}),
             )
-            save_checkpoint(path, self.cfg.to_dict(), whole)
-        distributed.barrier(self.group)
+            save_checkpoint(self.out / CHECKPOINT, self.cfg.to_dict(), whole)
+        self.ranks.barrier()
 
     # -- labels ---------------------------------------------------------------------------------
 
@@ -409,15 +346,13 @@ class Distiller:
         if self.dsa is not None:
             augment = self.dsa.replayable([batch] * cfg.syn_steps, s.generator,
                                           device=self.device, dtype=s.images.dtype)
-        if self.group is not None:  # this rank's rows of the minibatches every rank drew
-            batches, augment = distributed.local_minibatches(self.shards, self.rank, batches,
-                                                             augment)
+        # this rank's rows of the minibatches every rank drew (one process: all of them)
+        batches, augment = self.ranks.local_minibatches(batches, augment)
         beta = s.log_lr.exp()
         labels = self.labels(expert, target_epoch)
         drift, counts = label_drift(labels, self.classes, self.dataset.info.num_classes)
         if self.group is not None:  # over every rank's rows: mismatches and counts add up
-            summed = distributed.sum_floats(
-                self.group, [float(drift) * len(self.classes), *counts.tolist()])
+            summed = self.ranks.sum([float(drift) * len(self.classes), *counts.tolist()])
             drift, counts = summed[0] / self.n, torch.tensor(summed[1:], dtype=torch.float64)
         res = match_trajectory(
             self.model, expert.params[t], expert.params[target_epoch], s.images,
@@ -430,15 +365,15 @@ class Distiller:
         checked = [res.loss, res.images_grad, lr_grad]
         if self.strategy.learns_logits:
             checked.append(res.labels_grad)
-        finite = self._agree(all(bool(torch.isfinite(x).all()) for x in checked))
+        finite = self.ranks.agree(all(bool(torch.isfinite(x).all()) for x in checked))
         if finite:
             if cfg.lr_grad_clip is not None:
                 grads["log_lr"] = lr_grad.clamp(-cfg.lr_grad_clip, cfg.lr_grad_clip)
-            learned = _learned(s, self.strategy)
+            learned = s.learned(self.strategy)
             learned, momentum = self.optimizer.update(
                 learned, {k: grads[k] for k in learned}, s.momentum, self.lrs
             )
-            finite = self._agree(all(bool(torch.isfinite(v).all()) for v in learned.values()))
+            finite = self.ranks.agree(all(bool(torch.isfinite(v).all()) for v in learned.values()))
         if finite:  # commit only a finite update: inf images would stop the next iteration
             s.momentum = momentum
             s.images = learned.get("images", s.images)
@@ -448,20 +383,14 @@ class Distiller:
             s.skipped += 1
         s.iteration += 1
         nan = float("nan")
-        labels_norm = self._norm(res.labels_grad) if self.strategy.learns_logits else nan
+        labels_norm = self.ranks.norm(res.labels_grad) if self.strategy.learns_logits else nan
         for name, value in zip(LOG_FIELDS, (
-            float(res.loss), float(s.log_lr.exp()), self._norm(res.images_grad), labels_norm,
+            float(res.loss), float(s.log_lr.exp()), self.ranks.norm(res.images_grad), labels_norm,
             float(lr_grad.abs()), float(not finite), float(e), float(t),
             time.perf_counter() - tic, float(drift),
         )):
             s.log[name].append(value)
         s.log["class_count"].append(counts.tolist())
-
-    def _agree(self, finite: bool) -> bool:
-        """``finite`` on every rank (one process: as it is): all ranks update, or all skip."""
-        if self.group is None:
-            return finite
-        return distributed.sum_floats(self.group, [float(not finite)])[0] == 0
 
     def synthetic_set(self) -> SyntheticSet:
         """The whole set (on several ranks: gathered, on every rank; every rank must call it)."""
@@ -475,10 +404,10 @@ class Distiller:
             "provenance": provenance(self.device),
         }
         return SyntheticSet(
-            self._whole(s.images).cpu(),
-            self._whole(self.final_labels()).cpu(),
+            self.ranks.whole(s.images).cpu(),
+            self.ranks.whole(self.final_labels()).cpu(),
             float(s.log_lr.exp()),
-            None if s.label_logits is None else self._whole(s.label_logits).cpu(),
+            None if s.label_logits is None else self.ranks.whole(s.label_logits).cpu(),
             header,
         )
 
@@ -584,8 +513,7 @@ class Distiller:
                 synthetic.save(self.out / "synthetic.safetensors")
                 save_results(self.log_results(), self.out / "log.nc")
                 plot_synthetic(synthetic, self.out / "synthetic.png", dataset=self.dataset)
-            if self.group is not None:
-                distributed.barrier(self.group)  # every rank returns once the files are there
+            self.ranks.barrier()  # every rank returns once the files are there
         return synthetic
 
 

@@ -12,16 +12,23 @@ rows of it (``load_checkpoint(..., rows=)``), whatever the number of ranks that 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from tesla_func.data import Dataset
 from tesla_func.fileio import load_tensors, save_tensors
-from tesla_func.optim import SGDState
+from tesla_func.labels import LabelStrategy
+from tesla_func.optim import SGDState, sgd
+from tesla_func.sampling import per_class_indices
 from tesla_func.types import Params
+
+if TYPE_CHECKING:  # distill imports this module
+    from tesla_func.distill import DistillConfig
 
 FORMAT = "tesla_func.distill_checkpoint"
 LOG_FIELDS = (
@@ -64,6 +71,13 @@ class DistillState:
     log: dict[str, list]
     evals: dict[str, list[float]]  # EVAL_FIELDS, one value per evaluation
     skipped: int  # updates skipped because something was not finite
+
+    def learned(self, strategy: LabelStrategy) -> Params:
+        """The tensors ``strategy`` learns, by name: log(beta) always, the images and the label
+        logits if it says so."""
+        keep = {"log_lr", *(["images"] if strategy.learns_images else []),
+                *(["label_logits"] if strategy.learns_logits else [])}
+        return {k: v for k, v in self.tensors().items() if k in keep}
 
     def tensors(self) -> Params:
         """The learnable tensors by name (whether learned or frozen by the strategy)."""
@@ -136,3 +150,39 @@ def load_checkpoint(
         evals={f: tensors[f"log/eval_{f}"].tolist() for f in EVAL_FIELDS},
         skipped=int(header["skipped"]),
     )
+
+
+def initial_state(
+    cfg: DistillConfig, dataset: Dataset, beta0: float, device: torch.device,
+    rows: slice | None = None,
+) -> DistillState:
+    """The state before iteration 1: images from ``ipc`` random real images of every class (or
+    noise of their shape), the strategy's initial logits, log(beta0), zero momenta.
+
+    ``rows``: only these rows of the images and logits (a rank's shard); the generator draws what
+    it draws for the whole set, so every rank's generator continues alike."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    k = dataset.info.num_classes
+    index = per_class_indices(dataset.train_labels, cfg.ipc, gen, k, dataset.info.class_names)
+    if cfg.image_init == "real":
+        images = dataset.train_images[index if rows is None else index[rows]].clone()
+    else:
+        images = torch.randn(dataset.train_images[index].shape, generator=gen)
+        images = images if rows is None else images[rows].clone()
+    images = images.to(device)
+    strategy = cfg.strategy
+    logits = None
+    if strategy.initial_logits is not None:
+        classes = torch.arange(k).repeat_interleave(cfg.ipc)
+        classes = classes if rows is None else classes[rows]
+        logits = strategy.initial_logits(classes, k, cfg.label_init_confidence, images.dtype)
+        logits = logits.to(device)
+    log_lr = torch.tensor(math.log(beta0), dtype=images.dtype, device=device)
+    state = DistillState(
+        iteration=0, images=images, label_logits=logits, log_lr=log_lr, momentum=None,
+        generator=gen, order=torch.zeros(0, dtype=torch.long),
+        log={f: [] for f in LOG_FIELDS + CLASS_LOG_FIELDS},
+        evals={f: [] for f in EVAL_FIELDS}, skipped=0,
+    )
+    state.momentum = sgd(cfg.momentum).init(state.learned(strategy))
+    return state

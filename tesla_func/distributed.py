@@ -36,6 +36,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import datetime
+import math
 import os
 import time
 import zlib
@@ -465,6 +466,63 @@ def gather_rows(shard: Tensor, shards: Shards, group: object, *, everyone: bool)
             dist.recv(part, src=source, group=group)
             parts.append(part.cpu())
     return torch.cat(parts) if everyone or rank == 0 else None
+
+
+class SetRanks:
+    """The processes sharing a synthetic set of ``n`` rows, as the distillation sees them.
+
+    One process (``group`` None) holds every row; over a process group rank r holds the
+    :class:`Shards` block r. Every method answers for one process too (the identity, or nothing
+    to do), so the distillation reads the same either way.
+    """
+
+    def __init__(self, n: int, group: object | None = None) -> None:
+        self.n, self.group = n, group
+        self.rank = 0 if group is None else dist.get_rank(group)
+        self.shards = None if group is None else Shards(n, world_size(group))
+
+    @property
+    def rows(self) -> slice | None:
+        """This rank's rows of the set (None: one process, all of them)."""
+        return None if self.shards is None else self.shards.rows(self.rank)
+
+    def local_minibatches(
+        self, batches: Sequence[Tensor], augment: object | None
+    ) -> tuple[list[Tensor], object | None]:
+        """This rank's rows of the minibatches every rank drew (:func:`local_minibatches`)."""
+        if self.group is None:
+            return list(batches), augment
+        return local_minibatches(self.shards, self.rank, batches, augment)
+
+    def whole(self, rows: Tensor) -> Tensor:
+        """The whole set's (n, ...) from this rank's rows, on every rank."""
+        if self.group is None:
+            return rows.detach()
+        return gather_rows(rows, self.shards, self.group, everyone=True)
+
+    def to_first(self, rows: Tensor) -> Tensor | None:
+        """The whole set's (n, ...) on rank 0 (None elsewhere), from this rank's rows."""
+        if self.group is None:
+            return rows.detach()
+        return gather_rows(rows, self.shards, self.group, everyone=False)
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """Python floats summed over the ranks."""
+        return list(values) if self.group is None else sum_floats(self.group, values)
+
+    def norm(self, rows: Tensor) -> float:
+        """||whole-set tensor|| from this rank's rows."""
+        if self.group is None:
+            return float(rows.norm())
+        return math.sqrt(self.sum([float(rows.double().square().sum())])[0])
+
+    def agree(self, ok: bool) -> bool:
+        """``ok`` on every rank: all ranks go on, or all skip."""
+        return ok if self.group is None else self.sum([float(not ok)])[0] == 0
+
+    def barrier(self) -> None:
+        if self.group is not None:
+            barrier(self.group)
 
 
 def spread(count: int, group: object) -> list[int]:
