@@ -108,7 +108,7 @@ def distill_run(
     ``batch_syn = min(ipc * num_classes, batch_syn_max)`` and any other field ``changes``."""
     return dataclasses.replace(
         base,
-        experts_dir=str(experts),
+        experts_dir=str(Path(experts).resolve()),  # one key however the cache was named
         ipc=ipc,
         batch_syn=min(ipc * num_classes, batch_syn_max),
         **changes,
