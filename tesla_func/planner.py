@@ -6,7 +6,8 @@ and what else one distillation iteration holds, for any dataset, model and size,
                          syn_steps=(50,), device_memory="48GB"))
     print(plan_markdown(ds))
 
-    tesla-func plan --dataset imagenet64 --model convnetd4 --ipc 1 --batch-syn 100 --syn-steps 50
+    tesla-func plan --dataset imagenet64 --model convnetd4 --ipc 1 --batch-syn 100 --syn-steps 50 \\
+        --device-memory 48GB
 
 Every number comes from the library's own code run on tensors that have shapes but no data
 (:func:`tesla_func.memory.predict_cost`): :func:`~tesla_func.matching.match_trajectory` on the
@@ -42,6 +43,18 @@ linearly: every step of a call runs the same operators on the same shapes, so pe
 are affine in T from T = 3 on. Tests check the extension against direct prediction. A limit found
 by linearity (the largest T that fits) is checked by a direct prediction at the limit when it is at
 most ``verify_max_steps``.
+
+**Spending the memory a device has.** ``tesla`` and ``exact`` pay for their constant memory with
+one extra forward and backward per step (the rebuild); ``keep_graphs = k`` keeps the last k step
+graphs of the first pass instead, one step graph of memory per rebuild saved (k = T: ``exact``
+does the work of ``unrolled`` and holds its memory). With ``device_memory``, the plan gives for
+each of them and each planned T the largest k whose iteration fits, with its peak and FLOPs. The
+peak is linear in k from k = 2 on (k = 1 is the call of k = 0), at every T, so k is read off a line
+(:meth:`Predictor.keep_line`: the call at k = 0 and three short calls). For T up to
+``verify_keep_max_steps`` it is then checked by predicting the whole T-step call at k (it fits)
+and at k + 1 (it does not). Above, that check would cost two calls of T steps per method (about
+25 s each for a ConvNetD4 on ImageNet at T = 50), so k is the line's, marked as an estimate; tests
+check the line against direct prediction.
 """
 
 from __future__ import annotations
@@ -51,7 +64,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -74,7 +87,9 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 ANY = -1  # max_syn_steps of a method whose matching call does not grow with T
-LIMITS = ("syn_steps", "batch_syn")
+NONE = -1  # max_keep_graphs where not even keep_graphs = 0 fits
+KEEP_METHODS = ("tesla", "exact")  # the methods that take keep_graphs
+LIMITS = ("syn_steps", "batch_syn", "keep_graphs")
 
 
 @dataclass(frozen=True)
@@ -166,11 +181,15 @@ class PlanConfig:
     device_memory: str | None = None  # e.g. "48GB", "80GiB", "24e9": adds fits and limits
     experts_on_device: int = 0  # further expert checkpoints kept on the device (parameter sets)
     # with device_memory: which limits to search for ("syn_steps": the largest T that fits,
-    # "batch_syn": the largest batch at the largest planned T); each costs extra predictions
-    limits: tuple[str, ...] = ("syn_steps", "batch_syn")
+    # "batch_syn": the largest batch at the largest planned T, "keep_graphs": for tesla and
+    # exact, the largest keep_graphs at each planned T); each costs extra predictions
+    limits: tuple[str, ...] = LIMITS
     extrapolate_above: int = 12  # T above this: predicted at two short T, extended linearly
     verify_max_steps: int = 100  # a T limit up to this is checked by a direct prediction (about
     # half a second per unrolled step on a CPU)
+    verify_keep_max_steps: int = 12  # a keep_graphs limit at a T up to this is checked by
+    # predicting the whole call at k and k + 1 (two T-step calls per method, each about as slow
+    # as unrolled's); above it, k is read off the line in k (an estimate)
     seed: int = 0  # DSA draws
 
     def __post_init__(self) -> None:
@@ -190,7 +209,7 @@ class PlanConfig:
             raise ValueError(f"unknown model {self.model!r}; known: {', '.join(ARCHITECTURES)}")
         for name in ("ipc", "state_stride", "verify_max_steps"):
             _check_int(self, name, 1)
-        for name in ("experts_on_device", "extrapolate_above", "seed"):
+        for name in ("experts_on_device", "extrapolate_above", "verify_keep_max_steps", "seed"):
             _check_int(self, name, 0)
         for name, low in (("width", 1), ("depth", 1), ("batch_syn", 1), ("keep_graphs", 0)):
             if getattr(self, name) is not None:
@@ -327,14 +346,21 @@ class Predictor:
             "augment": self.augment(steps, batch, family),
         }
 
-    def method_kwargs(self, method: str) -> dict[str, Any]:
+    def keep(self, method: str, keep: int | None = None) -> int | None:
+        """The keep_graphs passed to ``method``: ``keep``, else the config's; None: not passed
+        (tesla and exact only; 0 is match_trajectory's default)."""
+        if method not in KEEP_METHODS:
+            return None
+        return self.cfg.keep_graphs if keep is None else keep
+
+    def method_kwargs(self, method: str, keep: int | None = None) -> dict[str, Any]:
         """Options of ``match_trajectory`` for ``method`` (exact: state_stride; tesla/exact:
-        keep_graphs when the config sets it)."""
+        keep_graphs: ``keep``, else the config's when it sets it)."""
         kw: dict[str, Any] = {"method": method}
         if method == "exact":
             kw["state_stride"] = self.cfg.state_stride
-        if self.cfg.keep_graphs is not None and method in ("tesla", "exact"):
-            kw["keep_graphs"] = self.cfg.keep_graphs
+        if self.keep(method, keep) is not None:
+            kw["keep_graphs"] = self.keep(method, keep)
         return kw
 
     def family(self, batch: int) -> str | None:
@@ -349,43 +375,49 @@ class Predictor:
             }
             worst = max(FAMILIES, key=lambda f: costs[f].peak_bytes)  # the first of equal ones
             self._family[batch] = worst
-            self._cache[("direct", "unrolled", 1, batch)] = costs[worst]
+            self._cache[("direct", "unrolled", 1, batch, 0)] = costs[worst]
         return self._family[batch]
 
     # -- the call ---------------------------------------------------------------------------------
 
-    def direct(self, method: str, steps: int, batch: int | None = None) -> Cost:
-        """The whole T-step call run on fake tensors."""
+    def direct(self, method: str, steps: int, batch: int | None = None,
+               keep: int | None = None) -> Cost:
+        """The whole T-step call run on fake tensors (``keep``: keep_graphs instead of the
+        config's)."""
         batch = batch or self.cfg.batch
-        key = ("direct", method, steps, batch)
+        key = ("direct", method, steps, batch, self.keep(method, keep) or 0)
         if key not in self._cache:
             args = self.arguments(steps, batch, self.family(batch))
             self._cache[key] = predict_cost(match_trajectory, **args,
-                                            **self.method_kwargs(method))[1]
+                                            **self.method_kwargs(method, keep))[1]
         return self._cache[key]
 
-    def anchors(self, method: str, steps: int) -> tuple[int, int]:
-        """Two short T whose calls extend linearly to ``steps`` (same residue modulo the stride)."""
-        k = self.cfg.state_stride if method == "exact" else 1
-        # Every method is affine in T from T = 3 on (tesla's first two steps differ); with a
-        # stride k > 1, exact is affine along each residue class modulo k past the first segment.
-        low = (3 if k == 1 else k + 3) + (
-            self.cfg.keep_graphs or 0 if method in ("tesla", "exact") else 0
-        )
-        a = low + (steps - low) % k
-        return a, a + k
+    def stride(self, method: str) -> int:
+        """s: the period in T (and in keep_graphs) of the call's cost (exact's state_stride)."""
+        return self.cfg.state_stride if method == "exact" else 1
 
-    def call(self, method: str, steps: int, batch: int | None = None) -> tuple[Cost, bool]:
+    def anchors(self, method: str, steps: int, keep: int | None = None) -> tuple[int, int]:
+        """Two short T whose calls extend linearly to ``steps`` (same residue modulo the stride)."""
+        s = self.stride(method)
+        # Every method is affine in T from T = 3 on (tesla's first two steps differ); with a
+        # stride s > 1, exact is affine along each residue class modulo s past the first segment;
+        # the last k = keep_graphs steps come after them.
+        low = (3 if s == 1 else s + 3) + (self.keep(method, keep) or 0)
+        a = low + (steps - low) % s
+        return a, a + s
+
+    def call(self, method: str, steps: int, batch: int | None = None,
+             keep: int | None = None) -> tuple[Cost, bool]:
         """(predicted cost, extrapolated?) of a T-step call."""
         if steps <= self.cfg.extrapolate_above:
-            return self.direct(method, steps, batch), False
-        a, b = self.anchors(method, steps)
+            return self.direct(method, steps, batch, keep), False
+        a, b = self.anchors(method, steps, keep)
         if steps <= b:
-            return self.direct(method, steps, batch), False
-        ca, cb = self.direct(method, a, batch), self.direct(method, b, batch)
+            return self.direct(method, steps, batch, keep), False
+        ca, cb = self.direct(method, a, batch, keep), self.direct(method, b, batch, keep)
         cost = _extend(ca, cb, a, b, steps)
         if cost is None:  # not affine after all: do not guess
-            return self.direct(method, steps, batch), False
+            return self.direct(method, steps, batch, keep), False
         return cost, True
 
     def step_inputs_bytes(self, steps: int, batch: int | None = None) -> int:
@@ -397,6 +429,52 @@ class Predictor:
             one = self.augment(1, batch, family).params[0]
             per_step += sum(_nbytes(v) for v in one.values.values())
         return steps * per_step
+
+    def keep_line(self, method: str, steps: int) -> KeepLine:
+        """The T-step call's peak and FLOPs as lines in keep_graphs k (2 <= k < T), from the call
+        at k = 0 and three short calls.
+
+        Every kept step holds one step graph more and rebuilds one step fewer, so from k = 2 on
+        (k = 1 is the call of k = 0) the cost moves by the same amount per kept step, at every T
+        (with a stride s, per s kept steps). The line's value at k = 2 is the call at k = 0 plus
+        what keeping 2 steps adds at the short T = b (the longer anchor of k = 0), and its slope
+        is read at b from k = 2 and k = 2 + s. Tests check it against direct prediction: equal
+        for 2 <= k < T, and at k = T for exact with s = 1 (tesla at k = T holds one parameter
+        vector less than the line; with s > 1, k off the residue of 2 modulo s is within a
+        parameter vector)."""
+        s = self.stride(method)
+        _, b = self.anchors(method, steps, keep=0)
+        zero, two, more = (self.direct(method, b, keep=k) for k in (0, 2, 2 + s))
+        base, _ = self.call(method, steps, keep=0)
+        return KeepLine(
+            peak=base.peak_bytes + two.peak_bytes - zero.peak_bytes,
+            flops=base.flops + two.flops - zero.flops,
+            peak_per_keep=(more.peak_bytes - two.peak_bytes) / s,
+            flops_per_keep=(more.flops - two.flops) / s,
+        )
+
+
+@dataclass(frozen=True)
+class KeepLine:
+    """A T-step call's predicted peak bytes and FLOPs against keep_graphs k >= 2 (a line)."""
+
+    peak: int  # at k = 2, bytes
+    flops: int  # at k = 2
+    peak_per_keep: float  # bytes per further kept step graph
+    flops_per_keep: float  # FLOPs per further kept step (negative: one step rebuild fewer)
+
+    def at(self, keep: int) -> Cost:
+        return Cost(round(self.peak + (keep - 2) * self.peak_per_keep),
+                    round(self.flops + (keep - 2) * self.flops_per_keep))
+
+    def largest(self, room: float, steps: int) -> int:
+        """The largest k in {0} and 2 .. T whose peak on the line is at most ``room`` bytes (0
+        when not even k = 2 is: k = 0 is checked by the caller)."""
+        if self.peak > room:
+            return 0
+        if self.peak_per_keep <= 0:
+            return steps
+        return min(steps, 2 + math.floor((room - self.peak) / self.peak_per_keep))
 
 
 def _extend(ca: Cost, cb: Cost, a: int, b: int, steps: int) -> Cost | None:
@@ -492,8 +570,8 @@ def _largest(fits: Callable[[int], bool], low: int, high: int) -> int:
     return low
 
 
-class _Limits:
-    """Largest T and largest batch that fit a device, per method.
+class Limits:
+    """Largest T, largest batch and largest keep_graphs that fit a device, per method.
 
     ``fixed`` = (bytes held across the call, the largest transient outside it: SGD update or SLA
     teacher); the iteration fits if held + step inputs + max(call, transient) <= device.
@@ -501,6 +579,14 @@ class _Limits:
 
     def __init__(self, predictor: Predictor, fixed: tuple[int, int], device: int) -> None:
         self.p, self.fixed, self.device = predictor, fixed, device
+
+    @classmethod
+    def of(cls, predictor: Predictor, device: int | str) -> Limits:
+        """The limits of ``device`` bytes (or a size like "48GB") for the predictor's config."""
+        cfg, model = predictor.cfg, predictor.model
+        held = sum(held_bytes(cfg, model).values())
+        transient = max(update_peak_bytes(cfg), teacher_peak_bytes(cfg, model))
+        return cls(predictor, (held, transient), parse_bytes(device))
 
     def total(self, method: str, steps: int, batch: int, *, direct: bool) -> int:
         cost = (self.p.direct(method, steps, batch) if direct
@@ -555,6 +641,53 @@ class _Limits:
                 return estimate
         return max(_largest(fits, 1, n), 0)
 
+    def max_keep(self, method: str, steps: int, *, verify: bool | None = None) -> KeepLimit:
+        """The largest keep_graphs k in 0 .. T whose iteration at T fits (NONE if not even k = 0).
+
+        k = 1 is the call of k = 0 (the last step's graph is kept in any case) and is never the
+        answer. k is read off :meth:`Predictor.keep_line`; for T up to ``verify_keep_max_steps``
+        (or at most the line's short anchor) it is then checked by predicting the whole call at k
+        (it fits) and at the next k (it does not; none after T), and searched by bisection if the
+        check fails. Above, the line's k is the answer, marked as not verified. ``verify``
+        True or False overrides ``verify_keep_max_steps``.
+        """
+        p, held, transient = self.p, *self.fixed
+        _, b = p.anchors(method, steps, keep=0)
+        if verify is None:
+            verify = steps <= p.cfg.verify_keep_max_steps
+        verify = verify or steps <= b  # short: the line is not used
+        room = self.device - held - p.step_inputs_bytes(steps)  # what the call may add
+
+        def cost(keep: int) -> Cost:
+            return (p.direct(method, steps, keep=keep) if verify
+                    else p.call(method, steps, keep=keep)[0])
+
+        def fits(keep: int) -> bool:
+            return max(cost(keep).peak_bytes, transient) <= room
+
+        if not fits(0):
+            return KeepLimit(NONE, verify, None)
+        line = p.keep_line(method, steps) if steps > b else None
+        if line is None:  # short: every k is predicted directly anyway
+            keep = steps if steps >= 2 else 0
+        else:
+            keep = line.largest(room, steps)
+            if not verify:
+                return KeepLimit(keep, False, cost(0) if keep == 0 else line.at(keep))
+        following = 2 if keep == 0 else keep + 1  # k = 1 is the call of k = 0
+        if not (fits(keep) and (following > steps or not fits(following))):
+            keep = _largest(fits, 2, steps) if steps >= 2 else 0
+            keep = 0 if keep < 2 else keep  # none of 2 .. T fits: k = 0
+        return KeepLimit(keep, True, cost(keep))
+
+
+class KeepLimit(NamedTuple):
+    """The largest keep_graphs that fits at one T (:meth:`Limits.max_keep`)."""
+
+    keep: int  # k, NONE if not even k = 0 fits
+    verified: bool  # found by predicting the whole call at k and the next k
+    cost: Cost | None  # the call's predicted peak and FLOPs at k (None: NONE)
+
 
 # ----------------------------------------------------------------------------------------------
 # The plan
@@ -575,7 +708,10 @@ def plan(cfg: PlanConfig) -> xr.Dataset:
     - ``update_peak_bytes``, ``teacher_peak_bytes`` (): the transients after / before the call;
     - ``total_peak_bytes`` (method, steps): held + step inputs + max(call, update, teacher);
     - with ``device_memory``: ``fits`` (method, steps), ``max_syn_steps`` (method; -1 = any T),
-      ``max_syn_steps_verified`` (method), ``max_batch_syn`` (method, at the largest T; 0 = none).
+      ``max_syn_steps_verified`` (method), ``max_batch_syn`` (method, at the largest T; 0 = none);
+      for tesla and exact (NaN for unrolled) ``max_keep_graphs`` (method, steps; -1 = not even
+      0), ``max_keep_graphs_verified``, and at that k ``keep_graphs_total_peak_bytes`` (the
+      iteration peak) and ``keep_graphs_flops`` (the call's).
 
     Attributes: the config, the DSA family planned on every step, N, the batch, the model's
     parameter count, the device bytes, and provenance (versions, git revision).
@@ -618,7 +754,7 @@ def plan(cfg: PlanConfig) -> xr.Dataset:
     }
     device = cfg.device_bytes
     if device is not None:
-        limits = _Limits(p, (sum(held.values()), transient), device)
+        limits = Limits(p, (sum(held.values()), transient), device)
         data["fits"] = (("method", "steps"), total <= device, {"long_name": "fits the device"})
         if "syn_steps" in cfg.limits:
             max_steps = [limits.max_steps(m) for m in methods]
@@ -630,6 +766,9 @@ def plan(cfg: PlanConfig) -> xr.Dataset:
             data["max_batch_syn"] = (("method",), np.array([limits.max_batch(m) for m in methods]),
                                      {"long_name": f"largest batch_syn that fits at T = "
                                                    f"{max(steps)} (0: none)"})
+        if "keep_graphs" in cfg.limits:
+            outside = np.broadcast_to(sum(held.values()) + np.asarray(inputs)[None, :], peak.shape)
+            data.update(_keep_graphs_limits(limits, methods, steps, outside, transient))
     s = cfg.shape
     return make_results(
         data,
@@ -648,6 +787,33 @@ def plan(cfg: PlanConfig) -> xr.Dataset:
     )
 
 
+def _keep_graphs_limits(limits: Limits, methods: list[str], steps: list[int],
+                        outside: np.ndarray, transient: int) -> dict[str, Any]:
+    """The largest keep_graphs per (method, T) and the iteration at it, as Dataset variables.
+    ``outside`` (method, steps): the iteration peak less the call's (held + step inputs)."""
+    found = {(m, t): limits.max_keep(m, t) for m in methods if m in KEEP_METHODS for t in steps}
+    shape = (len(methods), len(steps))
+    keep, peak, flops = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
+    verified = np.zeros(shape, dtype=bool)
+    for (m, t), lim in found.items():
+        i, j = methods.index(m), steps.index(t)
+        keep[i, j], verified[i, j] = lim.keep, lim.verified
+        if lim.cost is not None:
+            peak[i, j] = outside[i, j] + max(lim.cost.peak_bytes, transient)
+            flops[i, j] = lim.cost.flops
+    return {
+        "max_keep_graphs": (("method", "steps"), keep, {
+            "long_name": "largest keep_graphs whose iteration fits the device (tesla, exact; "
+                         f"{NONE}: not even 0; 1 is the call of 0 and never reported)"}),
+        "max_keep_graphs_verified": (("method", "steps"), verified, {
+            "long_name": "checked by predicting the call at keep_graphs k and the next k"}),
+        "keep_graphs_total_peak_bytes": (("method", "steps"), peak, {
+            "units": "bytes", "long_name": "iteration peak at the largest keep_graphs"}),
+        "keep_graphs_flops": (("method", "steps"), flops, {
+            "units": "FLOP", "long_name": "FLOPs of the matching call at the largest keep_graphs"}),
+    }
+
+
 def plan_records(ds: xr.Dataset) -> dict[str, Any]:
     """The plan as plain JSON-able data: ``{"config", "held_bytes", "rows", "limits"}``."""
     rows = []
@@ -664,6 +830,13 @@ def plan_records(ds: xr.Dataset) -> dict[str, Any]:
             }
             if "fits" in ds:
                 row["fits"] = bool(at["fits"])
+            if "max_keep_graphs" in ds and not np.isnan(at["max_keep_graphs"]):
+                keep = int(at["max_keep_graphs"])
+                row["max_keep_graphs"] = None if keep == NONE else keep
+                row["max_keep_graphs_verified"] = bool(at["max_keep_graphs_verified"])
+                if keep != NONE:
+                    row["keep_graphs_total_peak_bytes"] = int(at["keep_graphs_total_peak_bytes"])
+                    row["keep_graphs_flops"] = int(at["keep_graphs_flops"])
             rows.append(row)
     limits = []
     if "max_syn_steps" in ds or "max_batch_syn" in ds:
@@ -694,6 +867,19 @@ def plan_records(ds: xr.Dataset) -> dict[str, Any]:
     }
 
 
+def _keep_cell(row: dict[str, Any]) -> str:
+    """A row's largest keep_graphs: k, the iteration peak and GFLOPs at k (- where the method
+    takes no keep_graphs)."""
+    if "max_keep_graphs" not in row:
+        return "-"
+    keep = row["max_keep_graphs"]
+    if keep is None:
+        return "none"
+    estimate = "" if row["max_keep_graphs_verified"] else ", est."
+    return (f"{keep} ({format_bytes(row['keep_graphs_total_peak_bytes'])}, "
+            f"{row['keep_graphs_flops'] / 1e9:.1f} GFLOPs{estimate})")
+
+
 def plan_markdown(ds: xr.Dataset) -> str:
     """The plan as Markdown: one row per (method, T), then what is held, then the limits."""
     from tesla_func.results import markdown_table
@@ -703,6 +889,9 @@ def plan_markdown(ds: xr.Dataset) -> str:
     header = ["method", "T", "matching call", "iteration peak", "GFLOPs (call)"]
     if device is not None:
         header.append(f"fits {format_bytes(device)}")
+    keeps = "max_keep_graphs" in ds
+    if keeps:
+        header.append("largest keep_graphs")
     rows = []
     for r in rec["rows"]:
         row = [r["method"], f"{r['steps']}" + (" *" if r["extrapolated"] else ""),
@@ -710,6 +899,8 @@ def plan_markdown(ds: xr.Dataset) -> str:
                f"{r['flops'] / 1e9:.1f}"]
         if device is not None:
             row.append("yes" if r["fits"] else "no")
+        if keeps:
+            row.append(_keep_cell(r))
         rows.append(row)
     cfg = rec["config"]
     lines = [
@@ -733,6 +924,13 @@ def plan_markdown(ds: xr.Dataset) -> str:
     if any(r["extrapolated"] for r in rec["rows"]):
         lines.append("* extended linearly from two short trajectories (peak and FLOPs are affine "
                      "in T).")
+    if keeps:
+        lines.append(
+            "largest keep_graphs: the most final steps whose graphs the first pass keeps (each "
+            "saves a step rebuild, a forward and a backward, for one step graph of memory; "
+            "k = 1 is the call of k = 0) that still fit, with the iteration's peak and the call's "
+            "GFLOPs at that k; est.: read off the line in k, not checked by predicting the call "
+            "at k and k + 1 (T above verify_keep_max_steps).")
     if rec["limits"]:
         lines.append("")
         for lim in rec["limits"]:

@@ -3,7 +3,9 @@
 Scaling benchmarks (tests/test_benchmarks.py, helpers in tesla_func/benchmarking.py):
 
 - ``pytest tests/ --benchmark-only``: the issue's sizes; at the end of the session the curves are
-  written to ``results/benchmarks/scaling_<device>.{nc,png,md}`` and the ratio table is printed;
+  written to ``results/benchmarks/scaling_<device>.{nc,png,md}`` (against T) and
+  ``results/benchmarks/keep_graphs_<device>.{nc,png,md}`` (against keep_graphs k at one T), and
+  their tables are printed;
 - ``pytest tests/`` (CI): every point at tiny sizes, a smoke test of the benchmark code.
 
 Sizes are overridable by ``--bench-<field>`` options or ``TESLA_BENCH_<FIELD>`` variables (fields of
@@ -20,7 +22,9 @@ import pytest
 from tesla_func.benchmarking import ScalingRun, resolve_config, write_scaling_report
 
 _SCALING = pytest.StashKey[ScalingRun]()
-_OPTIONS = ("device", "width", "num_images", "steps", "rss_steps", "threads", "rounds")
+_KEEP = pytest.StashKey[ScalingRun]()
+_OPTIONS = ("device", "width", "num_images", "steps", "rss_steps", "threads", "rounds",
+            "keep_steps", "keep_graphs")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -29,14 +33,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         group.addoption(f"--bench-{name.replace('_', '-')}", default=None,
                         help=f"ScalingConfig.{name} (else $TESLA_BENCH_{name.upper()})")
     group.addoption("--bench-out", default=None,
-                    help="folder for scaling_<device>.{nc,png,md} of a --benchmark-only run "
-                         "(else $TESLA_BENCH_OUT, else results/benchmarks)")
+                    help="folder for scaling_<device>.{nc,png,md} and keep_graphs_<device>.* of a "
+                         "--benchmark-only run (else $TESLA_BENCH_OUT, else results/benchmarks)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     full = bool(config.getoption("benchmark_only", default=False))
     overrides = {name: config.getoption(f"bench_{name}") for name in _OPTIONS}
-    config.stash[_SCALING] = ScalingRun(resolve_config(full=full, overrides=overrides), full)
+    bench = resolve_config(full=full, overrides=overrides)
+    config.stash[_SCALING] = ScalingRun(bench, full)
+    config.stash[_KEEP] = ScalingRun(bench, full, dim="keep_graphs")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -50,18 +56,36 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         points = [(t, r, m) for t in cfg.steps for r in range(cfg.rounds) for m in METHODS]
         ids = [f"T{t}-{m}" + (f"-round{r + 1}" if cfg.rounds > 1 else "") for t, r, m in points]
         metafunc.parametrize("scaling_point", points, ids=ids)
+    if "keep_point" in metafunc.fixturenames:
+        from tesla_func.benchmarking import KEEP_METHODS, REFERENCE
+
+        cfg = metafunc.config.stash[_KEEP].config
+        one_round = [(None, REFERENCE)] + [(k, m) for k in cfg.keep_graphs for m in KEEP_METHODS]
+        points = [(r, k, m) for r in range(cfg.rounds) for k, m in one_round]
+        ids = [("any" if k is None else f"k{k}") + f"-{m}"
+               + (f"-round{r + 1}" if cfg.rounds > 1 else "") for r, k, m in points]
+        metafunc.parametrize("keep_point", points, ids=ids)
+
+
+def _with_threads(run: ScalingRun):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(run.config.threads)
+    yield run
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
 def scaling_run(pytestconfig: pytest.Config):
     """The session's :class:`ScalingRun`, with torch's thread count set to its config's."""
-    import torch
+    yield from _with_threads(pytestconfig.stash[_SCALING])
 
-    run = pytestconfig.stash[_SCALING]
-    before = torch.get_num_threads()
-    torch.set_num_threads(run.config.threads)
-    yield run
-    torch.set_num_threads(before)
+
+@pytest.fixture(scope="session")
+def keep_run(pytestconfig: pytest.Config):
+    """The session's keep_graphs :class:`ScalingRun` (k at one T), threads as ``scaling_run``."""
+    yield from _with_threads(pytestconfig.stash[_KEEP])
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -77,21 +101,27 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
+_REPORTS = ((_SCALING, "scaling", "scaling benchmark: memory and time against T"),
+            (_KEEP, "keep_graphs", "keep_graphs benchmark: memory and time against k at one T"))
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    run = session.config.stash.get(_SCALING, None)
-    if run is None or not run.full or not run.records:
-        return  # smoke runs write nothing under results/ (test_scaling_report checks the writer)
     out = session.config.getoption("bench_out") or os.environ.get("TESLA_BENCH_OUT")
     out = Path(out) if out else session.config.rootpath / "results" / "benchmarks"
-    device = run.config.device.split(":")[0]
-    run.report = write_scaling_report(run.dataset(), out, f"scaling_{device}")
+    for key, name, _ in _REPORTS:
+        run = session.config.stash.get(key, None)
+        if run is None or not run.full or not run.records:
+            continue  # smoke runs write nothing under results/ (the *_report tests check writers)
+        device = run.config.device.split(":")[0]
+        run.report = write_scaling_report(run.dataset(), out, f"{name}_{device}")
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
-    run = config.stash.get(_SCALING, None)
-    paths = run.report if run is not None else None
-    if not paths:
-        return
-    terminalreporter.section("scaling benchmark: memory and time against T")
-    terminalreporter.write_line(Path(paths["table"]).read_text())
-    terminalreporter.write_line("written: " + ", ".join(str(p) for p in paths.values()))
+    for key, _, title in _REPORTS:
+        run = config.stash.get(key, None)
+        paths = run.report if run is not None else None
+        if not paths:
+            continue
+        terminalreporter.section(title)
+        terminalreporter.write_line(Path(paths["table"]).read_text())
+        terminalreporter.write_line("written: " + ", ".join(str(p) for p in paths.values()))

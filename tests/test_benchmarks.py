@@ -1,6 +1,8 @@
-"""Scaling benchmarks: peak memory and wall time against T for every registered method.
+"""Scaling benchmarks: peak memory and wall time against T for every registered method, and
+against keep_graphs k at one T for tesla and exact (unrolled at that T as the reference).
 
     pytest tests/ --benchmark-only  # the issue's sizes; writes results/benchmarks/scaling_<device>.*
+                                    # and results/benchmarks/keep_graphs_<device>.*
     pytest tests/                   # tiny sizes: a smoke test of this code, in seconds
 
 Each point (T, method) runs the method once untimed under :func:`measure_peak_memory` (the
@@ -15,6 +17,12 @@ the warm-up's loss again (bitwise on CPU); all methods compute the same loss at 
 memory claims (README's "extra memory" column), once two T of a method are in: on CPU the growth
 of ``tesla``'s and ``exact``'s peaks to the byte, in stored parameter vectors (tests/test_memory.py
 derives the counts from the code).
+
+The keep_graphs points (k, method) run the same way at T = ``keep_steps``, every round taking every
+point in turn, ``unrolled`` once a round (it ignores k); each also gets its FLOPs predicted
+(:func:`tesla_func.memory.predict_cost`). Deterministic there: the same loss everywhere, the peak
+non-decreasing and the FLOPs non-increasing in k, and at k = T the peak and FLOPs of ``exact``
+within ``KEEP_AT_T_TOLERANCE`` of ``unrolled``'s.
 """
 
 from __future__ import annotations
@@ -25,10 +33,13 @@ import time
 import pytest
 import torch
 
-from tesla_func import METHODS, match_trajectory, measure_peak_memory
+from tesla_func import METHODS, match_trajectory, measure_peak_memory, predict_cost
 from tesla_func.benchmarking import (
+    KEEP_METHODS,
     MEMORY_GROWTH_TARGET,
+    REFERENCE,
     ScalingRun,
+    keep_graphs_curves,
     matching_args,
     measure_rss,
     release_freed_memory,
@@ -42,6 +53,12 @@ from tests.test_memory import exact_state_vectors, tesla_state_vectors
 
 pytest.importorskip("pytest_benchmark")
 
+# exact at k = T against unrolled (peak and FLOPs), deterministic: measured 1.002x and 1.012x at the
+# issue's sizes (ConvNet width 32, 100 images 3x32x32, T = 10), 1.033x and 1.037x at the smoke
+# sizes (width 4, 8 images 3x16x16, T = 4): what exact keeps beyond unrolled's graphs is a few
+# parameter vectors (lam, its cotangent) and the FLOPs of the adjoint bookkeeping.
+KEEP_AT_T_TOLERANCE = 0.05
+
 
 def test_scaling(benchmark, scaling_run: ScalingRun, scaling_point: tuple[int, int, str]) -> None:
     steps, round_, method = scaling_point
@@ -54,29 +71,9 @@ def test_scaling(benchmark, scaling_run: ScalingRun, scaling_point: tuple[int, i
     elif scaling_run.get(method, steps) is None:
         pytest.skip(f"round 1 of {method} at T={steps} did not run")
 
-    times: list[tuple[float, float]] = []  # (wall, CPU) seconds
-    losses: list[float] = []
-
-    def timed() -> None:
-        wall, cpu = time.perf_counter(), time.process_time()
-        timed_result = match_trajectory(**args, method=method)
-        synchronize(cfg.device)
-        times.append((time.perf_counter() - wall, time.process_time() - cpu))
-        losses.append(float(timed_result.loss))
-
-    benchmark.pedantic(timed, rounds=1, iterations=1, warmup_rounds=0)
-    (wall, cpu), = times
-    benchmark.extra_info.update(method=method, steps=steps, round=round_ + 1, time_s=wall,
-                                cpu_s=cpu, threads=torch.get_num_threads(), width=cfg.width,
-                                num_images=cfg.num_images, device=cfg.device)
-    assert math.isfinite(wall) and wall > 0 and math.isfinite(cpu) and cpu >= 0
-    # The timed call is the warm-up's call again: the same loss, bitwise on CPU (deterministic
-    # kernels at a fixed thread count); CUDA's kernels need not be.
     warm_loss = float(result.loss) if round_ == 0 else scaling_run.get(method, steps)["loss"]
-    if torch.device(cfg.device).type == "cpu":
-        assert losses[0] == warm_loss, (method, steps, round_, losses[0], warm_loss)
-    else:
-        assert losses[0] == pytest.approx(warm_loss, rel=1e-5), (method, steps, round_)
+    wall, cpu = _timed_call(benchmark, cfg, {**args, "method": method}, warm_loss,
+                            steps=steps, round=round_ + 1)
     if round_ > 0:
         scaling_run.add_round(method, steps, wall, cpu)
         return
@@ -92,6 +89,34 @@ def test_scaling(benchmark, scaling_run: ScalingRun, scaling_point: tuple[int, i
     _check_losses_agree(scaling_run, steps)
     state_bytes = sum(v.numel() * v.element_size() for v in args["start"].values())
     _check_memory_claims(scaling_run, method, state_bytes)
+
+
+def _timed_call(benchmark, cfg, kwargs: dict, warm_loss: float, **info) -> tuple[float, float]:
+    """One timed ``match_trajectory(**kwargs)`` through pytest-benchmark; (wall, CPU) seconds.
+
+    The timed call is the warm-up's call again: the same loss, bitwise on CPU (deterministic
+    kernels at a fixed thread count); CUDA's kernels need not be."""
+    times: list[tuple[float, float]] = []
+    losses: list[float] = []
+
+    def timed() -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        timed_result = match_trajectory(**kwargs)
+        synchronize(cfg.device)
+        times.append((time.perf_counter() - wall, time.process_time() - cpu))
+        losses.append(float(timed_result.loss))
+
+    benchmark.pedantic(timed, rounds=1, iterations=1, warmup_rounds=0)
+    (wall, cpu), = times
+    what = {"method": kwargs["method"], "keep_graphs": kwargs.get("keep_graphs"), **info}
+    benchmark.extra_info.update(what, time_s=wall, cpu_s=cpu, threads=torch.get_num_threads(),
+                                width=cfg.width, num_images=cfg.num_images, device=cfg.device)
+    assert math.isfinite(wall) and wall > 0 and math.isfinite(cpu) and cpu >= 0
+    if torch.device(cfg.device).type == "cpu":
+        assert losses[0] == warm_loss, (what, losses[0], warm_loss)
+    else:
+        assert losses[0] == pytest.approx(warm_loss, rel=1e-5), what
+    return wall, cpu
 
 
 def _check_losses_agree(run: ScalingRun, steps: int) -> None:
@@ -160,6 +185,99 @@ def test_scaling_report(scaling_run: ScalingRun, tmp_path) -> None:
     assert "time / unrolled" in table and "peak / unrolled" in table
 
 
+def test_keep_graphs(benchmark, keep_run: ScalingRun,
+                     keep_point: tuple[int, int | None, str]) -> None:
+    round_, keep, method = keep_point
+    cfg = keep_run.config
+    args = {**matching_args(cfg, cfg.keep_steps), "method": method}
+    if keep is not None:
+        args["keep_graphs"] = keep
+    if round_ == 0:  # the untimed warm-up, which also measures the memory
+        release_freed_memory()
+        result, peak = measure_peak_memory(match_trajectory, **args, device=cfg.device)
+    elif keep_run.get(method, keep) is None:
+        pytest.skip(f"round 1 of {method} at k={keep} did not run")
+
+    warm_loss = float(result.loss) if round_ == 0 else keep_run.get(method, keep)["loss"]
+    wall, cpu = _timed_call(benchmark, cfg, args, warm_loss, steps=cfg.keep_steps,
+                            round=round_ + 1)
+    if round_ > 0:
+        keep_run.add_round(method, keep, wall, cpu)
+        return
+    record = {"method": method, "keep_graphs": keep, "time_s": wall, "cpu_s": cpu,
+              "peak_bytes": peak.peak_bytes, "memory_kind": peak.kind, "loss": float(result.loss),
+              "flops": predict_cost(match_trajectory, **args)[1].flops}
+    benchmark.extra_info.update(record)
+    keep_run.add(record)
+    assert math.isfinite(record["loss"]) and record["peak_bytes"] > 0 and record["flops"] > 0
+    _check_keep_claims(keep_run)
+
+
+def _check_keep_claims(run: ScalingRun) -> None:
+    """What is deterministic about k, checked on the points in so far: every point computes the
+    same loss (the same student loop); each method's peak is non-decreasing and its FLOPs
+    non-increasing in k (one step graph kept, one step rebuild saved); at k = T, ``exact`` holds
+    the memory and does the work of ``unrolled`` (within KEEP_AT_T_TOLERANCE)."""
+    losses = [r["loss"] for r in run.records]
+    assert max(losses) - min(losses) <= 1e-5 * max(abs(x) for x in losses), losses
+    keeps = sorted(run.config.keep_graphs)
+    for method in KEEP_METHODS:
+        points = [run.get(method, k) for k in keeps]
+        points = [p for p in points if p is not None]
+        peaks, flops = [p["peak_bytes"] for p in points], [p["flops"] for p in points]
+        assert peaks == sorted(peaks), f"{method}: peak by k {keeps}: {peaks}"
+        assert flops == sorted(flops, reverse=True), f"{method}: FLOPs by k {keeps}: {flops}"
+    exact, unrolled = run.get("exact", run.config.keep_steps), run.get(REFERENCE, None)
+    if exact is not None and unrolled is not None:
+        for name in ("peak_bytes", "flops"):
+            assert exact[name] == pytest.approx(unrolled[name], rel=KEEP_AT_T_TOLERANCE), name
+
+
+def test_keep_graphs_report(keep_run: ScalingRun, tmp_path) -> None:
+    """The writer of the session's keep_graphs report (run for real at the end of
+    --benchmark-only)."""
+    cfg = keep_run.config
+    missing = [(m, k) for k in cfg.keep_graphs for m in KEEP_METHODS if keep_run.get(m, k) is None]
+    if missing or keep_run.get(REFERENCE, None) is None:
+        pytest.skip(f"needs every keep_graphs point of this session first; missing {missing}")
+    paths = write_scaling_report(keep_run.dataset(), tmp_path, "keep_graphs")
+    ds = load_results(paths["netcdf"])
+    assert ds["time_s"].dims == ("method", "keep_graphs")
+    assert ds["method"].values.tolist() == [REFERENCE, *KEEP_METHODS]
+    assert ds["keep_graphs"].values.tolist() == sorted(cfg.keep_graphs)
+    assert ds.attrs["steps"] == cfg.keep_steps and ds.attrs["threads"] == cfg.threads
+    unrolled = ds["peak_bytes"].sel({"method": REFERENCE}).values
+    assert (unrolled == unrolled[0]).all()  # measured once: the same at every k
+    assert ds["time_s"].notnull().all() and (ds["flops"] > 0).all()
+    assert paths["figure"].read_bytes().startswith(b"\x89PNG")
+    table = paths["table"].read_text()
+    assert "| any | unrolled |" in table and f"| {cfg.keep_graphs[-1]} | exact |" in table
+    assert "non-decreasing in k: yes" in table and "NO" not in table
+
+
+def test_keep_graphs_curves_in_one_call(tmp_path) -> None:
+    """The library's one-call harness against k, on the tiny ConvNet problem."""
+    cfg = resolve_config(full=False, environ={})
+    ds = keep_graphs_curves(lambda t: matching_args(cfg, t), steps=3, keep=(0, 3), rounds=1,
+                            sizes="tiny ConvNet")
+    assert ds["peak_bytes"].dims == ("method", "keep_graphs")
+    assert ds["method"].values.tolist() == [REFERENCE, *KEEP_METHODS]
+    assert ds.attrs["steps"] == 3 and (ds["time_s"] > 0).all()
+    for method in KEEP_METHODS:  # a kept graph costs memory and saves a rebuild
+        at = ds.sel({"method": method})
+        assert at["peak_bytes"].sel(keep_graphs=3) > at["peak_bytes"].sel(keep_graphs=0)
+        assert at["flops"].sel(keep_graphs=3) < at["flops"].sel(keep_graphs=0)
+    exact = ds.sel({"method": "exact", "keep_graphs": 3})
+    unrolled = ds.sel({"method": REFERENCE, "keep_graphs": 3})
+    assert float(exact["peak_bytes"]) == pytest.approx(float(unrolled["peak_bytes"]),
+                                                       rel=KEEP_AT_T_TOLERANCE)
+    paths = write_scaling_report(ds, tmp_path, "keep_graphs_mine")
+    text = paths["table"].read_text()
+    assert "tiny ConvNet" in text and "`exact` at k = T = 3" in text
+    with pytest.raises(ValueError, match="take no keep_graphs"):
+        keep_graphs_curves(lambda t: matching_args(cfg, t), steps=1, methods=("unrolled",))
+
+
 def test_config_from_options_and_environment() -> None:
     env = {"TESLA_BENCH_WIDTH": "64", "TESLA_BENCH_STEPS": "5 10", "TESLA_BENCH_RSS_STEPS": ""}
     cfg = resolve_config(full=True, overrides={"steps": "5,10,20", "width": None}, environ=env)
@@ -167,6 +285,10 @@ def test_config_from_options_and_environment() -> None:
     assert resolve_config(full=False, environ={}).width < resolve_config(full=True, environ={}).width
     with pytest.raises(ValueError, match="TESLA_BENCH_ROUNDS / --bench-rounds = 'two'"):
         resolve_config(full=True, environ={"TESLA_BENCH_ROUNDS": "two"})
+    keep = resolve_config(full=True, overrides={"keep_graphs": "0,4,8"},
+                          environ={"TESLA_BENCH_KEEP_STEPS": "8"})
+    assert (keep.keep_steps, keep.keep_graphs) == (8, (0, 4, 8))
+    assert resolve_config(full=True, environ={}).keep_graphs == (0, 2, 5, 10)
 
 
 def test_scaling_curves_in_one_call_for_any_problem(tmp_path) -> None:

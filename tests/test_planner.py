@@ -1,18 +1,22 @@
 """The planner: the distillation's memory and FLOPs predicted at any size, without data or a GPU.
 
 Its numbers are the library's own code run on fake tensors (tesla_func.memory.predict_cost), so
-here they are checked against real runs at small sizes, the linear extension in T against direct
-prediction, and the limits against the predictions on either side of them.
+here they are checked against real runs at small sizes, the linear extensions in T and in
+keep_graphs against direct prediction, and the limits against the predictions on either side of
+them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.func import functional_call
@@ -23,12 +27,14 @@ from tesla_func.data import DATASETS, load_dataset, locate, shape
 from tesla_func.models import build_model, init_params
 from tesla_func.planner import (
     ANY,
+    NONE,
     LabelKind,
+    Limits,
     PlanConfig,
     Predictor,
     format_bytes,
-    label_kind,
     held_bytes,
+    label_kind,
     parse_bytes,
     plan,
     plan_markdown,
@@ -170,16 +176,21 @@ def test_planned_call_equals_a_real_measurement(labels, dsa):
         assert int(at["flops"]) == cost.flops, method
 
 
-@pytest.mark.parametrize(("method", "stride", "labels", "dsa", "steps"), [
-    ("unrolled", 1, "hard", True, 7),
-    ("tesla", 1, "learned", False, 7),
-    ("exact", 1, "sla", False, 7),
-    ("exact", 2, "hard", False, 10),
-    ("exact", 3, "hard", False, 13),
+@pytest.mark.parametrize(("method", "stride", "labels", "dsa", "steps", "keep"), [
+    ("unrolled", 1, "hard", True, 7, None),
+    ("tesla", 1, "learned", False, 7, None),
+    ("exact", 1, "sla", False, 7, None),
+    ("exact", 2, "hard", False, 10, None),
+    ("exact", 3, "hard", False, 13, None),
+    ("tesla", 1, "hard", True, 9, 3),
+    ("exact", 1, "learned", False, 9, 2),
+    ("exact", 2, "sla", False, 13, 3),
+    ("unrolled", 1, "hard", False, 7, 4),  # unrolled ignores keep_graphs: not in its anchors
 ])
-def test_linear_extension_in_steps_equals_direct_prediction(method, stride, labels, dsa, steps):
+def test_linear_extension_in_steps_equals_direct_prediction(method, stride, labels, dsa, steps,
+                                                            keep):
     cfg = PlanConfig(**{**SMALL, "label_strategy": labels, "dsa": dsa, "state_stride": stride,
-                        "extrapolate_above": 0})
+                        "extrapolate_above": 0, "keep_graphs": keep})
     p = Predictor(cfg)
     extended, extrapolated = p.call(method, steps)
     assert extrapolated and max(p.anchors(method, steps)) < steps
@@ -250,7 +261,7 @@ def test_limits_are_the_largest_that_fit():
 
     device = (total("unrolled", 6) + total("unrolled", 7)) // 2  # unrolled fits up to T = 6
     ds = plan(PlanConfig(**{**SMALL, "syn_steps": (4,), "device_memory": str(device),
-                            "verify_max_steps": 10}))
+                            "verify_max_steps": 10, "limits": ("syn_steps", "batch_syn")}))
     limits = {r["method"]: r for r in plan_records(ds)["limits"]}
     assert limits["unrolled"]["max_syn_steps"] == 6 and limits["unrolled"]["max_syn_steps_verified"]
     assert limits["tesla"]["max_syn_steps"] == "any"
@@ -273,6 +284,127 @@ def test_a_device_too_small_for_one_step():
     assert lim["max_syn_steps"] == 0 and lim["max_batch_syn"] == 0
     assert not ds["fits"].any()
     assert "does not fit even at T = 1" in plan_markdown(ds)
+
+
+# The keep_graphs limit: ConvNet depth 1 width 4 on digits, learned labels, T = 6. One Predictor per
+# config (a cache of predictions), whatever the device.
+KEEP = {**SMALL, "label_strategy": "learned"}
+KEEP_STEPS = 6
+
+
+@functools.cache
+def _predictor(cfg: PlanConfig) -> Predictor:
+    return Predictor(cfg)
+
+
+def _keep_totals(cfg: PlanConfig, method: str, steps: int) -> list[int]:
+    """The iteration peak at T = steps for keep_graphs 0 .. T, every call predicted directly."""
+    p = _predictor(cfg)
+    outside = sum(held_bytes(cfg).values()) + p.step_inputs_bytes(steps)
+    transient = max(update_peak_bytes(cfg), teacher_peak_bytes(cfg))
+    return [outside + max(p.direct(method, steps, keep=k).peak_bytes, transient)
+            for k in range(steps + 1)]
+
+
+def _keep_limit(cfg: PlanConfig, method: str, steps: int, device: int, verify=None):
+    return Limits.of(_predictor(cfg), device).max_keep(method, steps, verify=verify)
+
+
+def test_keep_graphs_one_is_the_call_of_zero():
+    """Why the limit never reports k = 1: without microbatches the last step's graph is kept
+    anyway, so keep_graphs 1 predicts the very call of keep_graphs 0."""
+    p = _predictor(PlanConfig(**KEEP))
+    for method in ("tesla", "exact"):
+        one, zero = p.direct(method, KEEP_STEPS, keep=1), p.direct(method, KEEP_STEPS, keep=0)
+        assert one == zero and one.flops_by_op == zero.flops_by_op, method
+
+
+@pytest.mark.parametrize(("method", "change", "steps"), [
+    ("tesla", {}, KEEP_STEPS),
+    ("exact", {}, KEEP_STEPS),
+    ("exact", {"state_stride": 2, "label_strategy": "sla"}, 9),
+])
+def test_keep_line_equals_direct_prediction(method, change, steps):
+    """The line in keep_graphs k from the call at k = 0 and three short calls: equal to the call
+    predicted directly for 2 <= k < T (exact with s = 1: up to k = T; tesla at k = T holds one
+    parameter vector less); with a stride s, exact along k = 2 (mod s) and within a parameter
+    vector elsewhere."""
+    cfg = PlanConfig(**{**KEEP, **change})
+    p = _predictor(cfg)
+    vector = sum(t.numel() for t in p.model.parameters()) * 4
+    s = p.stride(method)
+    assert steps > p.anchors(method, steps, keep=0)[1]  # past the short calls: the line is used
+    line = p.keep_line(method, steps)
+    for k in range(2, steps + 1):
+        direct, on_line = p.direct(method, steps, keep=k), line.at(k)
+        if k == steps and method == "tesla":
+            assert direct.peak_bytes == on_line.peak_bytes - vector, k
+            assert direct.flops == on_line.flops, k
+        elif (k - 2) % s == 0:
+            assert (direct.peak_bytes, direct.flops) == (on_line.peak_bytes, on_line.flops), k
+        else:
+            assert abs(direct.peak_bytes - on_line.peak_bytes) <= vector, k
+
+
+@pytest.mark.parametrize("method", ["tesla", "exact"])
+def test_keep_graphs_limit_fits_and_one_more_does_not(method):
+    cfg = PlanConfig(**KEEP)
+    totals = _keep_totals(cfg, method, KEEP_STEPS)
+    assert totals == sorted(totals), totals  # monotone in k
+    for keep in (2, 3, 5):  # a device between the peaks at k and k + 1
+        device = (totals[keep] + totals[keep + 1]) // 2
+        lim = _keep_limit(cfg, method, KEEP_STEPS, device)
+        assert lim.keep == keep and lim.verified
+        assert totals[keep] <= device < totals[keep + 1]
+        assert lim.cost == _predictor(cfg).direct(method, KEEP_STEPS, keep=keep)
+
+
+@pytest.mark.parametrize("method", ["tesla", "exact"])
+def test_keep_graphs_limit_at_the_ends(method):
+    cfg = PlanConfig(**KEEP)
+    totals = _keep_totals(cfg, method, KEEP_STEPS)
+    assert totals[1] == totals[0] < totals[2]
+    # the device barely fits k = 0 (k = 1 is the same call): k = 0
+    assert _keep_limit(cfg, method, KEEP_STEPS, totals[0]).keep == 0
+    # one byte less: not even k = 0
+    assert _keep_limit(cfg, method, KEEP_STEPS, totals[0] - 1) == (NONE, True, None)
+    # a huge device: every graph kept, k = T
+    assert _keep_limit(cfg, method, KEEP_STEPS, 10**12).keep == KEEP_STEPS
+    # exactly the peak at k = T, where tesla's line (one parameter vector above it) says T - 1
+    assert _keep_limit(cfg, method, KEEP_STEPS, totals[-1]).keep == KEEP_STEPS
+
+
+@pytest.mark.parametrize("method", ["tesla", "exact"])
+def test_keep_graphs_read_off_the_line_is_the_checked_limit(method):
+    """Above verify_keep_max_steps k is read off the line, not checked: here the same k, peak and
+    FLOPs as the checked search (but for k = T - 1 and T with tesla: its line holds one vector
+    more at k = T, so the device at T's peak reads T - 1: checked in the test above)."""
+    cfg = PlanConfig(**KEEP)
+    totals = _keep_totals(cfg, method, KEEP_STEPS)
+    for keep in (0, 2, 3, 4):
+        device = (totals[keep] + totals[keep + 1 if keep else 2]) // 2
+        checked = _keep_limit(cfg, method, KEEP_STEPS, device, verify=True)
+        estimate = _keep_limit(cfg, method, KEEP_STEPS, device, verify=False)
+        assert checked.verified and not estimate.verified
+        assert estimate.keep == checked.keep == keep
+        assert estimate.cost == checked.cost
+
+
+def test_keep_graphs_limit_in_the_plan_per_planned_steps():
+    cfg = PlanConfig(**{**KEEP, "syn_steps": (3, KEEP_STEPS), "methods": ("unrolled", "tesla")})
+    totals = _keep_totals(PlanConfig(**KEEP), "tesla", KEEP_STEPS)
+    device = (totals[4] + totals[5]) // 2  # tesla: its peak at k does not depend on T
+    ds = plan(dataclasses.replace(cfg, device_memory=str(device), limits=("keep_graphs",)))
+    rows = {(r["method"], r["steps"]): r for r in plan_records(ds)["rows"]}
+    tesla = rows["tesla", KEEP_STEPS]
+    assert tesla["max_keep_graphs"] == 4 and rows["tesla", 3]["max_keep_graphs"] == 3
+    assert tesla["keep_graphs_total_peak_bytes"] == totals[4]
+    assert tesla["max_keep_graphs_verified"] and "max_keep_graphs" not in rows["unrolled", 3]
+    assert np.isnan(ds["max_keep_graphs"].sel({"method": "unrolled"})).all()
+    text = plan_markdown(ds)
+    assert "| largest keep_graphs |" in text
+    assert (f"| 4 ({format_bytes(totals[4])}, {tesla['keep_graphs_flops'] / 1e9:.1f} GFLOPs) |"
+            in text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,10 +459,15 @@ def test_plan_command_prints_markdown_and_json(capsys):
     assert [(r["method"], r["steps"]) for r in out["rows"]] == [
         (m, t) for m in ("unrolled", "tesla", "exact") for t in (1, 2)]
     assert out["device_bytes"] == 2**30 and all(r["fits"] for r in out["rows"])
+    keeps = {(r["method"], r["steps"]): r.get("max_keep_graphs") for r in out["rows"]}
+    assert keeps == {("unrolled", 1): None, ("unrolled", 2): None, ("tesla", 1): 0,
+                     ("tesla", 2): 2, ("exact", 1): 0, ("exact", 2): 2}  # every graph fits
     assert out["held_bytes"]["synthetic images"] == 20 * 64 * 4
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
     assert "| method | T | matching call | iteration peak | GFLOPs (call) |" in text
+    assert cli.main([*argv, "--device-memory", "1GiB", "--limits", "keep_graphs"]) == 0
+    assert "| fits 1.00 GiB | largest keep_graphs |" in capsys.readouterr().out
 
 
 def test_plan_command_reports_bad_input_without_a_traceback(capsys):
