@@ -186,8 +186,9 @@ def percent(mean: float, std: float) -> str:
 
 
 def command_line() -> str:
-    """The command that is running, to be written beside its results."""
-    return " ".join(shlex.quote(a) for a in ["python", *sys.argv])
+    """The command that is running, to be written beside its results, as it was typed:
+    ``python -m pytest tests/ --benchmark-only``, not the path ``-m`` resolved to."""
+    return " ".join(shlex.quote(a) for a in ["python", *sys.orig_argv[1:]])
 
 
 def write_outputs(

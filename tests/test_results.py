@@ -13,7 +13,6 @@ from tesla_func.evaluate import EvalConfig
 from tesla_func.results import (
     load_results,
     make_results,
-    load_results,
     records_to_results,
     save_results,
 )
@@ -119,3 +118,23 @@ def test_records_to_dataset_rejects_ambiguous_records():
         records_to_results([{"method": "a", "t": 1.0}], ["steps"])
     with pytest.raises(ValueError, match="no records"):
         records_to_results([], ["steps"])
+
+
+def test_command_line_is_the_command_as_typed(tmp_path):
+    """A module run with ``-m`` is recorded as ``python -m name ...``, not as the path of the
+    module's file (which names one machine's site-packages and cannot be rerun as written)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import tesla_func
+
+    env = {**os.environ, "PYTHONPATH": str(Path(tesla_func.__file__).parents[1])}
+    script = "import tesla_func.results as r; print(r.command_line())"
+    out = subprocess.run([sys.executable, "-c", script, "--flag", "a b"], capture_output=True,
+                         text=True, check=True, env=env).stdout.strip()
+    assert out == "python -c '" + script + "' --flag 'a b'"
+    (tmp_path / "show_command.py").write_text(script)
+    out = subprocess.run([sys.executable, "-m", "show_command", "x"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "python -m show_command x"
