@@ -129,7 +129,7 @@ def test_cross_arch_runs_end_to_end(tmp_path):
         ipc=1,
         sets=("tesla/hard",),
         archs=("convnet", "vit_tiny"),
-        lr_grid=(0.001, 0.1),
+        lr_grid=(0.01, 0.1),
         epochs=2,
         models=2,
         val_images=50,
@@ -138,6 +138,10 @@ def test_cross_arch_runs_end_to_end(tmp_path):
     assert dict(ds.accuracy.sizes) == {"set": 2, "arch": 2, "lr_choice": 3, "model": 2}
     assert np.isfinite(ds.accuracy.values).all() and np.isfinite(ds.val_accuracy.values).all()
     assert ds.lr.sel(set="random/real", lr_choice="own").values.tolist() == [0.01, 0.01]
+    # random real's own lr is also in the grid: trained once, the same numbers under both names
+    real = ds.sel(set="random/real")
+    np.testing.assert_array_equal(real.accuracy.sel(lr_choice="own").values,
+                                  real.accuracy.sel(lr_choice="grid 0.01").values)
     # the reported lr is the one with the best mean validation accuracy, never the test's
     for name in ds.set.values:
         for arch in ds.arch.values:
