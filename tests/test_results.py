@@ -138,3 +138,16 @@ def test_command_line_is_the_command_as_typed(tmp_path):
     out = subprocess.run([sys.executable, "-m", "show_command", "x"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out == "python -m show_command x"
+
+
+def test_committed_results_name_a_clean_revision():
+    """Every result file in results/ was made from a committed tree: its revision is a commit,
+    never ``-dirty`` or unknown, so its command can be rerun at that commit."""
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parents[1] / "results").rglob("*.nc"))
+    assert files, "no committed results found"
+    for path in files:
+        with xr.open_dataset(path) as ds:
+            revision = str(ds.attrs.get("git_revision", "unknown"))
+        assert revision != "unknown" and not revision.endswith("-dirty"), (path.name, revision)
