@@ -29,9 +29,23 @@ def versions() -> dict[str, str]:
     return out
 
 
+_REVISIONS: dict[Path, str] = {}  # checkout folder -> its revision when this process first asked
+
+
 def git_revision(path: str | Path | None = None) -> str:
-    """``git describe --always --dirty`` of the checkout holding this package, or 'unknown'."""
-    where = Path(path) if path is not None else Path(__file__).resolve().parent
+    """``git describe --always --dirty`` of the checkout holding this package, or 'unknown'.
+
+    Taken once per process and folder, at the first call: a run that writes tracked result
+    files (a benchmark session writes two reports, an experiment its table and figure) would
+    otherwise call its own later outputs ``-dirty``. Experiment scripts and the test session
+    ask at their start."""
+    where = (Path(path) if path is not None else Path(__file__).parent).resolve()
+    if where not in _REVISIONS:
+        _REVISIONS[where] = _describe(where)
+    return _REVISIONS[where]
+
+
+def _describe(where: Path) -> str:
     try:
         out = subprocess.run(
             ["git", "describe", "--always", "--dirty", "--abbrev=12"],

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tesla_func.benchmarking import ScalingRun, resolve_config, write_scaling_report
+from tesla_func.provenance import git_revision
 
 _SCALING = pytest.StashKey[ScalingRun]()
 _KEEP = pytest.StashKey[ScalingRun]()
@@ -38,6 +39,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    git_revision()  # the tree's revision as the session starts, before any report is written
     full = bool(config.getoption("benchmark_only", default=False))
     overrides = {name: config.getoption(f"bench_{name}") for name in _OPTIONS}
     bench = resolve_config(full=full, overrides=overrides)

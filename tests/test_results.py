@@ -151,3 +151,22 @@ def test_committed_results_name_a_clean_revision():
         with xr.open_dataset(path) as ds:
             revision = str(ds.attrs.get("git_revision", "unknown"))
         assert revision != "unknown" and not revision.endswith("-dirty"), (path.name, revision)
+
+
+def test_git_revision_is_taken_once_per_process(tmp_path):
+    """A run that rewrites tracked files keeps the revision its tree had when it first asked."""
+    import subprocess
+
+    from tesla_func.provenance import git_revision
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "table.md").write_text("old\n")
+    git("add", "table.md")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    clean = git_revision(tmp_path)
+    assert clean != "unknown" and not clean.endswith("-dirty")
+    (tmp_path / "table.md").write_text("new\n")  # the run writes its output
+    assert git_revision(tmp_path) == clean
