@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import xarray as xr
 
+import tesla_func
 from tesla_func.evaluate import EvalConfig
+from tesla_func.provenance import git_revision
 from tesla_func.results import (
     load_results,
     make_results,
@@ -123,12 +128,6 @@ def test_records_to_dataset_rejects_ambiguous_records():
 def test_command_line_is_the_command_as_typed(tmp_path):
     """A module run with ``-m`` is recorded as ``python -m name ...``, not as the path of the
     module's file (which names one machine's site-packages and cannot be rerun as written)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import tesla_func
-
     env = {**os.environ, "PYTHONPATH": str(Path(tesla_func.__file__).parents[1])}
     script = "import tesla_func.results as r; print(r.command_line())"
     out = subprocess.run([sys.executable, "-c", script, "--flag", "a b"], capture_output=True,
@@ -143,8 +142,6 @@ def test_command_line_is_the_command_as_typed(tmp_path):
 def test_committed_results_name_a_clean_revision():
     """Every result file in results/ was made from a committed tree: its revision is a commit,
     never ``-dirty`` or unknown, so its command can be rerun at that commit."""
-    from pathlib import Path
-
     files = sorted((Path(__file__).resolve().parents[1] / "results").rglob("*.nc"))
     assert files, "no committed results found"
     for path in files:
@@ -155,9 +152,6 @@ def test_committed_results_name_a_clean_revision():
 
 def test_git_revision_is_taken_once_per_process(tmp_path):
     """A run that rewrites tracked files keeps the revision its tree had when it first asked."""
-    import subprocess
-
-    from tesla_func.provenance import git_revision
 
     def git(*args):
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
