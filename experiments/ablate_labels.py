@@ -25,11 +25,15 @@ the published anchors.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import seaborn as sns
 import xarray as xr
+from matplotlib.figure import Figure
 
 from tesla_func.data import load_dataset
 from tesla_func.distill import DistillConfig
@@ -42,12 +46,8 @@ from tesla_func.experiment import (
 )
 from tesla_func.experts import ExpertConfig
 from tesla_func.labels import LABEL_STRATEGIES
-from tesla_func.plots import (
-    plot_accuracy_vs_iteration,
-    plot_experiment_sets,
-    plot_image_strip,
-    plot_label_drift,
-)
+from tesla_func.plots import plot_accuracy_vs_iteration, plot_experiment_sets, plot_image_strip
+from tesla_func.plots.style import STYLE, save_png, variable
 from tesla_func.results import load_results, make_results, markdown_table, percent
 
 NAME = "ablate_labels"
@@ -213,6 +213,85 @@ def table(ds: xr.Dataset) -> str:
         real += [percent(float(ds.random_real_accuracy.sel(ipc=ipc)),
                          float(ds.random_real_accuracy_std.sel(ipc=ipc))), "-"]
     return markdown_table(header, rows + [real])
+
+
+def plot_label_drift(
+    path: str | Path,
+    out_png: str | Path,
+    *,
+    x: str = "log_iteration",
+    drift: str = "label_drift",
+    counts: str = "class_count",
+    hue: str = "label_strategy",
+    focus: Mapping[str, Any] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """How labels drift away from the images' classes (from a results file).
+
+    Left: ``drift`` (the fraction of images whose teacher label is not their starting class)
+    against ``x``, one line per ``hue`` value, line style by any other dim (e.g. IPC). Middle:
+    the largest and smallest ``counts`` (images per class by teacher label, dims (..., x,
+    class)) against ``x`` at ``focus`` (default: the last value of every dim but ``hue``), one
+    colour per ``hue`` value, the even count dotted. Right: the counts of every class against
+    ``x`` at ``focus`` and its ``hue`` value (default "sla" where there is one), as a heatmap.
+    """
+    ds = load_results(path)
+    da, count = variable(ds, drift, path), variable(ds, counts, path)
+    for name, var in ((drift, da), (counts, count)):
+        if x not in var.dims or hue not in var.dims:
+            raise KeyError(f"{name} in {path} needs dims {x!r} and {hue!r}; it has {var.dims}")
+    others = [d for d in da.dims if d not in (x, hue)]
+    focus = dict(focus or {})
+    for d in others:
+        focus.setdefault(d, da[d].values[-1])
+    hues = [str(v) for v in da[hue].values]
+    focus.setdefault(hue, "sla" if "sla" in hues else hues[-1])
+    palette = dict(zip(hues, sns.color_palette(n_colors=len(hues))))
+    with sns.axes_style(STYLE):
+        fig = Figure(figsize=(16, 4.6), layout="constrained")
+        left, middle, right = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1.2]})
+        frame = (da * 100).to_dataframe(name=drift).reset_index().dropna(subset=[drift])
+        frame[hue] = frame[hue].astype(str)
+        style = others[0] if others else None
+        if style is not None:
+            frame[style] = frame[style].astype(str)
+        sns.lineplot(data=frame, x=x, y=drift, hue=hue, style=style, palette=palette, ax=left)
+        left.set_ylabel("teacher label is another class (%)")
+        left.set_xlabel("iteration")
+        left.set_title("label drift")
+        at = count.sel({d: v for d, v in focus.items() if d != hue and d in count.dims})
+        for name in hues:
+            line = at.sel({hue: name})
+            xs = line[x].values
+            left_out = line.isnull().all("class").values
+            hi, lo = line.max("class").values, line.min("class").values
+            middle.plot(xs[~left_out], hi[~left_out], color=palette[name], label=f"{name} max")
+            middle.plot(xs[~left_out], lo[~left_out], color=palette[name], linestyle="--",
+                        label=f"{name} min")
+        even = float(at.isel({hue: 0}).dropna(x).isel({x: 0}).sum("class")) / at.sizes["class"]
+        middle.axhline(even, color="grey", linestyle=":", label="even")
+        middle.set_xlabel("iteration")
+        middle.set_ylabel("images per class (by teacher label)")
+        where = ", ".join(f"{d} {focus[d]}" for d in others)
+        middle.set_title(f"largest / smallest class ({where})" if where else
+                         "largest / smallest class")
+        middle.legend(fontsize=7, ncols=2)
+        grid = at.sel({hue: focus[hue]}).transpose("class", x)
+        image = right.imshow(grid.values, aspect="auto", interpolation="nearest", cmap="viridis",
+                             extent=(float(grid[x].values[0]) - 0.5,
+                                     float(grid[x].values[-1]) + 0.5, grid.sizes["class"] - 0.5,
+                                     -0.5))
+        names = (grid["class_name"].values if "class_name" in grid.coords
+                 else grid["class"].values)
+        right.set_yticks(np.arange(grid.sizes["class"]), [str(v) for v in names], fontsize=7)
+        right.grid(False)
+        right.set_xlabel("iteration")
+        right.set_title(f"images per class, {hue} {focus[hue]}"
+                        + (f", {where}" if where else ""))
+        fig.colorbar(image, ax=right, label="images")
+        fig.suptitle(title or "How far labels drift from the classes the images started in")
+    save_png(fig, out_png)
+    return fig
 
 
 def plot(nc: Path, png: Path) -> None:

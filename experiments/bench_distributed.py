@@ -27,16 +27,19 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import seaborn as sns
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import xarray as xr
+from matplotlib.figure import Figure
 
 from tesla_func.data import Dataset, DatasetInfo
 from tesla_func.distill import DistillConfig, Distiller
@@ -44,8 +47,8 @@ from tesla_func.experiment import run_experiment
 from tesla_func.experts import ExpertTrajectory
 from tesla_func.memory import measure_peak_memory
 from tesla_func.models import ConvNet, ConvNetConfig, init_params
-from tesla_func.plots import plot_distributed
-from tesla_func.results import markdown_table, records_to_results
+from tesla_func.plots.style import STYLE, save_png, variable
+from tesla_func.results import load_results, markdown_table, records_to_results
 
 NAME = "bench_distributed"
 MIB = 2**20
@@ -182,8 +185,6 @@ def main(cfg: BenchDistributedConfig) -> xr.Dataset:
 
 
 def _load_average() -> tuple[float, ...]:
-    import os
-
     try:
         return tuple(round(x, 2) for x in os.getloadavg())
     except OSError:
@@ -265,9 +266,58 @@ def notes(ds: xr.Dataset) -> str:
     )
 
 
+def plot_distributed(
+    path: str | Path,
+    out_png: str | Path,
+    *,
+    x: str = "world_size",
+    hue: str = "microbatch",
+    title: str | None = None,
+) -> Figure:
+    """Distillation on several ranks: memory per rank and time per iteration against the world
+    size, one bar per microbatch size.
+
+    Reads a file with dims (world_size, microbatch, rank) and variables ``held_bytes`` and
+    ``peak_bytes`` (memory: their sum, the largest over the ranks, with the held part hatched)
+    and ``time_s`` (the slowest rank's), as experiments/bench_distributed.py writes it.
+    """
+    ds = load_results(path)
+    for name in ("held_bytes", "peak_bytes", "time_s"):
+        variable(ds, name, path)
+    memory = (ds["held_bytes"] + ds["peak_bytes"]).max("rank") / MIB
+    held = ds["held_bytes"].max("rank") / MIB
+    time_s = ds["time_s"].max("rank")
+    xs, hues = ds[x].values.tolist(), ds[hue].values.tolist()
+    names = [str(h) if h else "none" for h in hues]
+    palette = sns.color_palette(n_colors=len(hues))
+    width = 0.8 / len(hues)
+    with sns.axes_style(STYLE):
+        fig = Figure(figsize=(10, 4.2), layout="constrained")
+        axes = fig.subplots(1, 2)
+        for ax, (da, label) in zip(axes, ((memory, "memory per rank (MiB)"),
+                                          (time_s, "time per iteration (s)"))):
+            for j, h in enumerate(hues):
+                pos = np.arange(len(xs)) + (j - (len(hues) - 1) / 2) * width
+                values = [float(da.sel({x: v, hue: h})) for v in xs]
+                ax.bar(pos, values, width * 0.95, color=palette[j], label=names[j])
+                if da is memory:
+                    ax.bar(pos, [float(held.sel({x: v, hue: h})) for v in xs], width * 0.95,
+                           color="none", edgecolor="black", hatch="//", linewidth=0)
+            ax.set_xticks(np.arange(len(xs)), [str(v) for v in xs])
+            ax.set_xlabel(x.replace("_", " "))
+            ax.set_ylabel(label)
+            ax.legend(title=hue)
+        axes[0].set_title("largest rank: held (hatched) + peak of an iteration")
+        axes[1].set_title("slowest rank")
+        if title:
+            fig.suptitle(title)
+    save_png(fig, out_png)
+    return fig
+
+
 if __name__ == "__main__":
     run_experiment(
         NAME, BenchDistributedConfig, {"paper": BenchDistributedConfig(world_sizes=(1, 2, 4))},
         __doc__, main, table,
-        plot=lambda nc, png: plot_distributed(nc, png), notes=notes,
+        plot=plot_distributed, notes=notes,
     )

@@ -56,9 +56,9 @@ class MainTableConfig:
     experts: ExpertConfig = ExpertConfig(dataset="fashion-mnist", num_experts=3, epochs=6, width=32)
     # distillation; method, label strategy, ipc and batch_syn are set per row
     distill: DistillConfig = DistillConfig(
-        # 50 keeps the default short on a CPU; 150 (about an hour more) gained 0.9 / 0.1 points
-        # at IPC 10 for tesla / exact in an earlier version of this table (all training images,
-        # no validation split)
+        # 50 keeps the default short on a CPU; 150 (about an hour more) gains 0.9 / 0.1 points
+        # at IPC 10 for tesla / exact (measured on all training images, without the validation
+        # split)
         iterations=50,
         # Longer student trajectories matched IPC 10 better here (tesla, hard labels, test
         # accuracy after 50 / 100 / 150 iterations): T = 20 79.5 / 78.5 / -, T = 40 80.7 / 80.4 /

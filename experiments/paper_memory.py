@@ -22,17 +22,21 @@ counted). Writes results/paper_memory/paper_memory.{nc,png,md}.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import seaborn as sns
 import xarray as xr
+from matplotlib.figure import Figure
 
 from tesla_func.data import shape
 from tesla_func.experiment import run_experiment
-from tesla_func.results import markdown_table
-from tesla_func.planner import ANY, PlanConfig, format_bytes, parse_bytes, plan
-from tesla_func.plots import plot_memory_plan
-from tesla_func.results import make_results
+from tesla_func.memory import format_bytes, parse_bytes
+from tesla_func.planner import ANY, PlanConfig, plan
+from tesla_func.plots.style import STYLE, long_frame, save_png
+from tesla_func.results import load_results, make_results, markdown_table
 
 NAME = "paper_memory"
 GIB = 2**30
@@ -135,7 +139,7 @@ def main(cfg: PaperMemoryConfig) -> xr.Dataset:
         "dataset_flops": (three, stack("flops"), {"units": "FLOP"}),
         "dataset_fits": (three, stack("fits"), {"long_name": f"fits {cfg.device_memory}"}),
         "dataset_max_syn_steps": (("dataset", "method"), stack("max_syn_steps"), {
-            "long_name": f"largest T that fits {cfg.device_memory} (-1: any T)"}),
+            "long_name": f"largest T that fits {cfg.device_memory} (inf: any T)"}),
         "dataset_max_syn_steps_verified": (("dataset", "method"),
                                            stack("max_syn_steps_verified"), {}),
         "dataset_public_tesla_bytes": (("dataset", "dataset_steps"), np.stack([
@@ -187,10 +191,10 @@ def table(ds: xr.Dataset) -> str:
     rows = []
     device = format_bytes(ds.attrs["device_bytes"])
     for i, d in enumerate(ds["dataset"].values.tolist()):
-        limit = int(ds["dataset_max_syn_steps"].sel({"dataset": d, "method": "unrolled"}))
+        limit = float(ds["dataset_max_syn_steps"].sel({"dataset": d, "method": "unrolled"}))
         checked = bool(ds["dataset_max_syn_steps_verified"].sel({"dataset": d,
                                                                    "method": "unrolled"}))
-        limit_text = ("any" if limit == ANY else f"{limit}" + ("" if checked else " (est.)"))
+        limit_text = ("any" if limit == ANY else f"{int(limit)}" + ("" if checked else " (est.)"))
         for t in ds["dataset_steps"].values.tolist():
             at = ds.sel({"dataset": d, "dataset_steps": t})
             total = {m: float(at["dataset_total_bytes"].sel({"method": m})) for m in methods}
@@ -210,6 +214,72 @@ def table(ds: xr.Dataset) -> str:
         f"{PAPER_NOTE}. DSA family planned on every step: "
         f"{', '.join(ds.attrs['dsa_families'])}; label strategy {cfg['label_strategy']}."
     )
+
+
+def plot_memory_plan(
+    path: str | Path,
+    out_png: str | Path,
+    *,
+    steps_vars: Sequence[str] = ("steps_total_bytes",),
+    dataset_var: str = "dataset_total_bytes",
+    reference_vars: Sequence[str] = ("steps_public_tesla_bytes",),
+    dataset_reference_var: str | None = "dataset_public_tesla_bytes",
+    device_attr: str = "device_bytes",
+    title: str | None = None,
+) -> Figure:
+    """Predicted memory (GiB, log scale): against T, one line per method (black dashed: the
+    ``reference_vars`` over steps, e.g. a lower bound of another implementation), and by dataset
+    at one T, one bar per method (black marks: ``dataset_reference_var`` over dataset); a dotted
+    line at the device memory ``ds.attrs[device_attr]`` if set.
+
+    Reads a file with ``steps_vars`` over (method, steps) and ``dataset_var`` over (dataset,
+    method); any further dim of the dataset panel's variables is shown at its last value (e.g.
+    the largest T). Panels whose variables are missing are left out.
+    """
+    ds = load_results(path)
+    left = [v for v in steps_vars if v in ds.data_vars]
+    refs = [v for v in reference_vars if v in ds.data_vars]
+    panels = (["steps"] if left else []) + (["dataset"] if dataset_var in ds.data_vars else [])
+    if not panels:
+        raise KeyError(f"{path} has none of {[*steps_vars, dataset_var]}; it has "
+                       f"{sorted(ds.data_vars)}")
+    device = ds.attrs.get(device_attr)
+    gib = 2**30
+    with sns.axes_style(STYLE):
+        fig = Figure(figsize=(6 * len(panels), 4.5), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(1, len(panels)))
+        for ax, panel in zip(axes, panels):
+            if panel == "steps":
+                for var in left:
+                    frame = long_frame(ds[var] / gib, ["method"])
+                    sns.lineplot(data=frame, x="steps", y=var, hue="series", marker="o", ax=ax)
+                for var in refs:
+                    ax.plot(ds["steps"].values, ds[var].values / gib, "k--", marker=".",
+                            label=ds[var].attrs.get("long_name", var))
+                ax.set_xlabel("T, student steps")
+                ax.set_title(ds.attrs.get("steps_title", "against T"), fontsize=10)
+            else:
+                def last(da: xr.DataArray) -> xr.DataArray:
+                    return da.isel({d: -1 for d in da.dims if d not in ("dataset", "method")})
+
+                frame = (last(ds[dataset_var]) / gib).to_dataframe(name="GiB").reset_index()
+                sns.barplot(data=frame, x="dataset", y="GiB", hue="method", ax=ax)
+                if dataset_reference_var in ds.data_vars:
+                    ref = last(ds[dataset_reference_var])
+                    ax.scatter(np.arange(ref.sizes["dataset"]), ref.values / gib, marker="_",
+                               s=900, color="black", zorder=3,
+                               label=ref.attrs.get("long_name", dataset_reference_var))
+                ax.set_title(ds.attrs.get("dataset_title", "by dataset"), fontsize=10)
+            if device is not None and device > 0:
+                ax.axhline(device / gib, color="grey", linestyle=":",
+                           label=f"device {device / gib:.0f} GiB")
+            ax.set_yscale("log")
+            ax.set_ylabel("predicted peak (GiB)")
+            ax.legend(fontsize=8)
+        if title:
+            fig.suptitle(title)
+    save_png(fig, out_png)
+    return fig
 
 
 NOTES = (

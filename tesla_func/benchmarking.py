@@ -61,7 +61,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from tesla_func.matching import METHODS, match_trajectory
+from tesla_func.matching import KEEP_METHODS, METHODS, match_trajectory
 from tesla_func.memory import measure_peak_memory, predict_cost
 from tesla_func.models import ConvNet, init_params
 from tesla_func.plots import plot_scaling
@@ -70,7 +70,6 @@ from tesla_func.results import markdown_table, records_to_results, write_outputs
 ENV_PREFIX = "TESLA_BENCH_"
 REFERENCE = "unrolled"  # every ratio in the table is to this method
 KEEP_DIM = "keep_graphs"  # the dim of the keep_graphs benchmark (k at a fixed T)
-KEEP_METHODS = ("tesla", "exact")  # the methods that take keep_graphs
 MIB = 2**20
 # The targets, checked in the table (never asserted: wall time on a shared machine is
 # noise).

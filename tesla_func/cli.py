@@ -28,6 +28,7 @@ comments; booleans are ``--dsa`` / ``--no-dsa``, never ``type=bool``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,14 @@ from tesla_func.distill import DistillConfig, Distiller
 from tesla_func.distributed import together, torchrun_group
 from tesla_func.evaluate import EvalConfig, evaluate
 from tesla_func.experts import ExpertConfig, train_experts
+from tesla_func.planner import (
+    SWEPT_FIELDS,
+    UNPLANNED_FIELDS,
+    PlanConfig,
+    plan,
+    plan_markdown,
+    plan_records,
+)
 from tesla_func.plots import plot_synthetic
 from tesla_func.results import save_results
 from tesla_func.sampling import per_class_indices
@@ -232,23 +241,22 @@ def _run_show(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------
 # tesla-func plan
 # ----------------------------------------------------------------------------------------------
 
 
 def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    from tesla_func.planner import PlanConfig
-
-    add_config_arguments(parser, PlanConfig)
+    # The run's planned fields take distill's own flags (--ipc, --keep-graphs, ...); its swept
+    # fields (syn_steps, method) take the plan's, which take several values; the rest none.
+    unread = (*UNPLANNED_FIELDS, *SWEPT_FIELDS)
+    add_config_arguments(parser, PlanConfig, skip=tuple(f"distill.{f}" for f in unread),
+                         flatten=("distill",), aliases={"methods": ("--method",)})
     parser.add_argument("--format", choices=("markdown", "json"), default="markdown",
                         help="a Markdown table (default) or JSON for scripts")
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    import json
-
-    from tesla_func.planner import PlanConfig, plan, plan_markdown, plan_records
-
     ds = plan(config_from_args(args, PlanConfig))
     print(json.dumps(plan_records(ds), indent=2) if args.format == "json" else plan_markdown(ds))
     return 0

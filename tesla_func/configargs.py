@@ -1,9 +1,10 @@
 """Frozen config dataclasses: their validation helpers, and argparse flags made from their fields.
 
 Every field of a config becomes a flag: ``lr_img`` -> ``--lr-img``; a field holding another config
-nests with a dot: ``distill.lr_img`` -> ``--distill.lr-img``. Booleans take ``--flag/--no-flag``
-(``argparse.BooleanOptionalAction``, never ``type=bool``), tuples take several values, ``None``
-defaults parse by the field's annotation, dicts take JSON. Unset flags keep the base config's
+nests with a dot: ``distill.lr_img`` -> ``--distill.lr-img``, or ``--lr-img`` where the caller
+flattens it. Booleans take ``--flag/--no-flag`` (``argparse.BooleanOptionalAction``, never
+``type=bool``), tuples take several values, ``None`` defaults parse by the field's annotation,
+dicts take JSON. Unset flags keep the base config's
 value, so a command line only ever *builds a config*.
 
 Each flag's help is the field's own comment in the class source (the comment lines just above the
@@ -23,6 +24,7 @@ import json
 import math
 import textwrap
 import tokenize
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 Config = TypeVar("Config")
@@ -32,14 +34,16 @@ Config = TypeVar("Config")
 # Validation helpers for __post_init__: each raises ValueError naming Config.field and the rule.
 
 
-def check_positive_ints(config: object, names: tuple[str, ...]) -> None:
-    """Each named field must be an int >= 1 (bools are refused)."""
+def check_int(config: object, *names: str, low: int = 1, optional: bool = False) -> None:
+    """Each named field must be an int >= ``low`` (bools are refused); ``optional``: or None."""
     for name in names:
         value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(
-                f"{type(config).__name__}.{name} must be a positive int, got {value!r}"
-            )
+        if optional and value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            rule = "a positive int" if low == 1 else f"an int >= {low}"
+            raise ValueError(f"{type(config).__name__}.{name} must be "
+                             f"{'None or ' if optional else ''}{rule}, got {value!r}")
 
 
 def check_non_negative(config: object, names: tuple[str, ...]) -> None:
@@ -123,14 +127,21 @@ def add_config_arguments(
     *,
     base: object | None = None,
     prefix: str = "",
+    flatten: tuple[str, ...] = (),
+    aliases: Mapping[str, tuple[str, ...]] | None = None,
+    flag_prefix: str | None = None,
 ) -> None:
     """One flag per field of ``cfg_type`` (nested configs with ``--<field>.<subfield>``).
 
     ``base`` supplies the defaults shown in the help (default: ``cfg_type()``); flags default to
     None, meaning 'not given'. ``skip`` names fields (``"distill.seed"`` for nested ones) that get
-    no flag.
+    no flag. ``flatten`` names nested configs whose fields get bare flags (``"distill"``:
+    ``--ipc`` sets ``distill.ipc``; a name both configs have must be skipped in one of them).
+    ``aliases`` maps a field to further flags of its own (``{"methods": ("--method",)}``).
+    ``config_from_args`` reads all of them back; it needs neither option.
     """
     base = base if base is not None else cfg_type()
+    flag_prefix = prefix if flag_prefix is None else flag_prefix
     docs = field_comments(cfg_type)
     for field in dataclasses.fields(cfg_type):
         name = prefix + field.name
@@ -138,23 +149,26 @@ def add_config_arguments(
             continue
         value = getattr(base, field.name)
         if _is_config(value):
-            add_config_arguments(parser, type(value), skip, base=value, prefix=name + ".")
+            nested_flags = flag_prefix if name in flatten else flag_prefix + field.name + "."
+            add_config_arguments(parser, type(value), skip, base=value, prefix=name + ".",
+                                 flatten=flatten, aliases=aliases, flag_prefix=nested_flags)
             continue
-        flag = "--" + name.replace("_", "-")
+        flag = flag_prefix + field.name
+        flags = ["--" + flag.replace("_", "-"), *(aliases or {}).get(name, ())]
         shown = f"{value!r}" if not isinstance(value, tuple) else " ".join(map(str, value))
         doc = docs.get(field.name, "")
         hint = f"{doc} (default: {shown})" if doc else f"default: {shown}"
         hint = hint.replace("%", "%%")  # argparse formats help with %
         annotation = str(field.type)
         if isinstance(value, bool) or annotation.startswith("bool"):
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
                                 default=None, help=hint)
         elif isinstance(value, tuple) or annotation.startswith("tuple"):
-            parser.add_argument(flag, dest=name, nargs="+", type=_parser_for(annotation, value),
-                                default=None, help=hint)
+            parser.add_argument(*flags, dest=name, nargs="+", type=_parser_for(annotation, value),
+                                default=None, metavar=flag.upper(), help=hint)
         else:
-            parser.add_argument(flag, dest=name, type=_parser_for(annotation, value),
-                                default=None, help=hint)
+            parser.add_argument(*flags, dest=name, type=_parser_for(annotation, value),
+                                default=None, metavar=flag.upper(), help=hint)
 
 
 def config_from_args(

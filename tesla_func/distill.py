@@ -16,11 +16,11 @@ The student learning rate stays positive through its parametrisation beta = exp(
 update is on log_beta, with dL/dlog_beta = beta * dL/dbeta. A non-finite loss or gradient (the
 label-logit gradient only if the strategy learns the logits), or an update that would make a
 learned tensor non-finite (a finite gradient times a too-large ``lr_img`` can overflow), skips
-the whole update, momenta included; the skip is counted and logged (users of the public code
-report NaN losses and beta exploding or turning negative; nothing guarded against them there).
-``lr_grad_clip`` bounds how far beta can move in one iteration: a single bad segment once sent
-beta from 0.19 to 0.003 (|dL/dlog_beta| = 4.3 against a typical 0.05-0.3), after which the
-student no longer moved and the image gradient was zero for the rest of the run.
+the whole update, momenta included; the skip is counted and logged, so a NaN loss cannot reach
+the images or beta (the public code has no such guard, and beta can explode or turn negative
+there). ``lr_grad_clip`` bounds how far beta can move in one iteration: one segment with a large
+|dL/dlog_beta| (4.3 against a typical 0.05-0.3) can take beta from 0.19 to 0.003 in one step,
+after which the student no longer moves and the image gradient stays zero.
 
 The state (:mod:`tesla_func.distill_state`) is checkpointed atomically every ``save_every``
 iterations; a resumed run continues from the same state and, on CPU with the same seed and thread
@@ -50,10 +50,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +61,8 @@ from tqdm.auto import tqdm
 
 from tesla_func import distributed
 from tesla_func.augment import DSA
-from tesla_func.configargs import check_choice, check_non_negative, check_positive_ints
 from tesla_func.data import Dataset, check_same_dataset, load_dataset_like
+from tesla_func.distill_config import IMAGE_INITS, DistillConfig  # noqa: F401 (re-exported)
 from tesla_func.distill_state import (
     CLASS_LOG_FIELDS,
     EVAL_FIELDS,
@@ -76,14 +74,8 @@ from tesla_func.distill_state import (
 )
 from tesla_func.evaluate import EvalConfig, EvalResult, evaluate
 from tesla_func.experts import ExpertTrajectory, load_experts
-from tesla_func.labels import (
-    LABEL_STRATEGIES,
-    LabelInputs,
-    LabelStrategy,
-    label_drift,
-    teacher_logits,
-)
-from tesla_func.matching import METHODS, match_trajectory
+from tesla_func.labels import LabelInputs, label_drift, teacher_logits
+from tesla_func.matching import match_trajectory
 from tesla_func.models import ConvNet
 from tesla_func.optim import SGDState, sgd
 from tesla_func.plots import plot_synthetic
@@ -92,87 +84,7 @@ from tesla_func.results import make_results, save_results
 from tesla_func.sampling import draw_minibatches
 from tesla_func.synthetic import SyntheticSet, snapshot_path
 
-IMAGE_INITS = ("real", "noise")
 CHECKPOINT = "checkpoint.safetensors"
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """One distillation run; saved with every output. Defaults: a small Fashion-MNIST run."""
-
-    experts_dir: str | None = None  # folder of expert_*.safetensors to match (required)
-    dataset: str | None = None  # the dataset distilled; None: the experts' dataset
-    data_root: str | None = None  # folder holding the dataset's files (None: default places)
-    ipc: int = 1  # synthetic images per class
-    method: str = "tesla"  # gradient method, a key of tesla_func.matching.METHODS
-    label_strategy: str = "hard"  # a key of tesla_func.labels.LABEL_STRATEGIES
-    iterations: int = 200  # image updates
-    syn_steps: int = 20  # T, student steps per iteration
-    match_epochs: int = 2  # M, expert epochs matched: target = start epoch + M
-    max_start_epoch: int = 4  # start epoch t ~ U{0 .. max_start_epoch - 1}
-    batch_syn: int | None = None  # synthetic images per student step; None: the whole set
-    # exact method: keep every k-th student state in the forward pass and recompute the others
-    # (memory (T/k + k) parameter vectors instead of T; k - 1 extra forward steps per k)
-    state_stride: int = 1
-    # rows that go through the network at once in a student step (None: the whole minibatch;
-    # the same result up to rounding, with about one microbatch's graph in memory)
-    microbatch_size: int | None = None
-    lr_img: float = 1000.0  # SGD lr of the images
-    # SGD lr of log(beta) (beta = exp(log_beta) stays positive). A raw-beta lr r (the papers'
-    # lr_lr, 1e-7..1e-5) is about r / beta^2 here: 0.1..10 for beta = 0.01..0.001.
-    lr_lr: float = 1.0
-    # |dL/dlog(beta)| is clipped to this before the update (None: no clip), so one iteration
-    # changes log(beta) by at most lr_lr * lr_grad_clip (before momentum)
-    lr_grad_clip: float | None = None
-    lr_labels: float = 10.0  # SGD lr of the label logits (strategies that learn them)
-    momentum: float = 0.5  # SGD momentum of images, logits and log(beta)
-    lr_init: float | None = None  # initial beta; None: the experts' training lr
-    label_init_confidence: float = 0.9  # learned logits: initial softmax mass on the true class
-    image_init: str = "real"  # "real": random real images of each class; "noise": N(0, 1)
-    dsa: bool = True  # replayed DSA on the synthetic minibatches
-    eval_every: int = 0  # evaluate every N iterations (0: only at the end)
-    eval_epochs: int = 300  # evaluation protocol: training epochs (the paper: 1000)
-    eval_models: int = 3  # evaluation protocol: networks trained per evaluation
-    save_every: int = 25  # iterations between atomic checkpoints of the run
-    # iterations between snapshots of the set, kept as run/snapshots/images_<iteration>.safetensors
-    # (synthetic-set files, taken at iteration 0, every snapshot_every iterations and at the last;
-    # plots.plot_image_strip lines them up); 0: no snapshots
-    snapshot_every: int = 0
-    seed: int = 0  # the run's generator: experts, start epochs, minibatches, DSA, initial images
-    device: str = "cpu"  # where the matching runs
-
-    def __post_init__(self) -> None:
-        check_positive_ints(self, ("ipc", "iterations", "syn_steps", "match_epochs",
-                                   "max_start_epoch", "state_stride", "eval_epochs",
-                                   "eval_models", "save_every"))
-        if self.batch_syn is not None:
-            check_positive_ints(self, ("batch_syn",))
-        if self.microbatch_size is not None:
-            check_positive_ints(self, ("microbatch_size",))
-        for name in ("eval_every", "snapshot_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"DistillConfig.{name} must be an int >= 0, got {value!r}")
-        check_choice(self, "method", METHODS)
-        check_choice(self, "label_strategy", LABEL_STRATEGIES)
-        check_choice(self, "image_init", IMAGE_INITS)
-        check_non_negative(self, ("lr_img", "lr_lr", "lr_labels"))
-        for name in ("lr_grad_clip", "lr_init"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"DistillConfig.{name} must be None or finite and > 0, "
-                                 f"got {value}")
-        if not 0 < self.label_init_confidence < 1:
-            raise ValueError("DistillConfig.label_init_confidence must lie in (0, 1)")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"DistillConfig.momentum must lie in [0, 1), got {self.momentum}")
-
-    @property
-    def strategy(self) -> LabelStrategy:
-        return LABEL_STRATEGIES[self.label_strategy]
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def _experts_and_dataset(
@@ -358,7 +270,7 @@ class Distiller:
             self.model, expert.params[t], expert.params[target_epoch], s.images,
             labels, beta, [b.to(self.device) for b in batches],
             method=cfg.method, augment=augment, state_stride=cfg.state_stride,
-            microbatch_size=cfg.microbatch_size, group=self.group,
+            keep_graphs=cfg.keep_graphs, microbatch_size=cfg.microbatch_size, group=self.group,
         )
         lr_grad = res.lr_grad * beta  # dL/dlog(beta)
         grads = {"images": res.images_grad, "label_logits": res.labels_grad, "log_lr": lr_grad}

@@ -15,20 +15,18 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from tesla_func.data import Dataset
+from tesla_func.distill_config import DistillConfig
 from tesla_func.fileio import load_tensors, save_tensors
 from tesla_func.labels import LabelStrategy
 from tesla_func.optim import SGDState, sgd
 from tesla_func.sampling import per_class_indices
 from tesla_func.types import Params
-
-if TYPE_CHECKING:  # distill imports this module
-    from tesla_func.distill import DistillConfig
 
 FORMAT = "tesla_func.distill_checkpoint"
 LOG_FIELDS = (
@@ -111,6 +109,9 @@ def load_checkpoint(
     shard, :data:`ROW_SHARDED`); the file always holds the whole set, so a run resumes on any
     number of ranks.
 
+    A field missing from the file's config (one added to :class:`DistillConfig` since) counts as
+    its default, so a run resumes across versions unless it sets that field.
+
     Raises ``ValueError`` listing the differing fields when it belongs to another run, and naming
     the file when it is truncated or of another kind.
     """
@@ -119,6 +120,9 @@ def load_checkpoint(
     if header.get("format") != FORMAT or not isinstance(saved, dict):
         raise ValueError(f"{path} is not a tesla_func distillation checkpoint; delete it")
     now = json.loads(json.dumps(config))
+    # a field DistillConfig gained after the file was written reads as its default there
+    added = {k: v for k, v in DistillConfig().to_dict().items() if k in now and k not in saved}
+    saved = {**added, **saved}
     if saved != now:
         diffs = [
             f"{k}: saved {saved.get(k)!r} vs now {v!r}"

@@ -59,7 +59,7 @@ from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from tesla_func import distributed
-from tesla_func.configargs import check_positive_ints
+from tesla_func.configargs import check_int
 from tesla_func.models import build_model, init_params
 from tesla_func.optim import sgd
 from tesla_func.results import make_results
@@ -102,9 +102,8 @@ class EvalConfig:
         object.__setattr__(self, "arch_kwargs", dict(self.arch_kwargs))
         if not math.isfinite(self.lr) or self.lr <= 0:
             raise ValueError(f"EvalConfig.lr must be a positive finite number, got {self.lr}")
-        check_positive_ints(self, ("epochs", "batch_size", "test_batch_size", "num_models"))
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"EvalConfig.seed must be a non-negative int, got {self.seed!r}")
+        check_int(self, "epochs", "batch_size", "test_batch_size", "num_models")
+        check_int(self, "seed", low=0)
         if self.lr_decay_epoch is not None and self.lr_decay_epoch < 0:
             raise ValueError(f"EvalConfig.lr_decay_epoch must be >= 0, got {self.lr_decay_epoch}")
         for name in ("lr_decay_factor", "momentum", "weight_decay"):

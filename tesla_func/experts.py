@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from tesla_func import distributed
 from tesla_func.augment import DSA
-from tesla_func.configargs import check_choice, check_positive_ints
+from tesla_func.configargs import check_choice, check_int
 from tesla_func.data import DATASETS, Dataset, dataset_options, load_dataset
 from tesla_func.evaluate import accuracy
 from tesla_func.fileio import load_tensors, save_tensors
@@ -81,7 +81,7 @@ class ExpertConfig:
     image_size: int | None = None
 
     def __post_init__(self) -> None:
-        check_positive_ints(self, ("num_experts", "epochs", "width", "depth", "batch_size"))
+        check_int(self, "num_experts", "epochs", "width", "depth", "batch_size")
         check_choice(self, "dataset", DATASETS)
         if self.image_size is not None:
             if "image_size" not in dataset_options(self.dataset):
@@ -89,7 +89,7 @@ class ExpertConfig:
                     f"ExpertConfig.image_size is for your own images (dataset 'folder'); "
                     f"dataset {self.dataset!r} has a fixed size: leave image_size unset"
                 )
-            check_positive_ints(self, ("image_size",))
+            check_int(self, "image_size")
         if self.norm not in STATELESS_NORMS:
             raise ValueError(
                 f"ExpertConfig.norm must be one of {STATELESS_NORMS}, got {self.norm!r}: "

@@ -556,12 +556,30 @@ def exact(p: Problem) -> MatchResult:
     return MatchResult(loss, grads.images, grads.labels, lr_grad)
 
 
-METHODS: dict[str, Callable[[Problem], MatchResult]] = {
-    "unrolled": unrolled,
-    "tesla": tesla,
-    "exact": exact,
+@dataclass(frozen=True)
+class Method:
+    """A registered gradient method: the function and what it takes and returns.
+
+    Called like the function (``METHODS[name](problem)``). What a method takes is stated here
+    once: planner, benchmarks and configs read it from the registry."""
+
+    run: Callable[[Problem], MatchResult]
+    gradient: str  # "exact": the MTT gradient up to rounding; "first-order": a truncation (Eq. B4)
+    takes_keep_graphs: bool  # keeps the last k first-pass step graphs (keep_graphs = k)
+    takes_state_stride: bool  # keeps every s-th student state (state_stride = s)
+
+    def __call__(self, problem: Problem) -> MatchResult:
+        return self.run(problem)
+
+
+METHODS: dict[str, Method] = {
+    "unrolled": Method(unrolled, "exact", takes_keep_graphs=False, takes_state_stride=False),
+    "tesla": Method(tesla, "first-order", takes_keep_graphs=True, takes_state_stride=False),
+    "exact": Method(exact, "exact", takes_keep_graphs=True, takes_state_stride=True),
 }
 """Registry of gradient methods by name; tests and benchmarks loop over it."""
+KEEP_METHODS = tuple(name for name, m in METHODS.items() if m.takes_keep_graphs)
+"""The methods that take ``keep_graphs`` (from :data:`METHODS`)."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,6 +24,9 @@ equals :func:`measure_peak_memory` byte for byte, for any size, in the time the 
 takes (about a millisecond per operator), with the process's own memory untouched.
 :func:`predict_cost` also counts floating-point operations with the formulas of
 ``torch.utils.flop_counter`` (matmuls, convolutions and attention only; see :class:`Cost`).
+
+**Sizes.** :func:`parse_bytes` reads a memory size as people write it (``"48GB"``, ``"24GiB"``);
+:func:`format_bytes` writes one in binary units.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
+import re
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -305,3 +310,47 @@ def predict_cost(fn: Callable[..., Any], *args, **kwargs) -> tuple[Any, Cost]:
     """
     result, peak, flops = _fake_run(fn, args, kwargs, count_flops=True)
     return result, Cost(peak, flops.flops, dict(flops.by_op))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes in bytes, read and written as people write them
+
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}  # fmt: skip
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_bytes(text: str | float) -> int:
+    """A memory size in bytes: ``"24GiB"``, ``"48GB"``, ``"80e9"``, ``"512MiB"``, ``"1.5 TB"``.
+
+    Units: B, kB/MB/GB/TB (powers of 1000) and KiB/MiB/GiB/TiB (powers of 1024), any case; a bare
+    number is bytes. Raises ``ValueError`` naming the text and the accepted forms otherwise.
+    """
+    if isinstance(text, bool):
+        raise TypeError(f"a memory size must be a number or text like '48GB', got {text!r}")
+    if isinstance(text, (int, float)):
+        value, unit = float(text), ""
+    else:
+        match = _SIZE.match(str(text))
+        if match is None or match.group(2).lower() not in _UNITS:
+            raise ValueError(
+                f"cannot read {text!r} as a memory size: write a number with an optional unit, "
+                "e.g. '24GiB', '48GB', '80e9' (bytes) or '512MiB' (units: B, kB, MB, GB, TB, KiB, "
+                "MiB, GiB, TiB)"
+            )
+        value, unit = float(match.group(1)), match.group(2).lower()
+    size = value * _UNITS[unit]
+    if not math.isfinite(size) or size <= 0:
+        raise ValueError(f"a memory size must be finite and > 0, got {text!r}")
+    return int(size)
+
+
+def format_bytes(n: float) -> str:
+    """Bytes in KiB below 1 MiB, MiB below 1 GiB, else GiB (binary units)."""
+    if abs(n) < 2**20:
+        return f"{n / 2**10:.1f} KiB"
+    return f"{n / 2**20:.1f} MiB" if abs(n) < 2**30 else f"{n / 2**30:.2f} GiB"

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from tesla_func.configargs import check_positive_ints
+from tesla_func.configargs import check_int
 
 Norm = Literal["instance", "batch", "none"]
 Pool = Literal["avg", "max", "none"]
@@ -55,7 +55,7 @@ class ConvNetConfig:
     pool: Pool = "avg"  # 2x2 pooling after every block
 
     def __post_init__(self) -> None:
-        check_positive_ints(self, ("channels", "num_classes", "image_size", "width", "depth"))
+        check_int(self, "channels", "num_classes", "image_size", "width", "depth")
         if self.norm not in NORMS:
             raise ValueError(f"ConvNetConfig.norm must be one of {NORMS}, got {self.norm!r}")
         if self.pool not in POOLS:
@@ -178,7 +178,7 @@ class ResNetConfig:
     norm: Norm = "instance"  # instance = GroupNorm(groups=channels), affine; batch; none
 
     def __post_init__(self) -> None:
-        check_positive_ints(self, ("channels", "num_classes", "image_size", "width"))
+        check_int(self, "channels", "num_classes", "image_size", "width")
         if self.norm not in NORMS:
             raise ValueError(f"ResNetConfig.norm must be one of {NORMS}, got {self.norm!r}")
         # Three stride-2 stages shrink the side to ceil(side / 8). Instance norm over a 1x1 map
@@ -265,19 +265,8 @@ class ViTConfig:
     pool: Literal["cls", "mean"] = "cls"  # classify the cls token, or the mean of patch tokens
 
     def __post_init__(self) -> None:
-        check_positive_ints(
-            self,
-            (
-                "channels",
-                "num_classes",
-                "image_size",
-                "patch_size",
-                "dim",
-                "depth",
-                "heads",
-                "mlp_dim",
-            ),
-        )
+        check_int(self, "channels", "num_classes", "image_size", "patch_size", "dim", "depth",
+                  "heads", "mlp_dim")
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"ViTConfig.image_size {self.image_size} is not a multiple of patch_size "

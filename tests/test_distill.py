@@ -11,6 +11,7 @@ import tesla_func.distill as distill_module
 from tesla_func.data import load_dataset
 from tesla_func.distill import DistillConfig, Distiller
 from tesla_func.experts import ExpertConfig, load_experts, train_experts
+from tesla_func.fileio import load_tensors, save_tensors
 from tesla_func.labels import LABEL_STRATEGIES, LabelStrategy
 from tesla_func.matching import MatchResult
 from tesla_func.models import ConvNet
@@ -360,12 +361,56 @@ def test_bad_setups_fail_before_any_work(tmp_path, experts_dir, digits, experts,
     assert not (tmp_path / "checkpoint.safetensors").exists()
 
 
+def test_a_checkpoint_from_before_a_new_field_resumes_at_its_default(tmp_path, experts_dir,
+                                                                      digits, experts):
+    """A checkpoint whose config lacks a field DistillConfig has now (keep_graphs, say) resumes
+    with that field at its default, and is refused with another value."""
+    make(config(experts_dir), tmp_path, digits, experts).run(stop_after=2)
+    path = tmp_path / distill_module.CHECKPOINT
+    tensors, header = load_tensors(path)
+    del header["config"]["keep_graphs"]
+    save_tensors(path, tensors, header)
+    assert make(config(experts_dir), tmp_path, digits, experts).state.iteration == 2
+    with pytest.raises(ValueError, match=r"keep_graphs: saved 0 vs now 2"):
+        make(config(experts_dir, keep_graphs=2), tmp_path, digits, experts)
+
+
+def test_keep_graphs_reaches_the_matching_and_leaves_the_set_alone(tmp_path, experts_dir, digits,
+                                                                   experts, monkeypatch):
+    """keep_graphs trades memory for time only: from the same seed exact distils the same set
+    with keep_graphs 0 and 2 (float64, to 1e-10), and the call receives the config's k."""
+    from tests.test_golden import _as_float64
+
+    data64, experts64 = _as_float64(digits, experts)
+    seen, real = [], distill_module.match_trajectory
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["keep_graphs"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill_module, "match_trajectory", spy)
+    states = {}
+    for keep in (0, 2):
+        cfg = config(experts_dir, method="exact", keep_graphs=keep, lr_img=100.0)
+        distiller = Distiller(cfg, tmp_path / str(keep), progress=False, dataset=data64,
+                              experts=experts64)
+        for _ in range(2):
+            distiller.step()
+        states[keep] = distiller.state
+    assert seen == [0, 0, 2, 2]
+    for name, value in states[0].tensors().items():
+        torch.testing.assert_close(states[2].tensors()[name], value, rtol=1e-10,
+                                   atol=1e-10 * float(value.abs().max()))
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
         (dict(syn_steps=0), "syn_steps must be a positive int"),
         (dict(iterations=0), "iterations must be a positive int"),
         (dict(state_stride=0), "state_stride must be a positive int"),
+        (dict(keep_graphs=-1), "keep_graphs must be an int >= 0"),
+        (dict(microbatch_size=0), "microbatch_size must be None or a positive int"),
         (dict(method="adjoint"), "method 'adjoint' is unknown"),
         (dict(label_strategy="soft"), "label_strategy 'soft' is unknown"),
         (dict(lr_init=-0.1), "lr_init must be None or finite and > 0"),

@@ -534,7 +534,6 @@ def test_the_benchmark_script_at_tiny_sizes_on_one_process(tmp_path):
     """experiments/bench_distributed.py end to end with W = 1 only (no spawn): records, the
     memory model's fit, the table, the notes and the figure."""
     from tests.test_experiments import load_script
-    from tesla_func.plots import plot_distributed
     from tesla_func.results import write_outputs
 
     bench = load_script("bench_distributed")
@@ -551,6 +550,6 @@ def test_the_benchmark_script_at_tiny_sizes_on_one_process(tmp_path):
     text = bench.table(ds)
     assert "| 1 | none | 10 |" in text and "| 1 | 3 | 10 |" in text
     paths = write_outputs(ds, "bench_distributed", tmp_path, table=text, notes=bench.notes(ds),
-                          plot=lambda nc, png: plot_distributed(nc, png))
+                          plot=bench.plot_distributed)
     for path in paths.values():
         assert path.stat().st_size > 0

@@ -14,7 +14,7 @@ import pytest
 from tesla_func.distill import DistillConfig
 from tesla_func.experts import ExpertConfig
 from tesla_func.plots import plot_accuracy_vs_iteration
-from tesla_func.results import write_outputs
+from tesla_func.results import make_results, save_results, write_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -212,3 +212,51 @@ def test_ablate_labels_measures_label_drift_and_draws_its_sets(ablate, tmp_path,
     for name in ("ablate_labels", "ablate_labels_drift", "ablate_labels_sets",
                  "ablate_labels_strip"):
         assert (out / f"{name}.png").read_bytes().startswith(b"\x89PNG"), name
+
+
+def test_label_drift_figure(ablate, tmp_path):
+    steps, k = 5, 3
+    drift = np.zeros((2, 2, steps))
+    drift[1] = np.linspace(0, 0.5, steps)
+    counts = np.full((2, 2, steps, k), 2.0)
+    counts[1, 1, :, 0], counts[1, 1, :, 1] = [2, 3, 4, 5, 6], [2, 1, 0, 0, 0]  # ipc 2: N = 6
+    counts[1, 1, :, 2] = 6 - counts[1, 1, :, 0] - counts[1, 1, :, 1]
+    counts[:, 0] /= 2  # ipc 1
+    ds = make_results(
+        {"label_drift": (("label_strategy", "ipc", "log_iteration"), drift,
+                         {"units": "fraction"}),
+         "class_count": (("label_strategy", "ipc", "log_iteration", "class"), counts)},
+        coords={"label_strategy": ["hard", "sla"], "ipc": [1, 2],
+                "log_iteration": np.arange(1, steps + 1), "class": np.arange(k),
+                "class_name": (("class",), ["ant", "bee", "cat"])},
+    )
+    nc = save_results(ds, tmp_path / "drift.nc")
+    fig = ablate.plot_label_drift(nc, tmp_path / "drift.png")
+    assert (tmp_path / "drift.png").read_bytes().startswith(b"\x89PNG")
+    left, middle, right = fig.axes[:3]
+    sla_max = [line for line in middle.get_lines() if line.get_label() == "sla max"][0]
+    assert list(sla_max.get_ydata()) == [2, 3, 4, 5, 6]  # at the last IPC, 2
+    assert [t.get_text() for t in right.get_yticklabels()] == ["ant", "bee", "cat"]
+    np.testing.assert_array_equal(right.get_images()[0].get_array(), counts[1, 1].T)
+    assert "sla" in right.get_title()
+    with pytest.raises(KeyError, match="needs dims"):
+        ablate.plot_label_drift(nc, tmp_path / "x.png", x="iteration")
+
+
+def test_paper_memory_experiment_runs_end_to_end(tmp_path):
+    script = load_script("paper_memory")
+    cfg = script.PaperMemoryConfig(steps=(1, 2), steps_dataset="digits", datasets=("digits",),
+                                   dataset_steps=(1, 2), width=2, batch_syn=4, dsa=False,
+                                   device_memory="1GiB", verify_max_steps=3)
+    ds = script.main(cfg)
+    assert ds["steps_total_bytes"].dims == ("method", "steps")
+    assert ds["dataset_total_bytes"].dims == ("dataset", "method", "dataset_steps")
+    public = ds["steps_public_tesla_bytes"].values
+    assert (public > ds["steps_total_bytes"].sel({"method": "tesla"}).values).all()
+    text = script.table(ds)
+    assert "| 2 |" in text and "| digits | convnet, IPC 1 | 2 |" in text
+    paths = write_outputs(ds, "paper_memory", table=text, out_dir=tmp_path,
+                          plot=lambda nc, png: script.plot_memory_plan(nc, png))
+    assert paths["figure"].read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(ValueError, match="compares unrolled, tesla and exact"):
+        script.main(script.PaperMemoryConfig(methods=("tesla",)))

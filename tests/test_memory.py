@@ -29,7 +29,7 @@ from tesla_func import (
     predict_peak_memory,
 )
 from tesla_func.augment import DSA
-from tesla_func.memory import LiveTensorTracker
+from tesla_func.memory import LiveTensorTracker, format_bytes, parse_bytes
 from tesla_func.models import init_params
 
 
@@ -348,3 +348,27 @@ def test_flops_equal_torch_flop_counter_mode_on_a_real_run(method):
     _, cost = predict_cost(match_trajectory, *args, **kwargs)
     assert cost.flops == counter.get_total_flops() > 0
     assert sum(cost.flops_by_op.values()) == cost.flops
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes in bytes
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("24GiB", 24 * 2**30), ("48GB", 48 * 10**9), ("80e9", 80 * 10**9), ("512MiB", 512 * 2**20),
+    ("1.5 TB", 1.5e12), ("48gb", 48 * 10**9), (8e10, 8 * 10**10), ("4096", 4096),
+])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == int(expected)
+
+
+@pytest.mark.parametrize("text", ["48 gigs", "GB", "-3GB", "0", "1e999", ""])
+def test_parse_bytes_refuses_what_it_cannot_read(text):
+    with pytest.raises(ValueError, match="memory size"):
+        parse_bytes(text)
+
+
+def test_format_bytes():
+    assert format_bytes(512) == "0.5 KiB"
+    assert format_bytes(3 * 2**20) == "3.0 MiB"
+    assert format_bytes(48e9) == "44.70 GiB"

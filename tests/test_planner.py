@@ -22,20 +22,23 @@ import torch
 from torch.func import functional_call
 
 from tesla_func import cli, match_trajectory, measure_peak_memory, predict_cost
+from tesla_func.configargs import config_from_args
 from tesla_func.augment import DSA, ReplayedDSA
 from tesla_func.data import DATASETS, load_dataset, locate, shape
 from tesla_func.models import build_model, init_params
+from tesla_func.distill import DistillConfig
+from tesla_func.memory import format_bytes, predict_peak_memory
 from tesla_func.planner import (
     ANY,
-    NONE,
+    PLANNED_FIELDS,
+    SWEPT_FIELDS,
+    UNPLANNED_FIELDS,
     LabelKind,
     Limits,
     PlanConfig,
     Predictor,
-    format_bytes,
     held_bytes,
     label_kind,
-    parse_bytes,
     plan,
     plan_markdown,
     plan_records,
@@ -79,26 +82,6 @@ def test_digits_shape_matches_the_loaded_set():
     assert (training_files, data.info.num_classes) == (s.train_size, s.num_classes)
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("24GiB", 24 * 2**30), ("48GB", 48 * 10**9), ("80e9", 80 * 10**9), ("512MiB", 512 * 2**20),
-    ("1.5 TB", 1.5e12), ("48gb", 48 * 10**9), (8e10, 8 * 10**10), ("4096", 4096),
-])
-def test_parse_bytes(text, expected):
-    assert parse_bytes(text) == int(expected)
-
-
-@pytest.mark.parametrize("text", ["48 gigs", "GB", "-3GB", "0", "1e999", ""])
-def test_parse_bytes_refuses_what_it_cannot_read(text):
-    with pytest.raises(ValueError, match="memory size"):
-        parse_bytes(text)
-
-
-def test_format_bytes():
-    assert format_bytes(512) == "0.5 KiB"
-    assert format_bytes(3 * 2**20) == "3.0 MiB"
-    assert format_bytes(48e9) == "44.70 GiB"
-
-
 @pytest.mark.parametrize(("change", "message"), [
     ({"dataset": "mnist"}, "unknown dataset 'mnist'; known: fashion-mnist, digits"),
     ({"model": "resnet50"}, "unknown model 'resnet50'; known: convnet, convnetd4"),
@@ -107,15 +90,47 @@ def test_format_bytes():
     ({"model": "vit", "width": 8}, "does not accept"),
     ({"batch_syn": 21}, r"larger than the synthetic set: ipc 2 x 10 classes = 20 images"),
     ({"methods": ("tesla", "adjoint")}, "known: \\['exact', 'tesla', 'unrolled'\\]"),
-    ({"label_strategy": "soft"}, "unknown label strategy 'soft'; known: hard, sla"),
+    ({"label_strategy": "soft"}, "label_strategy 'soft' is unknown; known: \\['hard', 'learned'"),
     ({"dtype": "float8"}, "unknown dtype"),
     ({"device_memory": "lots"}, "cannot read 'lots' as a memory size"),
     ({"syn_steps": (0,)}, "syn_steps must be T values >= 1"),
-    ({"ipc": 0}, "PlanConfig.ipc must be an int >= 1"),
+    ({"ipc": 0}, "DistillConfig.ipc must be a positive int"),
+    ({"keep_graphs": -1}, "DistillConfig.keep_graphs must be an int >= 0"),
+    ({"microbatch_size": 0}, "DistillConfig.microbatch_size must be None or a positive int"),
+    ({"dataset": None}, "the plan needs a dataset"),
 ])
 def test_bad_configs_say_what_is_wrong(change, message):
     with pytest.raises(ValueError, match=message):
         PlanConfig(**{**SMALL, **change})
+
+
+def test_a_plan_is_built_from_a_distill_config():
+    """The run's planned fields as keywords set them in ``distill``; to_dict is flat and builds
+    the same plan again; the swept fields are the plan's own."""
+    run = DistillConfig(dataset="digits", ipc=2, batch_syn=8, dsa=False, keep_graphs=3,
+                        microbatch_size=4, lr_img=5.0)
+    cfg = PlanConfig(run, model="convnet", width=4, depth=1, syn_steps=(2,))
+    assert cfg.distill is run and cfg == PlanConfig(dataset="digits", ipc=2, batch_syn=8,
+                                                    dsa=False, keep_graphs=3, microbatch_size=4,
+                                                    model="convnet", width=4, depth=1,
+                                                    syn_steps=(2,), distill=run)
+    flat = cfg.to_dict()
+    assert flat["keep_graphs"] == 3 and flat["microbatch_size"] == 4 and flat["syn_steps"] == (2,)
+    assert "lr_img" not in flat and "method" not in flat and "distill" not in flat
+    assert PlanConfig(**flat).to_dict() == flat
+    assert PlanConfig(**SMALL).distill.ipc == 2 and PlanConfig().distill.dataset == "cifar10"
+    with pytest.raises(TypeError, match=r"unknown keywords \['method'\]"):
+        PlanConfig(**SMALL, method="exact")  # swept: methods=("exact",)
+
+
+def test_every_distill_field_is_sorted_into_planned_or_not():
+    """A field added to DistillConfig must be sorted: planned (it changes memory, or the DSA
+    draws) or not; the swept ones are planned and have a PlanConfig field of their own."""
+    fields = [f.name for f in dataclasses.fields(DistillConfig)]
+    assert sorted(PLANNED_FIELDS + UNPLANNED_FIELDS) == sorted(fields)
+    assert not set(PLANNED_FIELDS) & set(UNPLANNED_FIELDS)
+    plan_fields = {f.name for f in dataclasses.fields(PlanConfig)}
+    assert set(SWEPT_FIELDS) <= set(PLANNED_FIELDS) and set(SWEPT_FIELDS.values()) <= plan_fields
 
 
 def test_label_kinds_come_from_the_strategies():
@@ -147,7 +162,8 @@ def _real_arguments(cfg: PlanConfig, steps: int, family: str | None, seed: int =
                         width=cfg.width, depth=cfg.depth)
     start = init_params(model, gen)
     target = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in start.items()}
-    labels = (torch.randn(n, s.num_classes, generator=gen) if label_kind(cfg.label_strategy).soft
+    labels = (torch.randn(n, s.num_classes, generator=gen)
+              if label_kind(cfg.distill.label_strategy).soft
               else torch.randint(0, s.num_classes, (n,), generator=gen))
     augment = None
     if family is not None:
@@ -176,12 +192,51 @@ def test_planned_call_equals_a_real_measurement(labels, dsa):
         assert int(at["flops"]) == cost.flops, method
 
 
+@pytest.mark.parametrize(("labels", "dsa"), [("learned", True), ("hard", False)])
+def test_microbatches_are_planned(labels, dsa):
+    """The run's microbatch_size goes into the predicted call: the plan equals
+    predict_peak_memory (and the measurement) of the same call, and tesla and exact peak lower
+    than without microbatches."""
+    cfg = PlanConfig(**{**SMALL, "label_strategy": labels, "dsa": dsa, "syn_steps": (3,),
+                        "microbatch_size": 3})
+    split = plan(cfg)
+    whole = plan(PlanConfig(dataclasses.replace(cfg.distill, microbatch_size=None),
+                            **{k: v for k, v in SMALL.items() if k in ("model", "width", "depth")},
+                            syn_steps=(3,)))
+    family = None if split.attrs["dsa_family"] == "none" else split.attrs["dsa_family"]
+    args = _real_arguments(cfg, 3, family)
+    for method in cfg.methods:
+        at = split.sel({"method": method, "steps": 3})
+        _, predicted = predict_peak_memory(match_trajectory, **args, method=method,
+                                           microbatch_size=3)
+        _, measured = measure_peak_memory(match_trajectory, **args, method=method,
+                                          microbatch_size=3)
+        assert int(at["call_peak_bytes"]) == predicted.peak_bytes == measured.peak_bytes, method
+        if method != "unrolled":  # it keeps every chunk of every step
+            assert at["call_peak_bytes"] < whole.sel({"method": method, "steps": 3})[
+                "call_peak_bytes"], method
+
+
+@pytest.mark.parametrize(("method", "stride", "keep"), [
+    ("unrolled", 1, 0), ("tesla", 1, 0), ("exact", 1, 0), ("exact", 2, 0), ("tesla", 1, 3),
+    ("exact", 1, 2),
+])
+def test_linear_extension_in_steps_holds_with_microbatches(method, stride, keep):
+    cfg = PlanConfig(**{**SMALL, "microbatch_size": 3, "state_stride": stride,
+                        "keep_graphs": keep, "extrapolate_above": 0})
+    p = Predictor(cfg)
+    extended, extrapolated = p.call(method, 11)
+    assert extrapolated and max(p.anchors(method, 11)) < 11
+    direct = p.direct(method, 11)
+    assert (extended.peak_bytes, extended.flops) == (direct.peak_bytes, direct.flops)
+
+
 @pytest.mark.parametrize(("method", "stride", "labels", "dsa", "steps", "keep"), [
-    ("unrolled", 1, "hard", True, 7, None),
-    ("tesla", 1, "learned", False, 7, None),
-    ("exact", 1, "sla", False, 7, None),
-    ("exact", 2, "hard", False, 10, None),
-    ("exact", 3, "hard", False, 13, None),
+    ("unrolled", 1, "hard", True, 7, 0),
+    ("tesla", 1, "learned", False, 7, 0),
+    ("exact", 1, "sla", False, 7, 0),
+    ("exact", 2, "hard", False, 10, 0),
+    ("exact", 3, "hard", False, 13, 0),
     ("tesla", 1, "hard", True, 9, 3),
     ("exact", 1, "learned", False, 9, 2),
     ("exact", 2, "sla", False, 13, 3),
@@ -265,7 +320,7 @@ def test_limits_are_the_largest_that_fit():
     limits = {r["method"]: r for r in plan_records(ds)["limits"]}
     assert limits["unrolled"]["max_syn_steps"] == 6 and limits["unrolled"]["max_syn_steps_verified"]
     assert limits["tesla"]["max_syn_steps"] == "any"
-    assert int(ds["max_syn_steps"].sel({"method": "tesla"})) == ANY
+    assert float(ds["max_syn_steps"].sel({"method": "tesla"})) == ANY == float("inf")
     exact = limits["exact"]["max_syn_steps"]
     assert exact > 6 and not limits["exact"]["max_syn_steps_verified"]  # far beyond a check
     assert bool(ds["fits"].sel({"method": "unrolled", "steps": 4}))
@@ -323,19 +378,22 @@ def test_keep_graphs_one_is_the_call_of_zero():
     ("tesla", {}, KEEP_STEPS),
     ("exact", {}, KEEP_STEPS),
     ("exact", {"state_stride": 2, "label_strategy": "sla"}, 9),
+    ("tesla", {"microbatch_size": 3}, KEEP_STEPS),
+    ("exact", {"microbatch_size": 3}, KEEP_STEPS),
 ])
 def test_keep_line_equals_direct_prediction(method, change, steps):
     """The line in keep_graphs k from the call at k = 0 and three short calls: equal to the call
     predicted directly for 2 <= k < T (exact with s = 1: up to k = T; tesla at k = T holds one
     parameter vector less); with a stride s, exact along k = 2 (mod s) and within a parameter
-    vector elsewhere."""
+    vector elsewhere. With microbatches it holds from k = 1 on."""
     cfg = PlanConfig(**{**KEEP, **change})
     p = _predictor(cfg)
     vector = sum(t.numel() for t in p.model.parameters()) * 4
     s = p.stride(method)
     assert steps > p.anchors(method, steps, keep=0)[1]  # past the short calls: the line is used
     line = p.keep_line(method, steps)
-    for k in range(2, steps + 1):
+    assert p.first_keep == (1 if cfg.distill.microbatch_size else 2)
+    for k in range(p.first_keep, steps + 1):
         direct, on_line = p.direct(method, steps, keep=k), line.at(k)
         if k == steps and method == "tesla":
             assert direct.peak_bytes == on_line.peak_bytes - vector, k
@@ -367,11 +425,24 @@ def test_keep_graphs_limit_at_the_ends(method):
     # the device barely fits k = 0 (k = 1 is the same call): k = 0
     assert _keep_limit(cfg, method, KEEP_STEPS, totals[0]).keep == 0
     # one byte less: not even k = 0
-    assert _keep_limit(cfg, method, KEEP_STEPS, totals[0] - 1) == (NONE, True, None)
+    assert _keep_limit(cfg, method, KEEP_STEPS, totals[0] - 1) == (None, True, None)
     # a huge device: every graph kept, k = T
     assert _keep_limit(cfg, method, KEEP_STEPS, 10**12).keep == KEEP_STEPS
     # exactly the peak at k = T, where tesla's line (one parameter vector above it) says T - 1
     assert _keep_limit(cfg, method, KEEP_STEPS, totals[-1]).keep == KEEP_STEPS
+
+
+@pytest.mark.parametrize("method", ["tesla", "exact"])
+def test_with_microbatches_keep_graphs_one_is_a_limit_of_its_own(method):
+    """Split into microbatches, k = 0 keeps only the last chunk's graph and k = 1 the whole last
+    step's: k = 1 is a call of its own, and the largest k that fits may be 1."""
+    cfg = PlanConfig(**{**KEEP, "microbatch_size": 3})
+    totals = _keep_totals(cfg, method, KEEP_STEPS)
+    assert totals[0] < totals[1] < totals[2]
+    for verify in (True, False):
+        assert _keep_limit(cfg, method, KEEP_STEPS, totals[1], verify=verify).keep == 1
+        assert _keep_limit(cfg, method, KEEP_STEPS, totals[1] - 1, verify=verify).keep == 0
+    assert _keep_limit(cfg, method, KEEP_STEPS, totals[3]).keep == 3
 
 
 @pytest.mark.parametrize("method", ["tesla", "exact"])
@@ -470,36 +541,42 @@ def test_plan_command_prints_markdown_and_json(capsys):
     assert "| fits 1.00 GiB | largest keep_graphs |" in capsys.readouterr().out
 
 
+# A value of each planned field as a command-line flag takes it (a planned field missing here
+# fails the test below: it must be given a value and so be a `plan` flag).
+FLAG_VALUES = {
+    "dataset": ["digits"], "ipc": ["3"], "batch_syn": ["8"], "syn_steps": ["2", "3"],
+    "method": ["tesla", "exact"], "label_strategy": ["sla"], "dsa": [], "state_stride": ["2"],
+    "microbatch_size": ["4"], "keep_graphs": ["2"], "seed": ["7"],
+}
+
+
+@pytest.mark.parametrize("name", PLANNED_FIELDS)
+def test_plan_takes_every_planned_distill_option_by_its_distill_flag(name):
+    parser = cli.build_parser()
+    flag = "--" + name.replace("_", "-") if name != "dsa" else "--no-dsa"
+    values = FLAG_VALUES[name]
+    base = ["--dataset", "digits", "--model", "convnet", "--width", "4", "--depth", "1"]
+    cfg = config_from_args(parser.parse_args(["plan", *base, flag, *values]), PlanConfig)
+    run = config_from_args(parser.parse_args(["distill", "--out", "x", flag, *values[:1]]),
+                           DistillConfig)
+    if name in SWEPT_FIELDS:  # several values in a plan, one in a run
+        assert getattr(cfg, SWEPT_FIELDS[name]) == tuple(type(getattr(run, name))(v)
+                                                         for v in values)
+    else:
+        assert getattr(cfg.distill, name) == getattr(run, name) != getattr(DistillConfig(), name)
+
+
+def test_plan_refuses_the_options_it_does_not_plan(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["plan", "--lr-img", "3"])
+    assert "unrecognized arguments: --lr-img" in capsys.readouterr().err
+    args = cli.build_parser().parse_args(["plan", "--methods", "exact", "--syn-steps", "5"])
+    assert config_from_args(args, PlanConfig).methods == ("exact",)  # the older flag
+
+
 def test_plan_command_reports_bad_input_without_a_traceback(capsys):
     assert cli.main(["plan", "--dataset", "digits", "--model", "convnetd4"]) == 1
     err = capsys.readouterr().err
     assert "tesla-func plan: error:" in err and "too small for depth 4" in err
     assert cli.main(["plan", "--dataset", "cifar-10"]) == 1
     assert "known: fashion-mnist, digits, cifar10" in capsys.readouterr().err
-
-
-def test_paper_memory_experiment_runs_end_to_end(tmp_path):
-    import importlib.util
-
-    from tesla_func.results import write_outputs
-
-    spec = importlib.util.spec_from_file_location("paper_memory",
-                                                  ROOT / "experiments" / "paper_memory.py")
-    script = importlib.util.module_from_spec(spec)
-    sys.modules["paper_memory"] = script
-    spec.loader.exec_module(script)
-    cfg = script.PaperMemoryConfig(steps=(1, 2), steps_dataset="digits", datasets=("digits",),
-                                   dataset_steps=(1, 2), width=2, batch_syn=4, dsa=False,
-                                   device_memory="1GiB", verify_max_steps=3)
-    ds = script.main(cfg)
-    assert ds["steps_total_bytes"].dims == ("method", "steps")
-    assert ds["dataset_total_bytes"].dims == ("dataset", "method", "dataset_steps")
-    public = ds["steps_public_tesla_bytes"].values
-    assert (public > ds["steps_total_bytes"].sel({"method": "tesla"}).values).all()
-    text = script.table(ds)
-    assert "| 2 |" in text and "| digits | convnet, IPC 1 | 2 |" in text
-    paths = write_outputs(ds, "paper_memory", table=text, out_dir=tmp_path,
-                          plot=lambda nc, png: script.plot_memory_plan(nc, png))
-    assert paths["figure"].read_bytes().startswith(b"\x89PNG")
-    with pytest.raises(ValueError, match="compares unrolled, tesla and exact"):
-        script.main(script.PaperMemoryConfig(methods=("tesla",)))

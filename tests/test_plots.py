@@ -90,23 +90,6 @@ def test_bar(tmp_path):
         plots.plot_bar(path, tmp_path / "bad.png", x=None)
 
 
-def test_grid_images(tmp_path):
-    images = torch.randn(12, 3, 8, 8)
-    fig = plots.grid_images(
-        images, torch.arange(12) % 10, tmp_path / "grid.png", mean=[0.5] * 3, std=[0.2] * 3
-    )
-    assert _written(tmp_path / "grid.png")
-    assert [ax.get_title() for ax in fig.axes[:3]] == ["0", "1", "2"]
-    plots.grid_images(
-        images[:5, :1].numpy(), ["a", "b", "c", "d", "e"], tmp_path / "grey.png", ncols=2
-    )
-    assert _written(tmp_path / "grey.png")
-    with pytest.raises(ValueError, match="labels"):
-        plots.grid_images(images, [0, 1], tmp_path / "x.png")
-    with pytest.raises(ValueError, match="C in"):
-        plots.grid_images(torch.zeros(2, 2, 8, 8), [0, 1], tmp_path / "x.png")
-
-
 def test_missing_variable_is_named(accuracy_file, tmp_path):
     with pytest.raises(KeyError, match="loss"):
         plots.plot_accuracy_vs_iteration(accuracy_file, tmp_path / "x.png", var="loss")
@@ -296,32 +279,3 @@ def test_image_strip_rows_are_iterations(tmp_path):
         plots.plot_image_strip(tmp_path, tmp_path / "x.png", images=[6])
     with pytest.raises(FileNotFoundError, match="snapshot_every > 0"):
         plots.plot_image_strip(tmp_path / "empty", tmp_path / "x.png")
-
-
-def test_label_drift_figure(tmp_path):
-    steps, k = 5, 3
-    drift = np.zeros((2, 2, steps))
-    drift[1] = np.linspace(0, 0.5, steps)
-    counts = np.full((2, 2, steps, k), 2.0)
-    counts[1, 1, :, 0], counts[1, 1, :, 1] = [2, 3, 4, 5, 6], [2, 1, 0, 0, 0]  # ipc 2: N = 6
-    counts[1, 1, :, 2] = 6 - counts[1, 1, :, 0] - counts[1, 1, :, 1]
-    counts[:, 0] /= 2  # ipc 1
-    ds = make_results(
-        {"label_drift": (("label_strategy", "ipc", "log_iteration"), drift,
-                         {"units": "fraction"}),
-         "class_count": (("label_strategy", "ipc", "log_iteration", "class"), counts)},
-        coords={"label_strategy": ["hard", "sla"], "ipc": [1, 2],
-                "log_iteration": np.arange(1, steps + 1), "class": np.arange(k),
-                "class_name": (("class",), ["ant", "bee", "cat"])},
-    )
-    nc = save_results(ds, tmp_path / "drift.nc")
-    fig = plots.plot_label_drift(nc, tmp_path / "drift.png")
-    assert _written(tmp_path / "drift.png")
-    left, middle, right = fig.axes[:3]
-    sla_max = [line for line in middle.get_lines() if line.get_label() == "sla max"][0]
-    assert list(sla_max.get_ydata()) == [2, 3, 4, 5, 6]  # at the last IPC, 2
-    assert [t.get_text() for t in right.get_yticklabels()] == ["ant", "bee", "cat"]
-    np.testing.assert_array_equal(right.get_images()[0].get_array(), counts[1, 1].T)
-    assert "sla" in right.get_title()
-    with pytest.raises(KeyError, match="needs dims"):
-        plots.plot_label_drift(nc, tmp_path / "x.png", x="iteration")
