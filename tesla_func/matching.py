@@ -64,7 +64,7 @@ holds the rows. A handshake before any work makes bad input raise on every rank.
 
 All three share :class:`Problem` (validated inputs; each step's rows as :class:`Chunk` s) and
 :meth:`Problem.chunk_loss` (the inner loss), and are registered in :data:`METHODS` with one
-signature ``(problem) -> MatchResult``.
+signature ``(problem) -> MatchResult``, each as a :class:`Method` that also says what it takes.
 """
 from __future__ import annotations
 
@@ -564,7 +564,7 @@ class Method:
     once: planner, benchmarks and configs read it from the registry."""
 
     run: Callable[[Problem], MatchResult]
-    gradient: str  # "exact": the MTT gradient up to rounding; "first-order": a truncation (Eq. B4)
+    gradient: str  # "exact": MTT's gradient up to rounding; "first-order": a truncation (Eq. B4)
     takes_keep_graphs: bool  # keeps the last k first-pass step graphs (keep_graphs = k)
     takes_state_stride: bool  # keeps every s-th student state (state_stride = s)
 

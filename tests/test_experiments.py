@@ -256,7 +256,7 @@ def test_paper_memory_experiment_runs_end_to_end(tmp_path):
     text = script.table(ds)
     assert "| 2 |" in text and "| digits | convnet, IPC 1 | 2 |" in text
     paths = write_outputs(ds, "paper_memory", table=text, out_dir=tmp_path,
-                          plot=lambda nc, png: script.plot_memory_plan(nc, png))
+                          plot=script.plot_memory_plan)
     assert paths["figure"].read_bytes().startswith(b"\x89PNG")
     with pytest.raises(ValueError, match="compares unrolled, tesla and exact"):
         script.main(script.PaperMemoryConfig(methods=("tesla",)))

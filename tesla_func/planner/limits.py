@@ -55,8 +55,9 @@ class Limits:
 
     def max_steps(self, method: str) -> tuple[int | float, bool]:
         """(largest T that fits, checked by a direct prediction?): :data:`ANY` (infinite) if the
-        method's call does not grow with T, 0 if not even T = 1 fits. The T from the line through two short T is
-        checked by predicting the call at that T (when it is at most ``verify_max_steps``)."""
+        method's call does not grow with T, 0 if not even T = 1 fits. The T from the line through
+        two short T is checked by predicting the call at that T (when it is at most
+        ``verify_max_steps``)."""
         cfg, batch = self.p.cfg, self.p.cfg.batch
         a, b = self.p.anchors(method, max(cfg.syn_steps))
         ca, cb = self.p.direct(method, a, batch), self.p.direct(method, b, batch)
@@ -104,11 +105,12 @@ class Limits:
         """The largest keep_graphs k in 0 .. T whose iteration at T fits (None if not even k = 0).
 
         Without microbatches k = 1 is the call of k = 0 (the last step's graph is kept in any
-        case) and is never the answer (:attr:`Predictor.first_keep`). k is read off :meth:`Predictor.keep_line`; for T up to ``verify_keep_max_steps``
-        (or at most the line's short anchor) it is then checked by predicting the whole call at k
-        (it fits) and at the next k (it does not; none after T), and searched by bisection if the
-        check fails. Above, the line's k is the answer, marked as not verified. ``verify``
-        True or False overrides ``verify_keep_max_steps``.
+        case) and is never the answer (:attr:`Predictor.first_keep`). k is read off
+        :meth:`Predictor.keep_line`; for T up to ``verify_keep_max_steps`` (or at most the line's
+        short anchor) it is then checked by predicting the whole call at k (it fits) and at the
+        next k (it does not; none after T), and searched by bisection if the check fails. Above,
+        the line's k is the answer, marked as not verified. ``verify`` True or False overrides
+        ``verify_keep_max_steps``.
         """
         p, held, transient = self.p, *self.fixed
         _, b = p.anchors(method, steps, keep=0)

@@ -132,9 +132,9 @@ def plan_markdown(ds: xr.Dataset) -> str:
         lines.append(
             "largest keep_graphs: the most final steps whose graphs the first pass keeps (each "
             "saves a step rebuild, a forward and a backward, for one step graph of memory; "
-            "without microbatches k = 1 is the call of k = 0) that still fit, with the iteration's peak and the call's "
-            "GFLOPs at that k; est.: read off the line in k, not checked by predicting the call "
-            "at k and k + 1 (T above verify_keep_max_steps).")
+            "without microbatches k = 1 is the call of k = 0) that still fit, with the "
+            "iteration's peak and the call's GFLOPs at that k; est.: read off the line in k, not "
+            "checked by predicting the call at k and k + 1 (T above verify_keep_max_steps).")
     if rec["limits"]:
         lines.append("")
         for lim in rec["limits"]:
