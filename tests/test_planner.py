@@ -54,7 +54,7 @@ SMALL = {"dataset": "digits", "model": "convnet", "width": 4, "depth": 1, "ipc":
 
 
 def test_every_dataset_has_a_shape_that_agrees_with_its_summary():
-    from tesla_func.data import _spec
+    from tesla_func.data.registry import spec as _spec
 
     for name in DATASETS:
         if _spec(name).shape is None:  # a folder of one's own: known once read
