@@ -156,7 +156,7 @@ def _real_arguments(cfg: PlanConfig, steps: int, family: str | None, seed: int =
     return {
         "model": model, "start": start, "target": target,
         "images": torch.randn(n, s.channels, s.image_size, s.image_size, generator=gen),
-        "labels": labels, "lr": torch.tensor(0.01),
+        "labels": labels, "beta": torch.tensor(0.01),
         "batches": [torch.randperm(n, generator=gen)[:batch] for _ in range(steps)],
         "augment": augment,
     }
