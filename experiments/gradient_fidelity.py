@@ -190,7 +190,7 @@ def measure_fidelity(
                 per_method.append({**key, "method": method,
                                    "seconds": time.perf_counter() - tic,
                                    "images_grad_norm": float(res.images_grad.norm()),
-                                   "lr_grad": float(res.lr_grad)})
+                                   "lr_grad": float(res.beta_grad)})
             compared.append({**key, "loss": float(results["exact"].loss),
                              "expert": expert.header.get("expert_index", -1),
                              **agreement(results["tesla"], results["exact"])})

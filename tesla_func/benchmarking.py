@@ -194,7 +194,7 @@ def matching_args(cfg: ScalingConfig, steps: int) -> dict[str, Any]:
         "target": {k: v.to(device) for k, v in target.items()},
         "images": images.to(device),
         "labels": labels.to(device),
-        "lr": torch.tensor(cfg.lr, device=device),
+        "beta": torch.tensor(cfg.lr, device=device),
         "batches": [torch.arange(cfg.num_images, device=device)] * steps,
     }
 

@@ -172,7 +172,7 @@ class Distiller:
                 f"batch_syn {cfg.batch_syn} is larger than the synthetic set "
                 f"(ipc {cfg.ipc} x {k} classes = {self.n} images)"
             )
-        self.ranks = distributed.SetRanks(self.n, self.group)  # who holds which rows
+        self.set_ranks = distributed.SetRanks(self.n, self.group)  # who holds which rows
         if self.group is not None:
             distributed.check_backend(self.group, self.device)
         self.strategy = cfg.strategy
@@ -182,14 +182,14 @@ class Distiller:
         self.beta0 = cfg.lr_init if cfg.lr_init is not None else self.experts[0].lr
         self.dsa = DSA() if cfg.dsa else None
         self.classes = torch.arange(k, device=self.device).repeat_interleave(cfg.ipc)
-        if self.ranks.rows is not None:
-            self.classes = self.classes[self.ranks.rows]  # (N_r,) the classes of this rank's rows
+        if self.set_ranks.shard is not None:
+            self.classes = self.classes[self.set_ranks.shard]  # (N_r,) classes of this rank's rows
         self.last_eval: EvalResult | None = None  # the latest evaluation this process made
         checkpoint = self.out / CHECKPOINT
         self.state = (
-            load_checkpoint(checkpoint, cfg.to_dict(), self.device, self.ranks.rows)
+            load_checkpoint(checkpoint, cfg.to_dict(), self.device, self.set_ranks.shard)
             if checkpoint.exists()
-            else initial_state(cfg, dataset, self.beta0, self.device, self.ranks.rows)
+            else initial_state(cfg, dataset, self.beta0, self.device, self.set_ranks.shard)
         )
 
     def _fingerprint(self) -> dict[str, str]:
@@ -212,8 +212,8 @@ class Distiller:
         writes the one-process file, so any number of ranks resumes it; every rank waits for the
         file."""
         s = self.state
-        rows = {k: self.ranks.to_first(v) for k, v in s.tensors().items() if k in ROW_SHARDED}
-        moms = {k: self.ranks.to_first(v) for k, v in s.momentum.momentum.items()
+        rows = {k: self.set_ranks.to_first(v) for k, v in s.tensors().items() if k in ROW_SHARDED}
+        moms = {k: self.set_ranks.to_first(v) for k, v in s.momentum.momentum.items()
                 if k in ROW_SHARDED}
         if self.rank == 0:
             whole = dataclasses.replace(
@@ -221,7 +221,7 @@ class Distiller:
                 momentum=SGDState({**s.momentum.momentum, **moms}),
             )
             save_checkpoint(self.out / CHECKPOINT, self.cfg.to_dict(), whole)
-        self.ranks.barrier()
+        self.set_ranks.barrier()
 
     # -- labels ---------------------------------------------------------------------------------
 
@@ -259,12 +259,12 @@ class Distiller:
             augment = self.dsa.replayable([batch] * cfg.syn_steps, s.generator,
                                           device=self.device, dtype=s.images.dtype)
         # this rank's rows of the minibatches every rank drew (one process: all of them)
-        batches, augment = self.ranks.local_minibatches(batches, augment)
+        batches, augment = self.set_ranks.local_minibatches(batches, augment)
         beta = s.log_lr.exp()
         labels = self.labels(expert, target_epoch)
         drift, counts = label_drift(labels, self.classes, self.dataset.info.num_classes)
         if self.group is not None:  # over every rank's rows: mismatches and counts add up
-            summed = self.ranks.sum([float(drift) * len(self.classes), *counts.tolist()])
+            summed = self.set_ranks.sum([float(drift) * len(self.classes), *counts.tolist()])
             drift, counts = summed[0] / self.n, torch.tensor(summed[1:], dtype=torch.float64)
         res = match_trajectory(
             self.model, expert.params[t], expert.params[target_epoch], s.images,
@@ -272,12 +272,12 @@ class Distiller:
             method=cfg.method, augment=augment, state_stride=cfg.state_stride,
             keep_graphs=cfg.keep_graphs, microbatch_size=cfg.microbatch_size, group=self.group,
         )
-        lr_grad = res.lr_grad * beta  # dL/dlog(beta)
+        lr_grad = res.beta_grad * beta  # dL/dlog(beta)
         grads = {"images": res.images_grad, "label_logits": res.labels_grad, "log_lr": lr_grad}
         checked = [res.loss, res.images_grad, lr_grad]
         if self.strategy.learns_logits:
             checked.append(res.labels_grad)
-        finite = self.ranks.agree(all(bool(torch.isfinite(x).all()) for x in checked))
+        finite = self.set_ranks.all_true(all(bool(torch.isfinite(x).all()) for x in checked))
         if finite:
             if cfg.lr_grad_clip is not None:
                 grads["log_lr"] = lr_grad.clamp(-cfg.lr_grad_clip, cfg.lr_grad_clip)
@@ -285,7 +285,8 @@ class Distiller:
             learned, momentum = self.optimizer.update(
                 learned, {k: grads[k] for k in learned}, s.momentum, self.lrs
             )
-            finite = self.ranks.agree(all(bool(torch.isfinite(v).all()) for v in learned.values()))
+            finite = self.set_ranks.all_true(
+                all(bool(torch.isfinite(v).all()) for v in learned.values()))
         if finite:  # commit only a finite update: inf images would stop the next iteration
             s.momentum = momentum
             s.images = learned.get("images", s.images)
@@ -295,10 +296,10 @@ class Distiller:
             s.skipped += 1
         s.iteration += 1
         nan = float("nan")
-        labels_norm = self.ranks.norm(res.labels_grad) if self.strategy.learns_logits else nan
+        labels_norm = self.set_ranks.norm(res.labels_grad) if self.strategy.learns_logits else nan
         for name, value in zip(LOG_FIELDS, (
-            float(res.loss), float(s.log_lr.exp()), self.ranks.norm(res.images_grad), labels_norm,
-            float(lr_grad.abs()), float(not finite), float(e), float(t),
+            float(res.loss), float(s.log_lr.exp()), self.set_ranks.norm(res.images_grad),
+            labels_norm, float(lr_grad.abs()), float(not finite), float(e), float(t),
             time.perf_counter() - tic, float(drift),
         )):
             s.log[name].append(value)
@@ -316,10 +317,10 @@ class Distiller:
             "provenance": provenance(self.device),
         }
         return SyntheticSet(
-            self.ranks.whole(s.images).cpu(),
-            self.ranks.whole(self.final_labels()).cpu(),
+            self.set_ranks.whole(s.images).cpu(),
+            self.set_ranks.whole(self.final_labels()).cpu(),
             float(s.log_lr.exp()),
-            None if s.label_logits is None else self.ranks.whole(s.label_logits).cpu(),
+            None if s.label_logits is None else self.set_ranks.whole(s.label_logits).cpu(),
             header,
         )
 
@@ -425,7 +426,7 @@ class Distiller:
                 synthetic.save(self.out / "synthetic.safetensors")
                 save_results(self.log_results(), self.out / "log.nc")
                 plot_synthetic(synthetic, self.out / "synthetic.png", dataset=self.dataset)
-            self.ranks.barrier()  # every rank returns once the files are there
+            self.set_ranks.barrier()  # every rank returns once the files are there
         return synthetic
 
 

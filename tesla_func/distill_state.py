@@ -6,7 +6,7 @@ permutation, and the logs. It is written as one safetensors file (``checkpoint.s
 atomically: :mod:`tesla_func.fileio`) whose header holds the run's config, so a resumed run
 continues from exactly this state and refuses a checkpoint of another config. A run on several
 ranks writes the same file (rank 0 gathers the shards), and each rank of a resumed run reads its
-rows of it (``load_checkpoint(..., rows=)``), whatever the number of ranks that wrote it.
+shard of it (``load_checkpoint(..., shard=)``), whatever the number of ranks that wrote it.
 """
 
 from __future__ import annotations
@@ -101,11 +101,11 @@ def save_checkpoint(path: Path, config: dict[str, Any], state: DistillState) -> 
 
 
 def load_checkpoint(
-    path: Path, config: dict[str, Any], device: torch.device, rows: slice | None = None
+    path: Path, config: dict[str, Any], device: torch.device, shard: slice | None = None
 ) -> DistillState:
     """Read a checkpoint written by :func:`save_checkpoint` for the same ``config``.
 
-    ``rows``: keep only these rows of the images, label logits and their momenta (a rank's
+    ``shard``: keep only these rows of the images, label logits and their momenta (a rank's
     shard, :data:`ROW_SHARDED`); the file always holds the whole set, so a run resumes on any
     number of ranks.
 
@@ -136,8 +136,8 @@ def load_checkpoint(
         )
     gen = torch.Generator()
     gen.set_state(tensors["generator"])
-    if rows is not None:
-        tensors = {k: v[rows].clone() if k.removeprefix("momentum/") in ROW_SHARDED else v
+    if shard is not None:
+        tensors = {k: v[shard].clone() if k.removeprefix("momentum/") in ROW_SHARDED else v
                    for k, v in tensors.items()}
     on = {k: v.to(device) for k, v in tensors.items() if not k.startswith("log/")}
     return DistillState(
@@ -158,27 +158,27 @@ def load_checkpoint(
 
 def initial_state(
     cfg: DistillConfig, dataset: Dataset, beta0: float, device: torch.device,
-    rows: slice | None = None,
+    shard: slice | None = None,
 ) -> DistillState:
     """The state before iteration 1: images from ``ipc`` random real images of every class (or
     noise of their shape), the strategy's initial logits, log(beta0), zero momenta.
 
-    ``rows``: only these rows of the images and logits (a rank's shard); the generator draws what
+    ``shard``: only these rows of the images and logits (a rank's shard); the generator draws what
     it draws for the whole set, so every rank's generator continues alike."""
     gen = torch.Generator().manual_seed(cfg.seed)
     k = dataset.info.num_classes
     index = per_class_indices(dataset.train_labels, cfg.ipc, gen, k, dataset.info.class_names)
     if cfg.image_init == "real":
-        images = dataset.train_images[index if rows is None else index[rows]].clone()
+        images = dataset.train_images[index if shard is None else index[shard]].clone()
     else:
         images = torch.randn(dataset.train_images[index].shape, generator=gen)
-        images = images if rows is None else images[rows].clone()
+        images = images if shard is None else images[shard].clone()
     images = images.to(device)
     strategy = cfg.strategy
     logits = None
     if strategy.initial_logits is not None:
         classes = torch.arange(k).repeat_interleave(cfg.ipc)
-        classes = classes if rows is None else classes[rows]
+        classes = classes if shard is None else classes[shard]
         logits = strategy.initial_logits(classes, k, cfg.label_init_confidence, images.dtype)
         logits = logits.to(device)
     log_lr = torch.tensor(math.log(beta0), dtype=images.dtype, device=device)

@@ -419,7 +419,7 @@ def evaluate(
     sets_given = (images, labels, test_images, test_labels, num_classes, val_images, val_labels)
     models = range(cfg.num_models)
     if group is not None:  # model k trains on rank k % W
-        models = _agree(group, cfg, augment, *sets_given)
+        models = _validate_and_spread(group, cfg, augment, *sets_given)
     num_classes, has_val = _validate(*sets_given)
     device, dtype = torch.device(cfg.device), images.dtype
     # Skeleton and initial weights are made on the CPU from the model's own generator, so a
@@ -486,8 +486,8 @@ def _validate(images, labels, test_images, test_labels, num_classes, val_images,
     return num_classes, has_val
 
 
-def _agree(group: object, cfg: EvalConfig, augment: object, *sets: Tensor | int | None,
-           ) -> list[int]:
+def _validate_and_spread(group: object, cfg: EvalConfig, augment: object,
+                         *sets: Tensor | int | None) -> list[int]:
     """Every rank validates the arguments; all raise together, also when the ranks' arguments
     differ. Returns the models k this rank trains (k % W == rank)."""
     names = ("images", "labels", "test images", "test labels", "num_classes",

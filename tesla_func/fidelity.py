@@ -30,7 +30,7 @@ def agreement(approx: MatchResult, reference: MatchResult) -> dict[str, float]:
     ``images_cosine``, ``images_relative_error``, ``lr_relative_error`` (inf when the
     reference's is 0) and ``lr_sign_agreement`` (1.0 or 0.0)."""
     a, b = approx.images_grad.flatten(), reference.images_grad.flatten()
-    da, db = float(approx.lr_grad), float(reference.lr_grad)
+    da, db = float(approx.beta_grad), float(reference.beta_grad)
     return {
         "images_cosine": float(a @ b / (a.norm() * b.norm())),
         "images_relative_error": float((a - b).norm() / b.norm()),

@@ -54,7 +54,7 @@ rows (train-mode BatchNorm) break (M1): splitting them is refused. The augmentat
 chunk with the positions of the chunk's rows in the step's minibatch (``augment(x, step,
 rows=...)``, :class:`tesla_func.types.RowAugment`), so every row gets the transform drawn for it.
 
-Several processes (``group``, a ``torch.distributed`` process group; tesla_func/distributed.py):
+Several processes (``group``, a ``torch.distributed`` process group; tesla_func/distributed/):
 each rank holds a shard of X (and Y) and its rows of every step, which may be none; step i's
 minibatch is every rank's rows in rank order, and (M1)-(M2) split it over ranks as over chunks
 (each rank's chunks weighted by n_c / B with B counted over all ranks; microbatches split each
@@ -68,6 +68,8 @@ signature ``(problem) -> MatchResult``, each as a :class:`Method` that also says
 """
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -105,13 +107,22 @@ class MatchResult(NamedTuple):
     loss:        () the normalised trajectory error L (proofs/README.md)
     images_grad: (N, C, H, W) dL/dX
     labels_grad: (N, K) dL/dY for float label logits; None for int class labels
-    lr_grad:     () dL/dbeta
+    beta_grad:   () dL/dbeta
+
+    ``lr_grad`` is a deprecated name of ``beta_grad``, kept for one release (it warns).
     """
 
     loss: Tensor
     images_grad: Tensor
     labels_grad: Tensor | None
-    lr_grad: Tensor
+    beta_grad: Tensor
+
+    @property
+    def lr_grad(self) -> Tensor:
+        """Deprecated name of :attr:`beta_grad`."""
+        warnings.warn("MatchResult.lr_grad is deprecated: read beta_grad (dL/dbeta)",
+                      DeprecationWarning, stacklevel=2)
+        return self.beta_grad
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,7 +203,7 @@ class Problem:
     target: Params  # theta*_{t+M}
     images: Tensor  # (N, C, H, W)
     labels: Tensor  # (N,) int64 class indices, or (N, K) float label logits
-    lr: Tensor  # () beta > 0
+    beta: Tensor  # () the student learning rate beta > 0
     batches: tuple[Tensor, ...]  # T index tensors (B_i,) into images
     augment: StepAugment | RowAugment | None
     state_stride: int  # exact: keep every s-th student state, recompute the others
@@ -209,7 +220,7 @@ class Problem:
         return self.labels.is_floating_point()
 
     @property
-    def ranks(self) -> int:
+    def world_size(self) -> int:
         """W, the number of processes that share the call (1 without a group)."""
         return 1 if self.group is None else distributed.world_size(self.group)
 
@@ -247,7 +258,7 @@ class Problem:
         )  # a rank without rows of a step adds zeros
         return distributed.sum_over_ranks(self.group, *filled)
 
-    def descend(self, params: Params, lr: Tensor, g: Params | None) -> Params:
+    def descend(self, params: Params, beta: Tensor, g: Params | None) -> Params:
         """theta_{i+1} = theta_i - beta g_i from this rank's share g of g_i, differentiable.
 
         On several ranks the update beta g is summed over them by a differentiable all-reduce
@@ -257,8 +268,8 @@ class Problem:
         step T-1's first, as each step's cotangent needs the later steps' (through theta).
         """
         if self.group is None:
-            return _axpy(-lr, g, params)
-        share = {k: lr * (v * 0 if g is None else g[k]) for k, v in params.items()}
+            return _axpy(-beta, g, params)
+        share = {k: beta * (v * 0 if g is None else g[k]) for k, v in params.items()}
         return _sub(params, distributed.sum_over_ranks_differentiable(self.group, share))
 
     def step_grad(self, params: Params, images: Tensor, labels: Tensor, step: int) -> Params | None:
@@ -386,7 +397,7 @@ class Problem:
         for i in range(first, last):
             g = self.step_grad_value(params, i)
             with torch.no_grad():
-                following = _axpy(-self.lr, g, params)
+                following = _axpy(-self.beta, g, params)
             yield i, params, g, following
             params = following
 
@@ -431,20 +442,20 @@ def unrolled(p: Problem) -> MatchResult:
     """
     soft = p.soft_labels
 
-    def loss_of(images: Tensor, lr: Tensor, *labels: Tensor) -> Tensor:
+    def loss_of(images: Tensor, beta: Tensor, *labels: Tensor) -> Tensor:
         params = p.start
         for i in range(p.steps):
             g = p.step_grad(params, images, labels[0] if soft else p.labels, i)
-            params = p.descend(params, lr, g)
+            params = p.descend(params, beta, g)
         return p.trajectory_loss(params)
 
-    loss, pullback = vjp(loss_of, p.images, p.lr, *((p.labels,) if soft else ()))
-    share = torch.full_like(loss, 1.0 / p.ranks)  # dL/dL on one process; 1/W of it on W ranks
-    images_grad, lr_grad, *labels_grad = _pull_once(pullback, share)
+    loss, pullback = vjp(loss_of, p.images, p.beta, *((p.labels,) if soft else ()))
+    share = torch.full_like(loss, 1.0 / p.world_size)  # dL/dL on one process; 1/W on W ranks
+    images_grad, beta_grad, *labels_grad = _pull_once(pullback, share)
     if p.group is not None:
-        (lr_grad,) = p.across_ranks({"lr": lr_grad})
-        lr_grad = lr_grad["lr"]
-    return MatchResult(loss.detach(), images_grad, labels_grad[0] if soft else None, lr_grad)
+        (beta_grad,) = p.across_ranks({"beta": beta_grad})
+        beta_grad = beta_grad["beta"]
+    return MatchResult(loss.detach(), images_grad, labels_grad[0] if soft else None, beta_grad)
 
 
 def _rebuilt_steps(p: Problem) -> int:
@@ -479,12 +490,12 @@ def tesla(p: Problem) -> MatchResult:
             pending.append(pullback)
         with torch.no_grad():
             total = _axpy(1.0, g, total)
-            params = _axpy(-p.lr, g, params)  # ends as theta_T
+            params = _axpy(-p.beta, g, params)  # ends as theta_T
     with torch.no_grad():
         residual = _sub(params, p.target)  # theta_T - target
         loss = _sq_norm(residual) / p.denominator
-        lr_grad = -2.0 * _dot(residual, total) / p.denominator
-        v = {k: (-2.0 * p.lr / p.denominator) * r for k, r in residual.items()}
+        beta_grad = -2.0 * _dot(residual, total) / p.denominator
+        v = {k: (-2.0 * p.beta / p.denominator) * r for k, r in residual.items()}
 
     grads = _DataGrads.zeros(p)
     while pending:  # last step first; each graph is freed as soon as it has been pulled back
@@ -493,8 +504,8 @@ def tesla(p: Problem) -> MatchResult:
     for i in range(rebuilt):
         g, _ = p.pull_step(params, i, v, grads, wrt_params=False)
         with torch.no_grad():
-            params = _axpy(-p.lr, g, params)
-    return MatchResult(loss, grads.images, grads.labels, lr_grad)
+            params = _axpy(-p.beta, g, params)
+    return MatchResult(loss, grads.images, grads.labels, beta_grad)
 
 
 def exact(p: Problem) -> MatchResult:
@@ -527,7 +538,7 @@ def exact(p: Problem) -> MatchResult:
             g, pullback = p.open_step(params, i, wrt_params=True, keep_all=i >= first_kept)
             pending[i] = (g, pullback)
         with torch.no_grad():
-            params = _axpy(-p.lr, g, params)  # ends as theta_T
+            params = _axpy(-p.beta, g, params)  # ends as theta_T
         if (i + 1) % s == 0 and i + 1 < rebuilt:
             checkpoints[i + 1] = params
     with torch.no_grad():
@@ -536,10 +547,10 @@ def exact(p: Problem) -> MatchResult:
         lam = {name: (2.0 / p.denominator) * r for name, r in residual.items()}  # dL/dtheta_T
 
     grads = _DataGrads.zeros(p)
-    lr_grad = torch.zeros_like(p.lr)
+    beta_grad = torch.zeros_like(p.beta)
     segment: list[Params] = []  # theta_c .. theta_i, rebuilt from the checkpoint c <= i
     for i in reversed(range(p.steps)):
-        cotangent = {name: -p.lr * v for name, v in lam.items()}
+        cotangent = {name: -p.beta * v for name, v in lam.items()}
         if i in pending:
             g, pullback = pending.pop(i)
             hvp = pullback(cotangent, grads)
@@ -551,9 +562,9 @@ def exact(p: Problem) -> MatchResult:
                 segment = [state] + [after for *_, after in p.run_steps(first, i, state)]
             g, hvp = p.pull_step(segment.pop(), i, cotangent, grads, wrt_params=True)
         with torch.no_grad():
-            lr_grad -= _dot(g, lam)
+            beta_grad -= _dot(g, lam)
             lam = _axpy(1.0, hvp, lam)
-    return MatchResult(loss, grads.images, grads.labels, lr_grad)
+    return MatchResult(loss, grads.images, grads.labels, beta_grad)
 
 
 @dataclass(frozen=True)
@@ -628,7 +639,7 @@ def make_problem(
     target,
     images,
     labels,
-    lr,
+    beta,
     batches,
     augment=None,
     state_stride: int = 1,
@@ -640,62 +651,77 @@ def make_problem(
     """Validate the arguments of :func:`match_trajectory` and bundle them as a :class:`Problem`.
 
     Raises ``TypeError``/``ValueError`` naming the offending argument and the fix; with ``group``,
-    on every rank (:func:`tesla_func.distributed.agree`), before any work.
+    on every rank (:func:`tesla_func.distributed.matching_handshake`), before any work. One
+    process is the group of one: its handshake raises its own error or lays out its rows.
     """
-    args = (model, start, target, images, labels, lr, batches, augment)
-    args += (state_stride, keep_graphs, microbatch_size)
-    if group is None:
+    if group is not None:
+        distributed.check_group(group)  # the same answer on every rank: no collective yet
+    inputs: Inputs | None = None
+    error = None
+    try:
         if method is not None and method not in METHODS:
             raise ValueError(f"unknown method {method!r}; known methods: {sorted(METHODS)}")
-        inputs = check_inputs(*args)
-        sizes = [b.shape[0] for b in inputs.batches]
-        chunks = _split_steps(inputs.batches, microbatch_size)
-        split = [i for i, step in enumerate(chunks) if len(step) > 1]
-        how = f"microbatch_size={microbatch_size}"
-    else:
-        distributed.check_group(group)  # the same answer on every rank: no collective yet
-        inputs: Inputs | None = None
-        error = None
-        try:
-            if method is not None and method not in METHODS:
-                raise ValueError(f"unknown method {method!r}; known methods: {sorted(METHODS)}")
-            inputs = check_inputs(*args, allow_empty_batches=True)
-        except (TypeError, ValueError) as caught:
-            error = caught
-        layout = distributed.agree(group, inputs, method, tuple(METHODS), error)
-        sizes = [layout.size(i) for i in range(len(inputs.batches))]
-        offsets = [layout.offset(i) for i in range(len(inputs.batches))]
-        chunks = _split_steps(inputs.batches, microbatch_size, sizes, offsets)
-        m = microbatch_size or max(sizes)
-        split = [i for i, b in enumerate(sizes) if layout.ranks_holding(i) > 1 or m < b]
-        how = f"microbatch_size={microbatch_size}"
-        if split and layout.ranks_holding(split[0]) > 1:
-            how = f"its rows lie on {layout.ranks_holding(split[0])} ranks of group"
+        inputs = check_inputs(
+            model=model, start=start, target=target, images=images, labels=labels, beta=beta,
+            batches=batches, augment=augment, state_stride=state_stride,
+            keep_graphs=keep_graphs, microbatch_size=microbatch_size,
+            allow_empty_batches=group is not None,  # a rank may hold no row of a step
+        )
+    except (TypeError, ValueError) as caught:
+        error = caught
+    layout = distributed.matching_handshake(group, inputs, method, tuple(METHODS), error)
+    sizes = [layout.size(i) for i in range(layout.steps)]
+    offsets = [layout.offset(i) for i in range(layout.steps)]
+    chunks = _split_steps(inputs.batches, microbatch_size, sizes, offsets)
+    m = microbatch_size or max(sizes)
+    split = [i for i, b in enumerate(sizes) if layout.ranks_holding(i) > 1 or m < b]
+    how = f"microbatch_size={microbatch_size}"
+    if split and layout.ranks_holding(split[0]) > 1:
+        how = f"its rows lie on {layout.ranks_holding(split[0])} ranks of group"
     check_split(split, sizes, inputs.model, inputs.augment, how)
     return Problem(
-        inputs.model,
-        inputs.buffers,
-        inputs.start,
-        inputs.target,
-        inputs.images,
-        inputs.labels,
-        inputs.lr,
-        inputs.batches,
-        inputs.augment,
-        inputs.state_stride,
-        min(inputs.keep_graphs, len(inputs.batches)),  # more graphs than steps: keep them all
-        chunks,
-        group,
+        model=inputs.model,
+        buffers=inputs.buffers,
+        start=inputs.start,
+        target=inputs.target,
+        images=inputs.images,
+        labels=inputs.labels,
+        beta=inputs.beta,
+        batches=inputs.batches,
+        augment=inputs.augment,
+        state_stride=inputs.state_stride,
+        keep_graphs=min(inputs.keep_graphs, layout.steps),  # more than T: keep every graph
+        chunks=chunks,
+        group=group,
     )
 
 
+def _accepts_lr(match: Callable[..., MatchResult]) -> Callable[..., MatchResult]:
+    """``match(..., lr=x)``, the deprecated name of the keyword ``beta``, as ``beta=x`` (with a
+    DeprecationWarning), for one release."""
+
+    @functools.wraps(match)
+    def wrapper(*args: object, **kwargs: object) -> MatchResult:
+        if "lr" in kwargs:
+            if "beta" in kwargs or len(args) > 5:
+                raise TypeError(f"{match.__name__}() got beta twice: as lr= (its deprecated "
+                                "name) and as beta")
+            warnings.warn(f"{match.__name__}(lr=...) is deprecated: pass beta=... (the student "
+                          "learning rate)", DeprecationWarning, stacklevel=2)
+            kwargs["beta"] = kwargs.pop("lr")
+        return match(*args, **kwargs)
+
+    return wrapper
+
+
+@_accepts_lr
 def match_trajectory(
     model: nn.Module,
     start: Mapping[str, Tensor],
     target: Mapping[str, Tensor],
     images: Tensor,
     labels: Tensor,
-    lr: Tensor | float,
+    beta: Tensor | float,
     batches: Sequence[Tensor],
     method: str = "tesla",
     augment: StepAugment | None = None,
@@ -705,7 +731,7 @@ def match_trajectory(
     microbatch_size: int | None = None,
     group: object | None = None,
 ) -> MatchResult:
-    """Trajectory-matching loss L (proofs/README.md) and its gradients w.r.t. images, labels, lr.
+    """Trajectory-matching loss L (proofs/README.md) and its gradients w.r.t. images, labels, beta.
 
     Args:
         model: skeleton ``nn.Module``; its parameters are replaced by ``start`` etc. through
@@ -715,7 +741,8 @@ def match_trajectory(
         images: (N, C, H, W) synthetic images X.
         labels: (N,) int64 classes (hard) or (N, K) float label logits Y (soft: the inner loss is
             cross-entropy against softmax(Y)).
-        lr: scalar tensor, the student learning rate beta > 0.
+        beta: scalar tensor, the student learning rate beta > 0. Also accepted as the keyword
+            ``lr=``, its deprecated name, for one release (with a DeprecationWarning).
         batches: T LongTensors of indices into ``images``, one per student step.
         method: a key of :data:`METHODS`: "unrolled", "tesla" or "exact".
         augment: optional ``(x, step) -> x``; must give the same transform every time it is called
@@ -747,7 +774,7 @@ def match_trajectory(
             empty tensor where it holds none; every step needs a row on some rank). Step i's
             minibatch is all ranks' rows in rank order, so the result is one process's call on
             the concatenated shards and minibatches (up to rounding). Everything else (start,
-            target, lr, method, T, state_stride, keep_graphs, microbatch_size, the model, the
+            target, beta, method, T, state_stride, keep_graphs, microbatch_size, the model, the
             label kind, the augmentation) must be the same on every rank; the augmentation is
             drawn for the whole minibatches (every rank from the same generator state) and each
             rank's chunks get their rows' positions in them (``rows=``). Only parameter-sized
@@ -757,24 +784,14 @@ def match_trajectory(
             over ranks), and when torch.distributed is not initialised.
 
     Returns:
-        :class:`MatchResult` (loss, images_grad, labels_grad or None, lr_grad), all detached.
-        Inputs are not modified. With ``group``: loss and lr_grad are the same on every rank
+        :class:`MatchResult` (loss, images_grad, labels_grad or None, beta_grad), all detached.
+        Inputs are not modified. With ``group``: loss and beta_grad are the same on every rank
         (bit for bit), images_grad/labels_grad are this rank's shard's (N_r rows).
     """
     problem = make_problem(
-        model,
-        start,
-        target,
-        images,
-        labels,
-        lr,
-        batches,
-        augment,
-        state_stride,
-        keep_graphs,
-        microbatch_size,
-        group,
-        method,
+        model=model, start=start, target=target, images=images, labels=labels, beta=beta,
+        batches=batches, augment=augment, state_stride=state_stride, keep_graphs=keep_graphs,
+        microbatch_size=microbatch_size, group=group, method=method,
     )
     with batch_statistics_only(model):
         return METHODS[method](problem)

@@ -32,7 +32,7 @@ class Inputs(NamedTuple):
     target: Params
     images: Tensor  # (N, C, H, W)
     labels: Tensor  # (N,) int64 or (N, K) float, on the images' device (and dtype if float)
-    lr: Tensor  # () in the images' dtype
+    beta: Tensor  # () the student learning rate, in the images' dtype
     batches: tuple[Tensor, ...]  # T index tensors (B_i,) on the images' device
     augment: object
     state_stride: int
@@ -115,18 +115,19 @@ def check_params(name: str, params: object, model: nn.Module) -> Params:
     return out
 
 
-def check_lr(lr: object, like: Tensor) -> Tensor:
-    if isinstance(lr, (int, float)) and not isinstance(lr, bool):
-        lr = torch.tensor(float(lr))
-    if not isinstance(lr, Tensor) or lr.numel() != 1 or not lr.is_floating_point():
-        raise TypeError(f"lr must be a floating-point scalar tensor, got {lr!r}")
-    value = float(lr.detach().reshape(())) if has_values(lr) else 1.0
+def check_beta(beta: object, like: Tensor) -> Tensor:
+    """The student learning rate beta > 0 as a () tensor of ``like``'s dtype and device."""
+    if isinstance(beta, (int, float)) and not isinstance(beta, bool):
+        beta = torch.tensor(float(beta))
+    if not isinstance(beta, Tensor) or beta.numel() != 1 or not beta.is_floating_point():
+        raise TypeError(f"beta must be a floating-point scalar tensor, got {beta!r}")
+    value = float(beta.detach().reshape(())) if has_values(beta) else 1.0
     if not math.isfinite(value) or value <= 0:
         raise ValueError(
-            f"lr must be finite and > 0, got {value}; a negative or NaN student "
+            f"beta must be finite and > 0, got {value}; a negative or NaN student "
             "learning rate means the distillation diverged (parametrise it as exp(log_lr))"
         )
-    return lr.detach().reshape(()).to(dtype=like.dtype, device=like.device)
+    return beta.detach().reshape(()).to(dtype=like.dtype, device=like.device)
 
 
 def check_batches(
@@ -226,7 +227,7 @@ def check_inputs(
     target: object,
     images: object,
     labels: object,
-    lr: object,
+    beta: object,
     batches: object,
     augment: object,
     state_stride: object,
@@ -261,7 +262,7 @@ def check_inputs(
                 "normalised loss is undefined: pick target = a later expert checkpoint"
             )
     buffers = {k: b.detach() for k, b in model.named_buffers()}
-    lr = check_lr(lr, images)
+    beta = check_beta(beta, images)
     batches = check_batches(
         batches, images.shape[0], images.device, allow_empty=allow_empty_batches
     )
@@ -281,19 +282,19 @@ def check_inputs(
     k = num_classes(model, start, buffers, images)
     labels = check_labels(labels, images, k)
     return Inputs(
-        model,
-        buffers,
-        start,
-        target,
-        images,
-        labels,
-        lr,
-        batches,
-        augment,
-        state_stride,
-        keep_graphs,
-        microbatch_size,
-        k,
+        model=model,
+        buffers=buffers,
+        start=start,
+        target=target,
+        images=images,
+        labels=labels,
+        beta=beta,
+        batches=batches,
+        augment=augment,
+        state_stride=state_stride,
+        keep_graphs=keep_graphs,
+        microbatch_size=microbatch_size,
+        num_classes=k,
     )
 
 

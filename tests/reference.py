@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 
-def unrolled_reference(model, start, target, images, labels, lr, batches, augment=None,
+def unrolled_reference(model, start, target, images, labels, beta, batches, augment=None,
                        first_order=False):
     x_all = images.detach().clone().requires_grad_(True)
     soft = labels.is_floating_point()
     y_all = labels.detach().clone().requires_grad_(soft)
-    beta = torch.as_tensor(lr, dtype=images.dtype).detach().clone().requires_grad_(True)
+    beta = torch.as_tensor(beta, dtype=images.dtype).detach().clone().requires_grad_(True)
     theta = {k: v.detach().clone().requires_grad_(True) for k, v in start.items()}
     for step, index in enumerate(batches):
         x = x_all[index]

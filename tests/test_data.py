@@ -316,7 +316,7 @@ def test_cifar_from_the_official_layouts(tmp_path, kind, layout):
 def test_cifar_default_is_zca(tmp_path, monkeypatch):
     # The fit itself is kornia's (tested on digits above); here only that CIFAR asks for it.
     fitted_on = []
-    monkeypatch.setattr(data, "fit_zca", lambda x: fitted_on.append(x.shape) or _FakeZCA())
+    monkeypatch.setattr(data.load, "fit_zca", lambda x: fitted_on.append(x.shape) or _FakeZCA())
     write_cifar_folder(tmp_path / "cifar-10-batches-py", cifar_members("cifar10"))
     ds = load_dataset("cifar10", root=tmp_path)
     assert ds.info.zca and ds.info.zca_eps == 0.1 and isinstance(ds.whitening, _FakeZCA)

@@ -3,11 +3,11 @@
 An independent check: a small MLP of this file's own, a synthetic set cut into uneven shards, and
 per-step minibatches whose rows are spread over the ranks (some ranks hold none of a step; one step
 lies on one rank only). Each rank calls ``match_trajectory`` with its shard and its rows; one
-process then calls it on the concatenated set and minibatches. Loss, lr gradient (the same on every
-rank, bit for bit) and each rank's image and label gradients (its rows of the whole-set result)
-must agree in float64 to rtol 1e-10, for every method, with and without microbatches, with replayed
-DSA and with soft labels. Bad input must raise on every rank, before any work, and leave the group
-usable: the valid cases run after the bad ones on the same group.
+process then calls it on the concatenated set and minibatches. Loss, beta gradient (the same on
+every rank, bit for bit) and each rank's image and label gradients (its rows of the whole-set
+result) must agree in float64 to rtol 1e-10, for every method, with and without microbatches,
+with replayed DSA and with soft labels. Bad input must raise on every rank, before any work, and
+leave the group usable: the valid cases run after the bad ones on the same group.
 
 All cases run in one spawn of 3 gloo processes on this CPU (spawning costs seconds per process):
 on the world group (3 ranks) and on ``new_group([1, 2])`` (2 ranks; rank 0 checks that a
@@ -32,6 +32,7 @@ from torch import nn
 
 from tesla_func import match_trajectory
 from tesla_func.augment import DSA
+from tesla_func.distributed import all_reduce_sum
 
 WORLD = 3
 SUBGROUP = (1, 2)  # the 2-rank cases run on these global ranks
@@ -101,8 +102,8 @@ def _valid_cases() -> list[Case]:
 
 
 ERROR_CASES = [
-    Case("lr differs", WORLD, fault="lr", error=r"differ in lr \(lr: rank 0 has 0\.1, rank 2 "
-                                                 r"has 0\.101\)"),
+    Case("beta differs", WORLD, fault="beta",
+         error=r"differ in beta \(beta: rank 0 has 0\.1, rank 2 has 0\.101\)"),
     Case("method differs", WORLD, fault="method",
          error=r"differ in method \(method: rank 0 has 'tesla', rank 1 has 'exact'\)"),
     Case("T differs", WORLD, fault="steps",
@@ -128,7 +129,7 @@ BY_NAME = {c.name: c for c in CASES}
 
 def build(case: Case):
     """The whole problem, the same in every process: model, start, target, the concatenated set,
-    lr, each rank's local batches, the shard sizes and the augmentation (drawn for the whole
+    beta, each rank's local batches, the shard sizes and the augmentation (drawn for the whole
     minibatches)."""
     gen = torch.Generator().manual_seed(case.seed)
     channels, side, classes = 2, 6, 3
@@ -170,25 +171,25 @@ def build(case: Case):
 
 def whole(case: Case):
     """One process on the concatenated set and minibatches (rows in rank order)."""
-    model, start, target, images, labels, lr, local, shards, augment = build(case)
+    model, start, target, images, labels, beta, local, shards, augment = build(case)
     offsets = [sum(shards[:r]) for r in range(case.world)]
     batches = [torch.cat([local[r][i] + offsets[r] for r in range(case.world)])
                for i in range(STEPS)]
     return match_trajectory(
-        model, start, target, images, labels, lr, batches, method=case.method, augment=augment,
+        model, start, target, images, labels, beta, batches, method=case.method, augment=augment,
         keep_graphs=case.keep_graphs, state_stride=case.state_stride,
     )
 
 
 def shard_call(case: Case, rank: int, group):
     """This rank's call, with its shard, its rows and the case's fault."""
-    model, start, target, images, labels, lr, local, shards, augment = build(case)
+    model, start, target, images, labels, beta, local, shards, augment = build(case)
     lo = sum(shards[:rank])
     images, labels = images[lo : lo + shards[rank]], labels[lo : lo + shards[rank]]
     batches = list(local[rank])
     method, micro, keep = case.method, case.microbatch_size, case.keep_graphs
-    if case.fault == "lr" and rank == case.world - 1:
-        lr = lr * 1.01
+    if case.fault == "beta" and rank == case.world - 1:
+        beta = beta * 1.01
     if case.fault == "method" and rank == 0:
         method = "tesla"
     if case.fault == "steps" and rank == case.world - 1:
@@ -212,15 +213,13 @@ def shard_call(case: Case, rank: int, group):
         def augment(x, step):
             return x
     return match_trajectory(
-        model, start, target, images, labels, lr, batches, method=method, augment=augment,
+        model, start, target, images, labels, beta, batches, method=method, augment=augment,
         keep_graphs=keep, state_stride=case.state_stride, microbatch_size=micro, group=group,
     )
 
 
 def _collective_checks(group) -> dict:
     """all_reduce_sum under torch.func: vjp, grad of grad and vmap (values checked by the test)."""
-    from tesla_func.distributed import all_reduce_sum
-
     rank = dist.get_rank(group)
     x = torch.tensor([1.0, 2.0], dtype=torch.float64) * (rank + 1)
 
@@ -321,9 +320,9 @@ def test_shards_on_ranks_equal_one_process_on_the_whole_set(ranks, name):
         assert "error" not in result, f"rank {r}: {result['error']}"
     for result in got[1:]:  # the same trajectory on every rank, bit for bit
         assert torch.equal(result["loss"], got[0]["loss"])
-        assert torch.equal(result["lr_grad"], got[0]["lr_grad"])
+        assert torch.equal(result["beta_grad"], got[0]["beta_grad"])
     _close(got[0]["loss"], reference.loss, f"{name}: loss")
-    _close(got[0]["lr_grad"], reference.lr_grad, f"{name}: lr_grad")
+    _close(got[0]["beta_grad"], reference.beta_grad, f"{name}: beta_grad")
     images_grad = torch.cat([result["images_grad"] for result in got])  # shards in rank order
     assert [len(result["images_grad"]) for result in got] == shards
     _close(images_grad, reference.images_grad, f"{name}: images_grad")

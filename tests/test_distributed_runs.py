@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import tesla_func.distill as distill_module
 from tesla_func import cli, distributed
 from tesla_func.augment import DSA
 from tesla_func.data import load_dataset
@@ -49,6 +50,7 @@ from tesla_func.evaluate import EvalConfig, evaluate
 from tesla_func.experts import ExpertConfig, load_experts, train_experts
 from tesla_func.fileio import load_tensors
 from tesla_func.labels import LABEL_STRATEGIES
+from tesla_func.results import load_results
 from tesla_func.synthetic import load_synthetic
 from tests.test_golden import _as_float64
 
@@ -131,8 +133,6 @@ def _error_cases(folder: Path, data, experts, group) -> dict[str, str]:
 
 def _non_finite_on(bad: int, rank: int, cfg, where, data, experts, group) -> dict[str, object]:
     """One iteration whose image gradient is NaN on rank ``bad`` only: every rank must skip."""
-    import tesla_func.distill as distill_module
-
     real = distill_module.match_trajectory
 
     def poisoned(*args, **kwargs):
@@ -443,8 +443,6 @@ def test_command_line_under_torchrun(ranks, folder, digits):
                     dataset=digits).run()
     torch.testing.assert_close(cfg.images, one.images, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(cfg.labels, one.labels, rtol=1e-4, atol=1e-6)
-    from tesla_func.results import load_results
-
     accuracies = load_results(folder / "cli-eval.nc")["accuracy"].values.tolist()
     protocol = EvalConfig(arch_kwargs={"width": 4}, epochs=1, lr=cfg.lr, num_models=3,
                           progress=False)
@@ -460,7 +458,7 @@ def test_command_line_under_torchrun(ranks, folder, digits):
 def test_shards_are_contiguous_class_major_blocks():
     shards = distributed.Shards(23, 3)
     assert shards.sizes == (8, 8, 7)
-    assert [shards.rows(r) for r in range(3)] == [slice(0, 8), slice(8, 16), slice(16, 23)]
+    assert [shards.shard(r) for r in range(3)] == [slice(0, 8), slice(8, 16), slice(16, 23)]
     index = torch.tensor([0, 7, 8, 15, 16, 22])
     assert shards.owner(index).tolist() == [0, 0, 1, 1, 2, 2]
     with pytest.raises(ValueError, match=r"4 ranks for a synthetic set of 3 images"):
@@ -516,6 +514,24 @@ def test_backends_follow_the_device():
     assert distributed.backend_for("cpu") == "gloo" and distributed.backend_for("cuda") == "nccl"
     with pytest.raises(ValueError, match="cpu \\(gloo\\) and cuda \\(nccl\\)"):
         distributed.backend_for("meta")
+
+
+def test_every_backend_check_reads_the_one_table(monkeypatch):
+    """NCCL on a CPU run is refused with the advice to use gloo; a row added to BACKENDS is all
+    that backend_for, check_backend and the launch need to serve another device type."""
+    monkeypatch.setattr(distributed.launch.dist, "get_backend", lambda group: "nccl")
+    with pytest.raises(ValueError, match=r"^the process group uses NCCL, which moves CUDA tensors "
+                                         r"only, but the work runs on cpu: use a gloo group for "
+                                         r"cpu \(torchrun and the command line choose gloo for "
+                                         r"cpu and nccl for cuda\)$"):
+        distributed.check_backend(object(), torch.device("cpu"))
+    distributed.check_backend(object(), torch.device("cuda"))  # no error, no collective
+    monkeypatch.setitem(distributed.BACKENDS, "meta", distributed.Backend(
+        "fake", exclusive=True, per_rank_device=False))
+    monkeypatch.setattr(distributed.launch.dist, "get_backend", lambda group: "fake")
+    assert distributed.backend_for("meta") == "fake"
+    with pytest.raises(ValueError, match="uses FAKE, which moves META tensors only"):
+        distributed.check_backend(object(), torch.device("cpu"))
 
 
 def test_a_group_without_torch_distributed_is_refused(tmp_path):

@@ -1,6 +1,6 @@
 """Property tests of what each matching method computes (float64, tiny nets).
 
-- exact == unrolled (loss, images, labels and lr gradients): proofs/c_adjoint.md
+- exact == unrolled (loss, images, labels and beta gradients): proofs/c_adjoint.md
 - tesla == gradient of the first-order (detached-state) unrolled loop: proofs/b_two_pass.md
 - at T = 1 all three agree; for T >= 2 tesla measurably differs from unrolled.
 Both references are independent plain-autograd loops (tests/reference.py).
@@ -13,14 +13,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from tesla_func import METHODS, ConvNet, match_trajectory, measure_peak_memory
 from tesla_func.augment import DSA, FAMILIES
+from tesla_func.matching import _split_steps
 from tesla_func.models import init_params
 from tests.reference import unrolled_reference
 
 # Float64 on tiny nets: over 200 Hypothesis examples the largest difference to the reference was
-# 7e-16 of the largest entry (images), 6e-15 (lr), 2e-15 (labels); 1e-10 leaves five orders of
+# 7e-16 of the largest entry (images), 6e-15 (beta), 2e-15 (labels); 1e-10 leaves five orders of
 # magnitude for other CPUs and libraries, and still fails on any real error.
 RTOL = 1e-10
 SETTINGS = settings(
@@ -79,7 +81,7 @@ def matching_cases(draw, min_steps=1, max_steps=6):
         labels = torch.randint(0, classes, (n,), generator=gen)
     else:
         labels = 2.0 * torch.randn(n, classes, generator=gen, dtype=torch.float64)
-    lr = torch.tensor(draw(st.sampled_from([1e-3, 1e-2, 1e-1, 0.5])), dtype=torch.float64)
+    beta = torch.tensor(draw(st.sampled_from([1e-3, 1e-2, 1e-1, 0.5])), dtype=torch.float64)
     disjoint = draw(st.booleans())
     batch = draw(st.integers(1, n))
     batches = []
@@ -93,7 +95,7 @@ def matching_cases(draw, min_steps=1, max_steps=6):
         else:  # overlapping: any indices, repeats allowed
             batches.append(torch.randint(0, n, (batch,), generator=gen))
     augment = shifted_augment if draw(st.booleans()) else None
-    return model, start, target, images, labels, lr, batches, augment
+    return model, start, target, images, labels, beta, batches, augment
 
 
 def assert_close(actual, expected, what):
@@ -111,7 +113,7 @@ def assert_close(actual, expected, what):
 
 
 def assert_result_equals(result, reference, method):
-    for name, actual, expected in zip(("loss", "images_grad", "labels_grad", "lr_grad"),
+    for name, actual, expected in zip(("loss", "images_grad", "labels_grad", "beta_grad"),
                                       result, reference):
         assert_close(actual, expected, f"{method}: {name}")
 
@@ -119,10 +121,10 @@ def assert_result_equals(result, reference, method):
 @SETTINGS
 @given(case=matching_cases(min_steps=2))
 def test_loss_is_the_same_for_every_method(case):
-    model, start, target, images, labels, lr, batches, augment = case
+    model, start, target, images, labels, beta, batches, augment = case
     losses = [
         match_trajectory(
-            model, start, target, images, labels, lr, batches, method=m, augment=augment
+            model, start, target, images, labels, beta, batches, method=m, augment=augment
         ).loss
         for m in METHODS
     ]
@@ -132,7 +134,7 @@ def test_loss_is_the_same_for_every_method(case):
 
 def assert_same_result(actual, expected, what, rtol=1e-10):
     """Equal up to rounding: every tensor of the MatchResult within rtol of its largest entry."""
-    for name in ("loss", "images_grad", "labels_grad", "lr_grad"):
+    for name in ("loss", "images_grad", "labels_grad", "beta_grad"):
         a, e = getattr(actual, name), getattr(expected, name)
         if e is None:
             assert a is None, f"{what}: {name} should be None"
@@ -146,12 +148,12 @@ def assert_same_result(actual, expected, what, rtol=1e-10):
 @given(case=matching_cases(), data=st.data())
 def test_gradient_does_not_depend_on_keep_graphs(case, data):
     """keep_graphs only chooses which step graphs are kept instead of rebuilt: same numbers."""
-    model, start, target, images, labels, lr, batches, augment = case
+    model, start, target, images, labels, beta, batches, augment = case
     steps = len(batches)
     keep = data.draw(st.integers(0, steps), label="keep_graphs")
     stride = data.draw(st.integers(1, 3), label="state_stride")
     for method in ("tesla", "exact"):
-        args = (model, start, target, images, labels, lr, batches)
+        args = (model, start, target, images, labels, beta, batches)
         base = match_trajectory(*args, method=method, augment=augment, state_stride=stride)
         kept = match_trajectory(
             *args, method=method, augment=augment, state_stride=stride, keep_graphs=keep
@@ -162,8 +164,8 @@ def test_gradient_does_not_depend_on_keep_graphs(case, data):
 @SETTINGS
 @given(case=matching_cases())
 def test_exact_keeping_every_graph_is_unrolled(case):
-    model, start, target, images, labels, lr, batches, augment = case
-    args = (model, start, target, images, labels, lr, batches)
+    model, start, target, images, labels, beta, batches, augment = case
+    args = (model, start, target, images, labels, beta, batches)
     full = match_trajectory(*args, method="unrolled", augment=augment)
     for keep in (len(batches), len(batches) + 3):  # larger than T: clamped to T
         kept = match_trajectory(*args, method="exact", augment=augment, keep_graphs=keep)
@@ -219,7 +221,7 @@ def per_row_augment(x, step, rows=None):
 def split_cases(draw):
     """A matching case without batch-coupled layers (BatchNorm in eval mode), an augmentation that
     takes rows= (None, the test's own, or replayed DSA) and a microbatch size."""
-    model, start, target, images, labels, lr, batches, _ = draw(matching_cases(max_steps=4))
+    model, start, target, images, labels, beta, batches, _ = draw(matching_cases(max_steps=4))
     model.eval()  # eval-mode BatchNorm uses running statistics: rows independent
     kind = draw(st.sampled_from(["none", "per_row", "dsa"]))
     if kind == "per_row":
@@ -232,16 +234,16 @@ def split_cases(draw):
     else:
         augment = None
     size = draw(st.integers(1, max(len(b) for b in batches)))
-    return (model, start, target, images, labels, lr, batches, augment), size
+    return (model, start, target, images, labels, beta, batches, augment), size
 
 
 @SETTINGS
 @given(split=split_cases(), data=st.data())
 def test_microbatches_give_the_unsplit_result(split, data):
     """Eq. M1-M2: the step gradient and every pullback split exactly over chunks of rows."""
-    (model, start, target, images, labels, lr, batches, augment), size = split
+    (model, start, target, images, labels, beta, batches, augment), size = split
     keep = data.draw(st.integers(0, len(batches)), label="keep_graphs")
-    args = (model, start, target, images, labels, lr, batches)
+    args = (model, start, target, images, labels, beta, batches)
     for method in METHODS:
         whole = match_trajectory(*args, method=method, augment=augment)
         split_result = match_trajectory(
@@ -251,8 +253,6 @@ def test_microbatches_give_the_unsplit_result(split, data):
 
 
 def test_microbatches_are_rows_of_the_minibatch_in_order():
-    from tesla_func.matching import _split_steps
-
     ((whole,),) = _split_steps((torch.tensor([4, 1, 3]),), None)
     (split,) = _split_steps((torch.tensor([4, 1, 3, 0, 2]),), 2)
     assert whole.rows is None and whole.weight == 1.0
@@ -276,8 +276,6 @@ def test_microbatches_cut_the_peak_to_about_one_chunk_graph(record_property):
 def test_methods_run_on_shape_only_tensors():
     """Under FakeTensorMode (how a memory planner runs them) nothing reads a value: every method
     runs with microbatches and kept graphs and returns gradients of the right shapes."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     model = ConvNet(channels=1, num_classes=4, image_size=8, width=2, depth=1)
     with FakeTensorMode(allow_non_fake_inputs=True):  # slow per operator: a tiny problem
         start = {k: torch.empty_like(v) for k, v in model.named_parameters()}
@@ -303,18 +301,42 @@ def test_inputs_are_not_mutated():
     target = {k: v + 0.01 for k, v in start.items()}
     images = torch.randn(6, 1, 8, 8, generator=gen, dtype=torch.float64)
     labels = torch.randn(6, 3, generator=gen, dtype=torch.float64)
-    lr = torch.tensor(0.05, dtype=torch.float64)
-    copies = [t.clone() for t in (images, labels, lr, *start.values(), *target.values())]
+    beta = torch.tensor(0.05, dtype=torch.float64)
+    copies = [t.clone() for t in (images, labels, beta, *start.values(), *target.values())]
     for method in METHODS:
         match_trajectory(
-            model, start, target, images, labels, lr, [torch.arange(6)] * 3, method=method
+            model, start, target, images, labels, beta, [torch.arange(6)] * 3, method=method
         )
-    after = [images, labels, lr, *start.values(), *target.values()]
+    after = [images, labels, beta, *start.values(), *target.values()]
     for before, now in zip(copies, after):
         assert torch.equal(before, now)
     for key, value in model.state_dict().items():  # BatchNorm running stats untouched
         assert torch.equal(value, buffers_before[key]), key
     assert all(m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_deprecated_lr_names_still_work_and_warn():
+    """``match_trajectory(lr=...)`` and ``MatchResult.lr_grad``, the names of beta and its
+    gradient kept for one release, give what ``beta=`` and ``beta_grad`` give, with a
+    DeprecationWarning; passing beta both ways is refused."""
+    gen = torch.Generator().manual_seed(2)
+    model = ConvNet(channels=1, num_classes=3, image_size=8, width=4, depth=2).double()
+    start = {k: v.double() for k, v in init_params(model, gen).items()}
+    target = {k: v + 0.01 for k, v in start.items()}
+    images = torch.randn(6, 1, 8, 8, generator=gen, dtype=torch.float64)
+    labels = torch.arange(6) % 3
+    args = dict(model=model, start=start, target=target, images=images, labels=labels,
+                batches=[torch.arange(6)] * 2, method="exact")
+    beta = torch.tensor(0.05, dtype=torch.float64)
+    new = match_trajectory(**args, beta=beta)
+    with pytest.warns(DeprecationWarning, match=r"match_trajectory\(lr=\.\.\.\) is deprecated"):
+        old = match_trajectory(**args, lr=beta)
+    for name in ("loss", "images_grad", "beta_grad"):
+        assert torch.equal(getattr(old, name), getattr(new, name)), name
+    with pytest.warns(DeprecationWarning, match=r"MatchResult\.lr_grad is deprecated"):
+        assert old.lr_grad is old.beta_grad
+    with pytest.raises(TypeError, match="got beta twice"):
+        match_trajectory(**args, beta=beta, lr=beta)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -340,7 +362,7 @@ def test_float32_matches_float64(method):
     )
     assert r32.images_grad.dtype == torch.float32
     torch.testing.assert_close(r32.images_grad.double(), r64.images_grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(r32.lr_grad.double(), r64.lr_grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(r32.beta_grad.double(), r64.beta_grad, rtol=1e-4, atol=1e-6)
 
 
 # Checks from the test audit: the reference at 1e-10, the last batch, DSA in the matching call
@@ -349,10 +371,10 @@ def test_float32_matches_float64(method):
 @SETTINGS
 @given(case=matching_cases(), state_stride=st.integers(1, 4))
 def test_exact_and_unrolled_equal_the_reference_to_1e10(case, state_stride):
-    model, start, target, images, labels, lr, batches, augment = case
-    reference = unrolled_reference(model, start, target, images, labels, lr, batches, augment)
+    model, start, target, images, labels, beta, batches, augment = case
+    reference = unrolled_reference(model, start, target, images, labels, beta, batches, augment)
     for method in ("unrolled", "exact"):
-        result = match_trajectory(model, start, target, images, labels, lr, batches,
+        result = match_trajectory(model, start, target, images, labels, beta, batches,
                                   method=method, augment=augment, state_stride=state_stride)
         assert_result_equals(result, reference, method)
 
@@ -360,10 +382,10 @@ def test_exact_and_unrolled_equal_the_reference_to_1e10(case, state_stride):
 @SETTINGS
 @given(case=matching_cases())
 def test_tesla_equals_the_first_order_reference_to_1e10(case):
-    model, start, target, images, labels, lr, batches, augment = case
-    reference = unrolled_reference(model, start, target, images, labels, lr, batches, augment,
+    model, start, target, images, labels, beta, batches, augment = case
+    reference = unrolled_reference(model, start, target, images, labels, beta, batches, augment,
                                    first_order=True)
-    result = match_trajectory(model, start, target, images, labels, lr, batches, method="tesla",
+    result = match_trajectory(model, start, target, images, labels, beta, batches, method="tesla",
                               augment=augment)
     assert_result_equals(result, reference, "tesla")
 
@@ -371,9 +393,9 @@ def test_tesla_equals_the_first_order_reference_to_1e10(case):
 @SETTINGS
 @given(case=matching_cases(min_steps=1, max_steps=1))
 def test_all_methods_agree_at_one_step_to_1e10(case):
-    model, start, target, images, labels, lr, batches, augment = case
+    model, start, target, images, labels, beta, batches, augment = case
     results = {
-        m: match_trajectory(model, start, target, images, labels, lr, batches, method=m,
+        m: match_trajectory(model, start, target, images, labels, beta, batches, method=m,
                             augment=augment)
         for m in METHODS
     }
@@ -400,11 +422,11 @@ def test_tesla_is_exact_for_the_last_batch_only(steps):
     after i, so an image that only the last batch uses gets MTT's exact gradient, and the others
     do not. The batches are laid out so that images 9, 10, 11 are in the last batch only, at
     every T (random batches of 6 of 12 images left none at T = 4 and 6)."""
-    model, start, target, images, labels, lr, gen = _problem()
+    model, start, target, images, labels, beta, gen = _problem()
     batches = [torch.randperm(9, generator=gen)[:6] for _ in range(steps - 1)]
     batches.append(torch.cat([torch.tensor([9, 10, 11]), torch.randperm(9, generator=gen)[:3]]))
-    tesla = match_trajectory(model, start, target, images, labels, lr, batches, method="tesla")
-    full = match_trajectory(model, start, target, images, labels, lr, batches, method="unrolled")
+    tesla = match_trajectory(model, start, target, images, labels, beta, batches, method="tesla")
+    full = match_trajectory(model, start, target, images, labels, beta, batches, method="unrolled")
     only_last = torch.zeros(12, dtype=torch.bool)
     only_last[9:] = True
     scale = float(full.images_grad.abs().max())
@@ -424,19 +446,19 @@ def test_dsa_inside_matching_equals_the_reference(family):
     ``augment`` of every method, against the plain-autograd reference that applies the same
     per-step transform in its one graph: the two-pass and adjoint methods, which apply it twice
     per step, must see the very same augmentation (docs/reference.md section 9)."""
-    model, start, target, images, _, lr, gen = _problem(seed=1, channels=3, n=10, classes=4)
+    model, start, target, images, _, beta, gen = _problem(seed=1, channels=3, n=10, classes=4)
     labels = torch.randn(10, 4, generator=gen, dtype=torch.float64)  # soft: labels_grad as well
     batches = [torch.randperm(10, generator=gen)[:b] for b in (6, 4, 6)]
     augment = DSA(families=(family,)).replayable([len(b) for b in batches], gen,
                                                  dtype=torch.float64)
     assert not torch.equal(augment(images[batches[0]], 0), images[batches[0]])
-    full = unrolled_reference(model, start, target, images, labels, lr, batches, augment)
-    first_order = unrolled_reference(model, start, target, images, labels, lr, batches, augment,
+    full = unrolled_reference(model, start, target, images, labels, beta, batches, augment)
+    first_order = unrolled_reference(model, start, target, images, labels, beta, batches, augment,
                                      first_order=True)
     for method in METHODS:
-        result = match_trajectory(model, start, target, images, labels, lr, batches,
+        result = match_trajectory(model, start, target, images, labels, beta, batches,
                                   method=method, augment=augment, state_stride=2)
         assert_result_equals(result, first_order if method == "tesla" else full, method)
     # Without the augmentation the gradient is another one: the check has something to see.
-    plain = match_trajectory(model, start, target, images, labels, lr, batches, method="exact")
+    plain = match_trajectory(model, start, target, images, labels, beta, batches, method="exact")
     assert not torch.allclose(plain.images_grad, full[1], rtol=1e-3, atol=0)

@@ -57,7 +57,7 @@ SMALL = {"dataset": "digits", "model": "convnet", "width": 4, "depth": 1, "ipc":
 
 
 def test_every_dataset_has_a_shape_that_agrees_with_its_summary():
-    from tesla_func.data import _spec
+    from tesla_func.data.registry import spec as _spec
 
     for name in DATASETS:
         if _spec(name).shape is None:  # a folder of one's own: known once read
@@ -172,7 +172,7 @@ def _real_arguments(cfg: PlanConfig, steps: int, family: str | None, seed: int =
     return {
         "model": model, "start": start, "target": target,
         "images": torch.randn(n, s.channels, s.image_size, s.image_size, generator=gen),
-        "labels": labels, "lr": torch.tensor(0.01),
+        "labels": labels, "beta": torch.tensor(0.01),
         "batches": [torch.randperm(n, generator=gen)[:batch] for _ in range(steps)],
         "augment": augment,
     }

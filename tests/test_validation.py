@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tesla_func import ConvNet, match_trajectory
+from tesla_func.augment import DSA
 from tesla_func.models import init_params
 
 
@@ -26,7 +27,7 @@ def args():
         target=target,
         images=images,
         labels=labels,
-        lr=torch.tensor(0.01),
+        beta=torch.tensor(0.01),
         batches=batches,
     )
 
@@ -95,15 +96,15 @@ def test_float_index_batches_rejected(args):
         call(args, batches=[torch.arange(3), torch.arange(3.0)])
 
 
-@pytest.mark.parametrize("lr", [0.0, -0.01, float("nan"), float("inf")])
-def test_bad_lr(args, lr):
-    with pytest.raises(ValueError, match="lr must be finite and > 0"):
-        call(args, lr=torch.tensor(lr))
+@pytest.mark.parametrize("beta", [0.0, -0.01, float("nan"), float("inf")])
+def test_bad_beta(args, beta):
+    with pytest.raises(ValueError, match="beta must be finite and > 0"):
+        call(args, beta=torch.tensor(beta))
 
 
-def test_lr_must_be_scalar(args):
-    with pytest.raises(TypeError, match="lr must be a floating-point scalar"):
-        call(args, lr=torch.tensor([0.1, 0.2]))
+def test_beta_must_be_scalar(args):
+    with pytest.raises(TypeError, match="beta must be a floating-point scalar"):
+        call(args, beta=torch.tensor([0.1, 0.2]))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -192,8 +193,6 @@ def test_splitting_needs_an_augment_that_takes_rows(args):
 
 
 def test_augment_drawn_for_other_batch_sizes(args):
-    from tesla_func.augment import DSA
-
     augment = DSA().replayable([3, 2], torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"drawn for 2 steps of minibatch sizes \[3, 2\].*"
                                          r"minibatches of \[3, 3\] rows"):

@@ -102,7 +102,7 @@ class Predictor:
             "images": torch.empty(n, s.channels, s.image_size, s.image_size, dtype=dt,
                                   device="meta"),
             "labels": labels,
-            "lr": torch.empty((), dtype=dt, device="meta"),
+            "beta": torch.empty((), dtype=dt, device="meta"),
             "batches": [torch.empty(batch, dtype=torch.long, device="meta")] * steps,
             "augment": self.augment(steps, batch, family),
         }
