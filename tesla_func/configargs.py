@@ -138,7 +138,8 @@ def add_config_arguments(
     no flag. ``flatten`` names nested configs whose fields get bare flags (``"distill"``:
     ``--ipc`` sets ``distill.ipc``; a name both configs have must be skipped in one of them).
     ``aliases`` maps a field to further flags of its own (``{"methods": ("--method",)}``).
-    ``config_from_args`` reads all of them back; it needs neither option.
+    ``config_from_args`` reads all of them back; it needs neither option. (``flag_prefix``: the
+    flags' spelling of ``prefix``, for nested calls.)
     """
     base = base if base is not None else cfg_type()
     flag_prefix = prefix if flag_prefix is None else flag_prefix
