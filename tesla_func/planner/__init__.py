@@ -44,6 +44,9 @@ SLA teacher         one forward without a graph of the teacher on all N images (
 
     iteration peak = held + max(matching call, SGD update, SLA teacher)
 
+**Microbatches.** The run's ``microbatch_size`` goes into every predicted call, as the
+distillation passes it: ``tesla`` and ``exact`` then hold about one chunk's graph at a time.
+
 **DSA.** Every call of the distillation draws one augmentation family per student step at random.
 The plan gives every step the family whose step costs the most memory (found by predicting one
 step of each family), so the prediction bounds every iteration's draw from above.
@@ -61,8 +64,9 @@ one extra forward and backward per step (the rebuild); ``keep_graphs = k`` keeps
 graphs of the first pass instead, one step graph of memory per rebuild saved (k = T: ``exact``
 does the work of ``unrolled`` and holds its memory). With ``device_memory``, the plan gives for
 each of them and each planned T the largest k whose iteration fits, with its peak and FLOPs. The
-peak is linear in k from k = 2 on (k = 1 is the call of k = 0), at every T, so k is read off a line
-(:meth:`Predictor.keep_line`: the call at k = 0 and three short calls). For T up to
+peak is linear in k from k = 2 on (k = 1 is the call of k = 0), or from k = 1 on where the run's
+microbatches split a step, at every T, so k is read off a line (:meth:`Predictor.keep_line`: the
+call at k = 0 and three short calls). For T up to
 ``verify_keep_max_steps`` it is then checked by predicting the whole T-step call at k (it fits)
 and at k + 1 (it does not). Above, that check would cost two calls of T steps per method (about
 25 s each for a ConvNetD4 on ImageNet at T = 50), so k is the line's, marked as an estimate; tests
