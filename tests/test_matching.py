@@ -17,8 +17,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from tesla_func import METHODS, ConvNet, match_trajectory, measure_peak_memory
 from tesla_func.augment import DSA, FAMILIES
-from tesla_func.matching import _split_steps
 from tesla_func.models import init_params
+from tesla_func.problem import split_steps
 from tests.reference import unrolled_reference
 
 # Float64 on tiny nets: over 200 Hypothesis examples the largest difference to the reference was
@@ -253,8 +253,8 @@ def test_microbatches_give_the_unsplit_result(split, data):
 
 
 def test_microbatches_are_rows_of_the_minibatch_in_order():
-    ((whole,),) = _split_steps((torch.tensor([4, 1, 3]),), None)
-    (split,) = _split_steps((torch.tensor([4, 1, 3, 0, 2]),), 2)
+    ((whole,),) = split_steps((torch.tensor([4, 1, 3]),), None)
+    (split,) = split_steps((torch.tensor([4, 1, 3, 0, 2]),), 2)
     assert whole.rows is None and whole.weight == 1.0
     assert [c.index.tolist() for c in split] == [[4, 1], [3, 0], [2]]
     assert [c.rows.tolist() for c in split] == [[0, 1], [2, 3], [4]]
