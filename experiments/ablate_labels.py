@@ -16,10 +16,10 @@ mean +- std ACROSS SEEDS (sample std, ddof 1) and says which differences exceed 
 A random-real-subset baseline of the same size (each seed's initial images) is trained in the
 same protocol.
 
-Why the last iteration: a single run's rows moved by up to 4 points between two CPUs (rounding
-amplified by distillation), so choosing an iteration on validation, as an earlier version did,
-picked among differences of that size; with several seeds the honest number is each seed's set
-at the end of its run, the same for every strategy. The validation accuracy is kept beside it.
+Why the last iteration: a single run's rows move by up to 4 points with the CPU model alone
+(rounding amplified by distillation), so choosing an iteration on validation would pick among
+differences of that size; with several seeds the honest number is each seed's set at the end of
+its run, the same rule for every strategy. The validation accuracy is kept beside it.
 
 Writes results/ablate_labels/ablate_labels.{nc,png,md}, and from the saved runs:
 ablate_labels_drift.png (how far each strategy's teacher labels drift from the classes the
@@ -30,11 +30,12 @@ learned-logit set's first image of each class at a few iterations).
 
 The default is a *reduced* protocol (ConvNet width 32, two experts of four epochs, 40
 iterations of T = 20, one evaluation network of 100 epochs per seed): its numbers compare
-strategies with each other, not with the published anchors. Against the single-seed version it
-drops the intermediate evaluation (iteration 20) and evaluates one network per seed instead of
-two: the spread across seeds then also holds the evaluation network's. Cost on the 2-core CPU,
-one thread: the experts about 5 minutes (9 with another job on the other core), each of the
-30 runs 25-45 s, the baselines 1 minute: about 20 minutes from scratch (about 27 under load).
+strategies with each other, not with the published anchors. To fit three seeds in the budget,
+each set is evaluated once (no intermediate evaluation) with one network per seed: the spread
+across seeds then also holds the evaluation network's. Cost on the 2-core CPU with one thread,
+measured piecewise with other jobs sharing it: the experts 9 minutes, each of the 30 runs
+25-45 s (0.45-0.9 s an iteration, 6-9 s of evaluation), the baselines 1 minute: about 27
+minutes from scratch, 18 with the experts cached; less on an idle CPU.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ STRIP = ("learned", "hard")  # the strip figure: the first of these that ran, at
 @dataclass(frozen=True)
 class AblateLabelsConfig:
     # experts (cached under ./cache). Kept small so that the whole default, expert training
-    # included, runs from a fresh checkout in about 20 minutes on a 2-core CPU; the last epoch
-    # is sla-last's teacher.
+    # included, runs from a fresh checkout in 20-30 minutes on a 2-core CPU; the last epoch is
+    # sla-last's teacher.
     experts: ExpertConfig = ExpertConfig(dataset="fashion-mnist", num_experts=2, epochs=4, width=32)
     # distillation (docs/reference.md section 4, scaled down); method is shared by every run,
     # ipc / label_strategy / seed / batch_syn / experts_dir are set per run

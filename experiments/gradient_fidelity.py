@@ -144,7 +144,8 @@ class PrecisionSetting:
 
 @dataclass(frozen=True)
 class FidelityConfig:
-    """Both parts of the experiment; the defaults are the small CPU run (about 10 minutes)."""
+    """The three parts of the experiment; the defaults are the small CPU run (about 35 minutes
+    with the experts cached)."""
 
     # experts (cached under ./cache, shared with the other experiments)
     experts: ExpertConfig = ExpertConfig(dataset="fashion-mnist", num_experts=3, epochs=6, width=32)
@@ -176,7 +177,8 @@ class FidelityConfig:
     base_start_epoch: int = 0
     base_lr: float = 1e-2  # the experts' training lr
     segments: int = 4  # random draws per point (the `segment` dim)
-    # part 3: precision. Each setting is "source/augment/batch/labels/activation[/tf32]":
+    # part 3: precision (about 9-15 minutes). Each setting is
+    # "source/augment/batch/labels/activation[/tf32]":
     # source drawn (a fresh ConvNet-3 of precision_width, target = start + 0.01 N(0, 1), N(0, 1)
     # images 3x32x32) or expert (an expert segment, real images); augment none, all (DSA) or one
     # DSA family; batch full or half (minibatches of half the images); labels hard or learned
@@ -256,6 +258,12 @@ PRESETS = {
         base_steps=30,
         base_start_epoch=10,
         segments=10,
+        # part 3 on the GPU, at the paper's batch (100 images 3x32x32, width 128), TF32 off and on
+        precision_settings=(*FidelityConfig.precision_settings,
+                            *(f"{s}/tf32" for s in FidelityConfig.precision_settings)),
+        precision_width=128,
+        precision_images=100,
+        precision_device="cuda",
         threads=0,
     ),
 }
@@ -363,14 +371,14 @@ def measure_precision(cfg: FidelityConfig, dataset: Dataset,
             case = precision_case(cfg, setting, index, dataset, experts)
             for t in steps:
                 reference = case.solve("unrolled", torch.float64, t)
+                key = {"setting": text, "T": t, "problem": index,
+                       "precision_loss": float(reference.loss)}
                 for method in ALL_METHODS:
                     with tf32(setting.tf32):
                         result = case.solve(method, torch.float32, t)
-                    errors.append({"setting": text, "T": t, "problem": index,
-                                   "precision_method": method, "precision_loss":
-                                   float(reference.loss), **{f"precision_{k}": v for k, v in
-                                                             precision_errors(result,
-                                                                              reference).items()}})
+                    measured = precision_errors(result, reference)
+                    errors.append({**key, "precision_method": method,
+                                   **{f"precision_{k}": v for k, v in measured.items()}})
             with tf32(setting.tf32):
                 counts = activation_sign_flips(case, steps[-1], tuple(ALL_METHODS))
             flips += [{"setting": text, "T": t, "problem": index, "precision_method": method,

@@ -16,9 +16,8 @@ runs where ``ipc <= unrolled_max_ipc``.
 
 A seed *collapsed* when its final beta (the learned lr the evaluation trains with) is below
 ``collapse_below`` times its initial beta (the experts' lr): every method's first update lowers
-beta by the clip (exp(-0.5)); `exact` then turns back up, while a collapsed run keeps falling
-(the single-seed table this replaces had `tesla` at IPC 1 end at 0.0038 from 0.01, and 47.2%
-against `exact`'s 68.2%).
+beta by the clip (exp(-0.5)); a run that keeps falling from there hands the evaluation an lr
+too small for its epochs, and its accuracy drops with it.
 
 Cost on the 2-core CPU with 1 thread (distillation 50 iterations of T = 60, 200-epoch
 evaluation of 3 networks; measured with another job on the other core): an IPC 1 run takes
@@ -129,8 +128,7 @@ PRESETS = {
         rows=("tesla/hard", "tesla/sla", "exact/hard", "unrolled/hard"),
         batch_syn_max=500,
     ),
-    # The earlier CPU default's whole table (IPC 50 and the SLA row too) over the seeds: about
-    # four hours on the 2-core CPU.
+    # IPC 50 and the SLA row too, over the seeds: about four hours on the 2-core CPU.
     "full-cpu": MainTableConfig(
         ipcs=(1, 10, 50),
         rows=("tesla/hard", "tesla/sla", "exact/hard", "unrolled/hard"),

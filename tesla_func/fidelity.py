@@ -36,11 +36,22 @@ from torch.func import functional_call
 from tesla_func.augment import DSA, FAMILIES, ReplayedDSA
 from tesla_func.data import Dataset
 from tesla_func.labels import near_one_hot
-from tesla_func.matching import MatchResult, make_problem, match_trajectory
+from tesla_func.matching import MatchResult, match_trajectory
 from tesla_func.models import ConvNet, ConvNetConfig, init_params
+from tesla_func.problem import make_problem
 from tesla_func.sampling import draw_minibatches, per_class_indices
 from tesla_func.types import Params
 from tesla_func.validation import batch_statistics_only
+
+
+def relative_error(a: Tensor | None, b: Tensor | None) -> float:
+    """|a - b| / |b| over every element, in float64: inf when b is 0, NaN when either is None
+    (class labels have no gradient)."""
+    if a is None or b is None:
+        return math.nan
+    a, b = a.double().flatten(), b.double().flatten()
+    norm = float(b.norm())
+    return float((a - b).norm()) / norm if norm else math.inf
 
 
 def agreement(approx: MatchResult, reference: MatchResult) -> dict[str, float]:
@@ -51,8 +62,8 @@ def agreement(approx: MatchResult, reference: MatchResult) -> dict[str, float]:
     da, db = float(approx.beta_grad), float(reference.beta_grad)
     return {
         "images_cosine": float(a @ b / (a.norm() * b.norm())),
-        "images_relative_error": float((a - b).norm() / b.norm()),
-        "lr_relative_error": abs(da - db) / abs(db) if db else math.inf,
+        "images_relative_error": relative_error(a, b),
+        "lr_relative_error": relative_error(approx.beta_grad, reference.beta_grad),
         "lr_sign_agreement": float(math.copysign(1, da) == math.copysign(1, db)),
     }
 
@@ -159,19 +170,12 @@ class Case:
 
 
 def precision_errors(result: MatchResult, reference: MatchResult) -> dict[str, float]:
-    """Relative errors of ``result``'s gradients against ``reference``'s, in float64:
-    ``images_error`` = |g - g_ref| / |g_ref| for dL/dX, ``labels_error`` the same for dL/dY
-    (NaN for class labels) and ``beta_error`` = |d - d_ref| / |d_ref| for dL/dbeta."""
-
-    def rel(a: Tensor | None, b: Tensor | None) -> float:
-        if a is None or b is None:
-            return math.nan
-        a, b = a.double().flatten(), b.double().flatten()
-        return float((a - b).norm() / b.norm())
-
-    return {"images_error": rel(result.images_grad, reference.images_grad),
-            "labels_error": rel(result.labels_grad, reference.labels_grad),
-            "beta_error": rel(result.beta_grad, reference.beta_grad)}
+    """:func:`relative_error` of each of ``result``'s gradients against ``reference``'s:
+    ``images_error`` (dL/dX), ``labels_error`` (dL/dY; NaN for class labels) and ``beta_error``
+    (dL/dbeta)."""
+    return {"images_error": relative_error(result.images_grad, reference.images_grad),
+            "labels_error": relative_error(result.labels_grad, reference.labels_grad),
+            "beta_error": relative_error(result.beta_grad, reference.beta_grad)}
 
 
 def _activation_inputs(model: nn.Module, params: Params, x: Tensor) -> list[Tensor]:

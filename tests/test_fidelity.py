@@ -15,6 +15,7 @@ from tesla_func.fidelity import (
     activation_sign_flips,
     drawn_case,
     precision_errors,
+    relative_error,
     with_activation,
 )
 from tesla_func.models import ConvNetConfig
@@ -67,6 +68,9 @@ def test_the_same_numbers_in_both_precisions():
     same = precision_errors(case.solve("exact", torch.float64), reference)
     assert same["images_error"] < 1e-12 and same["beta_error"] < 1e-10
     assert math.isnan(same["labels_error"])  # class labels have no gradient
+    assert relative_error(torch.ones(3), torch.zeros(3)) == math.inf
+    assert relative_error(torch.tensor([1.0, 1.0]), torch.tensor([0.0, 2.0])) == pytest.approx(
+        math.sqrt(2) / 2)
     soft = small("relu", soft_labels=True)
     assert soft.labels.shape == (10, 10) and soft.labels.argmax(1).tolist() == [
         i % 10 for i in range(10)]
