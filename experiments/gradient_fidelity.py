@@ -47,8 +47,9 @@ Writes results/gradient_fidelity/gradient_fidelity.{nc,png,md}, gradient_fidelit
 and gradient_fidelity_sets.png (the distilled sets). The default is a reduced protocol (ConvNet
 width 32, 3 experts of 6 epochs, 300 evaluation epochs): its accuracies compare the two methods
 with each other, not with published numbers. Cost on the 2-core CPU, one thread: part 1 about 8
-min, part 2 about 15 min, part 3 about PRECISION_COST min, the experts (shared with main_table)
-about 15 min once.
+min, part 2 about 15 min, part 3 about 15 min (17 measured with other jobs sharing the CPU;
+``--precision-steps 1 10`` saves a third of it), the experts (shared with main_table) about 15
+min once.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ class PrecisionSetting:
 
 @dataclass(frozen=True)
 class FidelityConfig:
-    """The three parts of the experiment; the defaults are the small CPU run (about 35 minutes
+    """The three parts of the experiment; the defaults are the small CPU run (about 40 minutes
     with the experts cached)."""
 
     # experts (cached under ./cache, shared with the other experiments)
@@ -177,7 +178,7 @@ class FidelityConfig:
     base_start_epoch: int = 0
     base_lr: float = 1e-2  # the experts' training lr
     segments: int = 4  # random draws per point (the `segment` dim)
-    # part 3: precision (about 9-15 minutes). Each setting is
+    # part 3: precision (about 15 minutes). Each setting is
     # "source/augment/batch/labels/activation[/tf32]":
     # source drawn (a fresh ConvNet-3 of precision_width, target = start + 0.01 N(0, 1), N(0, 1)
     # images 3x32x32) or expert (an expert segment, real images); augment none, all (DSA) or one
