@@ -20,11 +20,11 @@ beta by the clip (exp(-0.5)); a run that keeps falling from there hands the eval
 too small for its epochs, and its accuracy drops with it.
 
 Cost on the 2-core CPU with 1 thread (distillation 50 iterations of T = 60, 200-epoch
-evaluation of 3 networks; measured with another job on the other core): an IPC 1 run takes
-about 1.5-2.5 min, an IPC 10 run 2.5-3.5 min, the experts (3 x 6 epochs, shared with
-cross_arch and gradient_fidelity) about 15 min once. The default's 18 runs and 6 baselines take
-about 65-80 min from scratch. IPC 50 (6-13 min a run) and the SLA row are in the ``full-cpu``
-preset only.
+evaluation of 3 networks; measured with other jobs sharing the CPU): an IPC 1 run takes about
+1.5-2.2 min, an IPC 10 run 2.6-2.9 min, a pair of baselines 1.2 min, the experts (3 x 6 epochs,
+shared with cross_arch and gradient_fidelity) about 15 min once. The default's 18 runs and 6
+baselines take about 45-50 min, 60-65 min from scratch. IPC 50 (6-13 min a run) and the SLA row
+are in the ``full-cpu`` preset only.
 
 Writes results/main_table/main_table.{nc,png,md}, main_table_beta.png (beta against iteration,
 every seed and method) and main_table_sets.png (the seed-0 sets).
