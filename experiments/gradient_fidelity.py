@@ -671,15 +671,21 @@ def precision_finding(ds: xr.Dataset) -> str:
         f"unrolled's lies between {float(ratios.min()):.2f} and {float(ratios.max()):.2f} in "
         f"every setting and T (largest at {worst.setting.values[0]}, T = "
         f"{int(worst['T'].values[0])}): "
-        + ("above 2: a systematic loss, to be found. " if systematic else
-           "at most 2 everywhere; `exact` loses no precision systematically. ")
-        + f"At T = {t_last} with ReLU, the {int(quiet.sum())} problems whose float32 student "
-        f"trajectories flipped no activation sign (neither method's) have errors of "
-        f"{float(error.where(quiet).min()):.1e} to {float(error.where(quiet).max()):.1e} "
-        f"(median ratio {_median(_ratio(relu).where(quiet)):.2f}): rounding. Of the "
-        f"{int(large.sum())} method results above {ABOVE_ROUNDING:g}, "
-        f"{int((large & flipped).sum())} come from a trajectory that flipped a sign."
+        + ("above 2: a systematic loss, to be found." if systematic else
+           "at most 2 everywhere; `exact` loses no precision systematically.")
     )
+    calm = error.where(quiet).values
+    calm = calm[np.isfinite(calm)]
+    if calm.size:
+        text += (
+            f" At T = {t_last} with ReLU, the {int(quiet.sum())} problems whose float32 "
+            f"student trajectories flipped no activation sign (neither method's) have errors "
+            f"of {calm.min():.1e} to {calm.max():.1e} (median ratio "
+            f"{_median(_ratio(relu).where(quiet)):.2f}): rounding."
+        )
+    if relu.sizes["setting"]:
+        text += (f" Of the {int(large.sum())} ReLU method results above {ABOVE_ROUNDING:g}, "
+                 f"{int((large & flipped).sum())} come from a trajectory that flipped a sign.")
     alone = flipped.sum("precision_method") == 1  # one method's trajectory flipped, not the other
     if int(alone.sum()):
         mine = error.where(flipped).max("precision_method")
