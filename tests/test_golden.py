@@ -48,7 +48,9 @@ FLOAT64_TOL = 1e-12  # float64 runs agree to this fraction of each tensor's larg
 
 
 def _expert_config() -> ExpertConfig:
-    return ExpertConfig(dataset="digits", num_experts=2, epochs=3, width=8, seed=0, dsa=True)
+    # every field the dataset's defaults would set is given: the file pins these runs
+    return ExpertConfig(dataset="digits", num_experts=2, epochs=3, width=8, depth=3, lr=0.01,
+                        seed=0, dsa=True)
 
 
 def _distill_config(experts_dir: Path, method: str, strategy: str) -> DistillConfig:
@@ -66,6 +68,8 @@ def _distill_config(experts_dir: Path, method: str, strategy: str) -> DistillCon
         lr_img=100.0,
         lr_lr=1.0,
         lr_grad_clip=0.5,
+        beta_bound=None,
+        max_skipped=0,
         lr_labels=5.0,
         eval_epochs=1,
         eval_models=1,
