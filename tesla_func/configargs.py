@@ -9,7 +9,10 @@ value, so a command line only ever *builds a config*.
 
 Each flag's help is the field's own comment in the class source (the comment lines just above the
 field and the one at the end of its line), so a config documents its fields once, in one place,
-and ``--help`` reads as that documentation.
+and ``--help`` reads as that documentation. A comment must therefore stay above its field or on
+its line: lines below a field's line belong to the next field. A field made with :func:`choice`
+lists its choices in the help; a field whose default is None shows no "(default: None)" when its
+comment says what None means or that it is required.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from tesla_func.configargs import check_choices, check_int, check_non_negative, 
 from tesla_func.data import (
     DATASETS,
     DatasetInfo,
+    batch_syn_for,
     expert_steps,
     lr_img_for,
     resolve,
@@ -52,7 +53,9 @@ class DistillConfig:
     # start epoch t ~ U{0 .. max_start_epoch - 1} (None: the dataset's default, at most what
     # the experts' epochs allow)
     max_start_epoch: int | None = None
-    batch_syn: int | None = None  # synthetic images per student step; None: the whole set
+    # synthetic images per student step (None: the dataset's default, at most the set: 20 for
+    # Fashion-MNIST, the whole set for the others)
+    batch_syn: int | None = None
     # exact method: keep every k-th student state in the forward pass and recompute the others
     # (memory (T/k + k) parameter vectors instead of T; k - 1 extra forward steps per k)
     state_stride: int = 1
@@ -147,7 +150,9 @@ class DistillConfig:
         if starts < defaults.max_start_epoch:
             max_start = (starts, f"the experts' {expert_epochs} epochs less match_epochs "
                                  f"{self.match_epochs}, plus 1")
+        batch = batch_syn_for(defaults, self.ipc * info.num_classes)
         return resolve(self, {
+            **({"batch_syn": (batch, why)} if batch is not None else {}),
             "iterations": (defaults.iterations, why),
             "syn_steps": syn_steps,
             "max_start_epoch": max_start,

@@ -77,7 +77,8 @@ def test_every_dataset_resolves_to_configs_that_run():
         assert run.syn_steps <= expert_steps(run.match_epochs, s.train_size, experts.batch_size)
         assert run.max_start_epoch - 1 + run.match_epochs <= experts.epochs
         assert run.lr_init == experts.lr and run.lr_grad_clip == 0.5 and run.method == "exact"
-        assert set(chosen) == {"iterations", "syn_steps", "max_start_epoch", "lr_img", "lr_init"}
+        assert set(chosen) - {"batch_syn"} == {"iterations", "syn_steps", "max_start_epoch",
+                                               "lr_img", "lr_init"}
 
 
 def test_explicit_values_win_and_are_not_recorded():
@@ -89,6 +90,21 @@ def test_explicit_values_win_and_are_not_recorded():
         info, train_size=1238, expert_lr=0.1, expert_epochs=10, expert_batch_size=256)
     assert run.syn_steps == 20 and run.lr_img == 5.0 and run.lr_init == 0.1
     assert "syn_steps" not in chosen and chosen["lr_init"] == "0.1: the experts' lr"
+
+
+def test_fashion_mnist_students_step_on_minibatches_of_20_at_most():
+    info, s = _info("fashion-mnist", 1, 28), shape("fashion-mnist")
+    for ipc, batch in ((1, 10), (10, 20), (50, 20)):
+        run, chosen = DistillConfig(ipc=ipc).resolved(
+            info, train_size=s.train_size, expert_lr=0.01, expert_epochs=6, expert_batch_size=256)
+        assert run.batch_syn == batch and run.syn_steps == 60 and "batch_syn" in chosen
+    run, chosen = DistillConfig(ipc=10, batch_syn=100).resolved(
+        info, train_size=s.train_size, expert_lr=0.01, expert_epochs=6, expert_batch_size=256)
+    assert run.batch_syn == 100 and "batch_syn" not in chosen
+    digits, _ = DistillConfig(ipc=10).resolved(_info("digits", 1, 8), train_size=1238,
+                                               expert_lr=0.01, expert_epochs=10,
+                                               expert_batch_size=256)
+    assert digits.batch_syn is None  # the whole set
 
 
 def test_the_student_takes_no_more_steps_than_the_expert_did():

@@ -72,6 +72,7 @@ this docstring documents it for readers.
 
 from tesla_func.data.defaults import (
     RunDefaults,
+    batch_syn_for,
     depth_for,
     expert_steps,
     lr_img_for,
@@ -129,6 +130,7 @@ __all__ = [
     "DatasetShape",
     "RunDefaults",
     "available",
+    "batch_syn_for",
     "check_same_dataset",
     "dataset_options",
     "depth_for",

@@ -59,6 +59,8 @@ class RunDefaults:
     iterations: int  # image updates of a distillation
     why: str  # where these numbers come from
     lr_img: float | None = None  # the images' SGD lr; None: one per pixel (lr_img_for)
+    # synthetic images per student step, capped at the set (batch_syn_for); None: the whole set
+    batch_syn: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("width", "num_experts", "expert_epochs", "max_start_epoch", "syn_steps",
@@ -98,6 +100,12 @@ def lr_img_for(channels: int, image_size: int) -> tuple[float, str]:
     """(image lr, why): one per pixel of a C x S x S image, to two significant digits."""
     value = float(f"{LR_IMG_PER_PIXEL * channels * image_size ** 2:.2g}")
     return value, f"{channels}x{image_size}x{image_size} images: one per pixel"
+
+
+def batch_syn_for(defaults: RunDefaults, num_images: int) -> int | None:
+    """The student's minibatch for a set of ``num_images``: the dataset's ``batch_syn`` capped at
+    the set, or None (the whole set) for a dataset without one."""
+    return None if defaults.batch_syn is None else min(defaults.batch_syn, num_images)
 
 
 def expert_steps(match_epochs: int, train_size: int, batch_size: int) -> int:

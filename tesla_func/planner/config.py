@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from tesla_func.configargs import check_int, choice
-from tesla_func.data import DATASETS, DatasetShape, shape
+from tesla_func.data import DATASETS, DatasetShape, batch_syn_for, run_defaults, shape
 from tesla_func.distill_config import DistillConfig
 from tesla_func.matching import METHODS
 from tesla_func.memory import parse_bytes
@@ -159,7 +159,11 @@ class PlanConfig:
     @property
     def batch(self) -> int:
         """B, the images of a student step."""
-        return self.distill.batch_syn or self.num_images
+        if self.distill.batch_syn is not None:
+            return self.distill.batch_syn
+        s = self.shape  # None: the dataset's default, as the run resolves it
+        defaults, _ = run_defaults(self.distill.dataset, s.channels, s.image_size)
+        return batch_syn_for(defaults, self.num_images) or self.num_images
 
     @property
     def device_bytes(self) -> int | None:
