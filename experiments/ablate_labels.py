@@ -80,13 +80,13 @@ class AblateLabelsConfig:
     # distillation (docs/reference.md section 4, scaled down); method is shared by every run,
     # ipc / label_strategy / seed / batch_syn / experts_dir are set per run
     distill: DistillConfig = DistillConfig(
+        method="tesla",  # the committed table's (the library's default is exact now)
         iterations=40,
         syn_steps=20,
         match_epochs=2,
         max_start_epoch=2,  # targets reach epoch max_start_epoch - 1 + match_epochs = 3
         lr_img=300.0,
         lr_lr=1.0,
-        lr_grad_clip=0.5,
         lr_labels=5.0,
         eval_every=0,  # evaluated once, at the last iteration
         eval_epochs=100,  # evaluation protocol, reduced: fewer epochs, one network per seed

@@ -24,7 +24,6 @@ Writes results/bench_distributed/bench_distributed.{nc,png,md}.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import math
 import os

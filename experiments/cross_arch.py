@@ -81,7 +81,6 @@ class CrossArchConfig:
         max_start_epoch=4,
         lr_img=1000.0,
         lr_lr=1.0,
-        lr_grad_clip=0.5,
         eval_every=50,
         eval_epochs=200,
         eval_models=3,

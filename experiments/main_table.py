@@ -91,7 +91,6 @@ class MainTableConfig:
         max_start_epoch=4,  # targets up to epoch 5 of the 6 trained
         lr_img=1000.0,
         lr_lr=1.0,
-        lr_grad_clip=0.5,
         eval_every=50,  # also evaluate during the run (the log's accuracy-vs-iteration)
         eval_epochs=200,  # evaluation, reduced protocol
         eval_models=3,

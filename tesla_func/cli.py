@@ -37,22 +37,32 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from tesla_func.augment import DSA
 from tesla_func.configargs import add_config_arguments, config_from_args
 from tesla_func.configfile import add_config_file_argument, parse_args
-from tesla_func.data import ENV_VAR, available, load_dataset, load_dataset_like
-from tesla_func.distill import DistillConfig, Distiller
+from tesla_func.data import (
+    ENV_VAR,
+    available,
+    depth_for,
+    load_dataset,
+    load_dataset_like,
+    run_defaults,
+)
+from tesla_func.distill import DistillationStopped, DistillConfig, Distiller
 from tesla_func.distributed import together, torchrun_group
 from tesla_func.evaluate import EvalConfig, evaluate
 from tesla_func.experts import ExpertConfig, train_experts
 from tesla_func.export import export_set
+from tesla_func.models import NORMS
 from tesla_func.planner import (
     SWEPT_FIELDS,
     UNPLANNED_FIELDS,
@@ -63,6 +73,7 @@ from tesla_func.planner import (
 )
 from tesla_func.plots import plot_synthetic
 from tesla_func.results import save_results
+from tesla_func.runchecks import RunWarning, check_device
 from tesla_func.sampling import per_class_indices
 from tesla_func.synthetic import load_synthetic
 from tesla_func.tracking import add_tensorboard_argument, tensorboard_logger
@@ -123,7 +134,8 @@ def _add_experts_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True,
                         help="folder for expert_*.safetensors (an interrupted run resumes)")
     parser.add_argument("--root", default=None, help="folder holding the dataset's files")
-    parser.add_argument("--device", default="cpu", help="where the experts train")
+    parser.add_argument("--device", default="cpu",
+                        help="where the experts train: cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="tqdm progress bars")
     add_tensorboard_argument(parser)
@@ -132,6 +144,7 @@ def _add_experts_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_experts(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, ExpertConfig)
+    check_device(args.device)
     with (torchrun_group(args.device, args.group_timeout) as group,
           tensorboard_logger(args.tensorboard, _rank(group)) as logger):
         paths = train_experts(cfg, args.out, root=args.root, device=args.device,
@@ -159,6 +172,7 @@ def _add_distill_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_distill(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, DistillConfig)
+    check_device(cfg.device)
     with (torchrun_group(cfg.device, args.group_timeout) as group,
           tensorboard_logger(args.tensorboard, _rank(group)) as logger):
         distiller = Distiller(cfg, args.out, progress=args.progress, group=group, logger=logger)
@@ -169,21 +183,42 @@ def _run_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {value}")
+    return value
+
+
 def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--synthetic", help="a synthetic.safetensors written by `distill`, or a "
                       "folder written by `export` (or any folder of class folders of PNGs, with "
                       "--dataset)")
-    what.add_argument("--random-real", type=int, metavar="IPC",
-                      help="baseline: IPC random real training images per class")
+    what.add_argument("--random-real", type=_positive_int, metavar="IPC",
+                      help="baseline: IPC random real training images per class (needs "
+                           "--dataset)")
     parser.add_argument("--dataset", default=None,
-                        help="the test set (default: the synthetic set's dataset)")
+                        help="the test set (default: the synthetic set's dataset; required with "
+                             "--random-real)")
     parser.add_argument("--root", default=None, help="folder holding the dataset's files")
     add_config_arguments(parser, EvalConfig, skip=("arch_kwargs", "lr", "keep_params"))
-    parser.add_argument("--width", type=int, default=None, help="ConvNet/ResNet width")
+    parser.add_argument("--width", type=_positive_int, default=None,
+                        help="ConvNet/ResNet width (default: for a ConvNet the synthetic set's "
+                             "network, or for random real the dataset's default network, as "
+                             "`experts` trains it; else the architecture's)")
+    parser.add_argument("--depth", type=_positive_int, default=None,
+                        help="ConvNet blocks (default: as for --width)")
+    parser.add_argument("--norm", choices=NORMS, default=None,
+                        help="ConvNet normalisation (default: the synthetic set's network, "
+                             "else instance)")
     parser.add_argument("--lr", type=float, default=None,
-                        help="training lr (default: the synthetic set's learned lr, or 0.01)")
-    parser.add_argument("--dsa", action=argparse.BooleanOptionalAction, default=True)
+                        help="training lr (default: the synthetic set's learned lr, or 0.01 for "
+                             "random real)")
+    parser.add_argument("--dsa", action=argparse.BooleanOptionalAction, default=True,
+                        help="DSA augmentation on every training batch, as distillation and the "
+                             "field evaluate (default: on)")
     parser.add_argument("--out", default=None, help="write the accuracies here as netCDF")
     parser.add_argument("--from-pngs", action="store_true",
                         help="with an exported folder: train on its 8-bit PNGs, not on its exact "
@@ -193,8 +228,9 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _evaluation_set(args: argparse.Namespace):
-    """(images, labels, lr, dataset): the synthetic set or the random real baseline to train
-    on, its default lr, and the dataset holding the test set."""
+    """(images, labels, lr, dataset, network): the synthetic set or the random real baseline to
+    train on, its default lr, the dataset holding the test set, and the network the set was
+    distilled through (its ConvNet's width, depth and norm; none for random real)."""
     if args.synthetic:
         synthetic = load_synthetic(args.synthetic, from_pngs=args.from_pngs,
                                    dataset=args.dataset, root=args.root)
@@ -204,25 +240,37 @@ def _evaluation_set(args: argparse.Namespace):
             dataset = load_dataset_like(info, args.root, what=args.synthetic)
         else:
             dataset = load_dataset(name, args.root, zca=bool(info.get("zca", False)))
-        images, labels, lr = synthetic.images, synthetic.labels, synthetic.lr
-    else:
-        dataset = load_dataset(args.dataset or "fashion-mnist", args.root)
-        index = per_class_indices(dataset.train_labels, args.random_real,
-                                  torch.Generator().manual_seed(0), dataset.info.num_classes,
-                                  dataset.info.class_names)
-        images, labels = dataset.train_images[index], dataset.train_labels[index]
-        lr = 0.01
-    return images, labels, lr, dataset
+        arch = synthetic.header.get("architecture") or {}
+        network = {k: arch[k] for k in ("width", "depth", "norm") if k in arch}
+        return synthetic.images, synthetic.labels, synthetic.lr, dataset, network
+    if args.dataset is None:
+        raise ValueError("--random-real needs --dataset NAME: the dataset whose training images "
+                         "are drawn")
+    dataset = load_dataset(args.dataset, args.root)
+    index = per_class_indices(dataset.train_labels, args.random_real,
+                              torch.Generator().manual_seed(0), dataset.info.num_classes,
+                              dataset.info.class_names)
+    info = dataset.info  # the network experts of this dataset would train by default
+    defaults, _ = run_defaults(info.name, info.channels, info.image_size)
+    network = {"width": defaults.width, "depth": depth_for(info.image_size)[0]}
+    return dataset.train_images[index], dataset.train_labels[index], 0.01, dataset, network
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    with (torchrun_group(args.device or EvalConfig().device, args.group_timeout) as group,
+    device = args.device or EvalConfig().device
+    check_device(device)
+    with (torchrun_group(device, args.group_timeout) as group,
           tensorboard_logger(args.tensorboard, _rank(group)) as logger):
         with together(group):  # a rank that cannot read the set stops every rank
-            images, labels, lr, dataset = _evaluation_set(args)
-        arch_kwargs = {"width": args.width} if args.width else {}
+            images, labels, lr, dataset, network = _evaluation_set(args)
+        arch = args.arch or EvalConfig().arch
+        given = {k: getattr(args, k) for k in ("width", "depth", "norm")
+                 if getattr(args, k) is not None}
+        # the set's own network for a ConvNet; another architecture takes only what is given
+        arch_kwargs = {**network, **given} if arch == "convnet" else given
         cfg = config_from_args(args, EvalConfig,
-                               EvalConfig(lr=args.lr or lr, arch_kwargs=arch_kwargs))
+                               EvalConfig(lr=lr if args.lr is None else args.lr,
+                                          arch_kwargs=arch_kwargs))
         result = evaluate(images, labels, dataset.test_images, dataset.test_labels, cfg,
                           DSA() if args.dsa else None, num_classes=dataset.info.num_classes,
                           group=group, logger=logger)
@@ -258,6 +306,9 @@ def _add_show_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_show(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.synthetic).with_suffix(".png")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the PNG file to write, such as "
+                         f"{out / Path(args.synthetic).with_suffix('.png').name}")
     plot_synthetic(args.synthetic, out, root=args.root, max_classes=args.max_classes,
                    max_per_class=args.max_per_class)
     print(f"wrote {out}")
@@ -340,11 +391,32 @@ def build_parser(commands: dict[str, Command] = COMMANDS) -> argparse.ArgumentPa
     return parser
 
 
+def _show_warning(command: str) -> Callable[..., None]:
+    """``warnings.showwarning`` for the command line: a run's warnings as one line each,
+    ``tesla-func <command>: warning: ...`` (above any progress bar); others as Python shows
+    them."""
+    shown = warnings.showwarning
+
+    def show(message, category, *args, **kwargs) -> None:
+        if issubclass(category, RunWarning):
+            tqdm.write(f"tesla-func {command}: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, *args, **kwargs)
+
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``tesla-func``; returns the exit status (errors go to stderr, status 1)."""
     args = parse_args(build_parser(), argv)  # with the options of a --config file
     try:
-        return COMMANDS[args.command].run(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", RunWarning)  # a run warns of each kind once
+            warnings.showwarning = _show_warning(args.command)
+            return COMMANDS[args.command].run(args)
+    except DistillationStopped as err:  # its last good set is written; the message says where
+        print(f"tesla-func {args.command}: stopped: {err}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, ValueError, KeyError, TimeoutError, ImportError) as err:
         message = err.args[0] if err.args else repr(err)
         print(f"tesla-func {args.command}: error: {message}", file=sys.stderr)

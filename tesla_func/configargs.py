@@ -9,7 +9,10 @@ value, so a command line only ever *builds a config*.
 
 Each flag's help is the field's own comment in the class source (the comment lines just above the
 field and the one at the end of its line), so a config documents its fields once, in one place,
-and ``--help`` reads as that documentation.
+and ``--help`` reads as that documentation. A comment must therefore stay above its field or on
+its line: lines below a field's line belong to the next field. A field made with :func:`choice`
+lists its choices in the help; a field whose default is None shows no "(default: None)" when its
+comment says what None means or that it is required.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import json
 import math
 import textwrap
 import tokenize
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, TypeVar
 
 Config = TypeVar("Config")
@@ -56,13 +59,39 @@ def check_non_negative(config: object, names: tuple[str, ...]) -> None:
             )
 
 
-def check_choice(config: object, name: str, choices: object) -> None:
-    """The named field must be one of ``choices`` (any container: a registry dict works)."""
+def check_choice(config: object, name: str, choices: object, why: str = "") -> None:
+    """The named field must be one of ``choices`` (any container: a registry dict works);
+    ``why`` is added to the message."""
     value = getattr(config, name)
     if value not in choices:
-        raise ValueError(
-            f"{type(config).__name__}.{name} {value!r} is unknown; known: {sorted(choices)}"
-        )
+        raise ValueError(f"{type(config).__name__}.{name} {value!r} is unknown; known: "
+                         f"{sorted(choices)}{why}")
+
+
+def choice(default: Any, choices: Collection, why: str = "") -> Any:
+    """A config field whose value must be one of ``choices`` (a tuple, or a registry dict read
+    when checked, so entries added later count); a tuple field: each of its values. Its flag's
+    help lists them, :func:`check_choices` checks them (a None default also allows None), and
+    ``why`` ends the error message."""
+    return dataclasses.field(default=default, metadata={"choices": choices, "why": why})
+
+
+def check_choices(config: object) -> None:
+    """Check every :func:`choice` field of ``config``."""
+    for field in dataclasses.fields(config):
+        if "choices" not in field.metadata:
+            continue
+        value = getattr(config, field.name)
+        if value is None and field.default is None:
+            continue
+        why = field.metadata["why"]
+        if isinstance(value, tuple):
+            for item in value:
+                if item not in field.metadata["choices"]:
+                    raise ValueError(f"{type(config).__name__}.{field.name} holds {item!r}, "
+                                     f"unknown; known: {sorted(field.metadata['choices'])}{why}")
+        else:
+            check_choice(config, field.name, field.metadata["choices"], why)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,6 +149,18 @@ def _parser_for(annotation: str, default: object) -> Any:
     return int if text.startswith("int") else float if text.startswith("float") else str
 
 
+def flag_help(doc: str, default: object, choices: Collection | None = None) -> str:
+    """A flag's help: the field's comment, its choices, and its default, unless the default is
+    None and the comment says what None means or that the field is required."""
+    parts = [doc] if doc else []
+    if choices is not None:
+        parts.append(f"(one of: {', '.join(map(str, choices))})")
+    if not (default is None and ("None" in doc or "(required)" in doc)):
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else repr(default)
+        parts.append(f"(default: {shown})")
+    return " ".join(parts).replace("%", "%%")  # argparse formats help with %
+
+
 def add_config_arguments(
     parser: argparse.ArgumentParser,
     cfg_type: type,
@@ -156,10 +197,7 @@ def add_config_arguments(
             continue
         flag = flag_prefix + field.name
         flags = ["--" + flag.replace("_", "-"), *(aliases or {}).get(name, ())]
-        shown = f"{value!r}" if not isinstance(value, tuple) else " ".join(map(str, value))
-        doc = docs.get(field.name, "")
-        hint = f"{doc} (default: {shown})" if doc else f"default: {shown}"
-        hint = hint.replace("%", "%%")  # argparse formats help with %
+        hint = flag_help(docs.get(field.name, ""), value, field.metadata.get("choices"))
         annotation = str(field.type)
         if isinstance(value, bool) or annotation.startswith("bool"):
             parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,

@@ -20,7 +20,21 @@ the whole update, momenta included; the skip is counted and logged, so a NaN los
 the images or beta (the public code has no such guard, and beta can explode or turn negative
 there). ``lr_grad_clip`` bounds how far beta can move in one iteration: one segment with a large
 |dL/dlog_beta| (4.3 against a typical 0.05-0.3) can take beta from 0.19 to 0.003 in one step,
-after which the student no longer moves and the image gradient stays zero.
+after which the student no longer moves and the image gradient stays zero. ``beta_bound`` bounds
+beta itself: log beta is clipped to log(beta0) -+ log(beta_bound), and an update that would make
+beta = exp(log beta) zero or infinite (possible without the bound) is skipped like a non-finite
+one.
+
+A run that cannot go on stops instead of dying later: when beta sits at a bound, or once
+``max_skipped`` updates were skipped, :meth:`Distiller.run` writes the last good set (the set,
+``log.nc``, its picture and the checkpoint) and raises :class:`DistillationStopped`, whose
+message names the cause and the flag to change. Results that cannot be good are warned of once
+each (:func:`tesla_func.runchecks.warn`) and kept in the set's header and ``log.nc``: experts at
+chance, T longer than the expert's steps, beta 100x from its start, images 10x the real images'
+norm, a teacher labelling fewer than half the classes.
+
+Fields of the config left None are resolved from the dataset and the experts when the run starts
+(:meth:`DistillConfig.resolved`); the run saves the resolved config and the record of the choices.
 
 The state (:mod:`tesla_func.distill_state`) is checkpointed atomically every ``save_every``
 iterations; a resumed run continues from the same state and, on CPU with the same seed and thread
@@ -50,6 +64,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 import zlib
 from pathlib import Path
@@ -62,7 +77,7 @@ from tqdm.auto import tqdm
 from tesla_func import distributed
 from tesla_func.augment import DSA
 from tesla_func.configfile import CONFIG_TOML, write_config_toml
-from tesla_func.data import Dataset, check_same_dataset, load_dataset_like
+from tesla_func.data import Dataset, check_same_dataset, expert_steps, load_dataset_like
 from tesla_func.distill_config import IMAGE_INITS, DistillConfig  # noqa: F401 (re-exported)
 from tesla_func.distill_state import (
     CLASS_LOG_FIELDS,
@@ -74,7 +89,7 @@ from tesla_func.distill_state import (
     save_checkpoint,
 )
 from tesla_func.evaluate import EvalConfig, EvalResult, evaluate
-from tesla_func.experts import ExpertTrajectory, load_experts
+from tesla_func.experts import ExpertTrajectory, chance_warning, load_experts
 from tesla_func.labels import LabelInputs, label_drift, teacher_logits
 from tesla_func.matching import match_trajectory
 from tesla_func.models import ConvNet
@@ -82,11 +97,15 @@ from tesla_func.optim import SGDState, sgd
 from tesla_func.plots import plot_synthetic, set_grid
 from tesla_func.provenance import provenance
 from tesla_func.results import make_results, save_results
+from tesla_func.runchecks import check_device, check_output_folder, warn
 from tesla_func.sampling import draw_minibatches
 from tesla_func.synthetic import SyntheticSet, snapshot_path
 from tesla_func.tracking import RunLogger
 
 CHECKPOINT = "checkpoint.safetensors"
+BETA_WARN_FACTOR = 100.0  # beta this many times below or above beta0 is warned of
+NORM_WARN_FACTOR = 10.0  # images whose RMS norm is this many times the real images' are too
+REAL_NORM_IMAGES = 1000  # about this many real training images (evenly spaced) give the norm
 
 
 def _experts_and_dataset(
@@ -121,14 +140,36 @@ def _check_experts(cfg: DistillConfig, experts: list[ExpertTrajectory]) -> None:
             f"the experts in {cfg.experts_dir} were trained on {dataset!r}, "
             f"but the config distils {cfg.dataset!r}"
         )
+
+
+def _check_schedule(cfg: DistillConfig, experts: list[ExpertTrajectory]) -> None:
+    """The (resolved) start and target epochs must exist in every expert."""
     last_needed = cfg.max_start_epoch - 1 + cfg.match_epochs
     shortest = min(e.epochs for e in experts)
     if last_needed > shortest:
         raise ValueError(
             f"max_start_epoch {cfg.max_start_epoch} with match_epochs {cfg.match_epochs} needs "
             f"checkpoints up to epoch {last_needed}, but the experts in {cfg.experts_dir} have "
-            f"{shortest} epochs"
+            f"{shortest} epochs: lower --max-start-epoch or --match-epochs, or train longer "
+            "experts"
         )
+
+
+def _resolved(cfg: DistillConfig, experts: list[ExpertTrajectory], dataset: Dataset
+              ) -> tuple[DistillConfig, dict[str, str]]:
+    """``cfg`` with the dataset's defaults for these experts (:meth:`DistillConfig.resolved`)."""
+    first = experts[0]
+    return cfg.resolved(
+        dataset.info, train_size=len(dataset.train_labels), expert_lr=first.lr,
+        expert_epochs=min(e.epochs for e in experts),
+        expert_batch_size=first.batch_size,
+    )
+
+
+class DistillationStopped(RuntimeError):
+    """A run stopped before its last iteration because it could not go on (its beta reached a
+    bound, or too many updates were skipped); its last good set was written. The message names
+    the cause and the flag to change."""
 
 
 class Distiller:
@@ -166,10 +207,13 @@ class Distiller:
 
     def _build(self, cfg, out_dir, progress, dataset, experts, logger) -> None:
         """Everything the constructor does on one rank (it raises before any collective)."""
-        self.cfg, self.out, self.progress = cfg, Path(out_dir), progress
+        self.out, self.progress = check_output_folder(out_dir), progress
         self.logger = logger if self.rank == 0 else None
-        self.device = torch.device(cfg.device)
+        self.device = check_device(cfg.device)
         experts, dataset = _experts_and_dataset(cfg, experts, dataset)
+        cfg, self.defaults = _resolved(cfg, experts, dataset)  # what was chosen, and why
+        _check_schedule(cfg, experts)
+        self.cfg = cfg
         self.experts = [e.to(self.device) for e in experts]
         self.dataset = dataset
         k = dataset.info.num_classes
@@ -186,7 +230,11 @@ class Distiller:
         self.optimizer = sgd(cfg.momentum)
         self.lrs = {"images": cfg.lr_img, "label_logits": cfg.lr_labels, "log_lr": cfg.lr_lr}
         self.model = ConvNet(self.experts[0].config).to(self.device)
-        self.beta0 = cfg.lr_init if cfg.lr_init is not None else self.experts[0].lr
+        self.beta0 = cfg.lr_init  # resolved: the experts' lr unless given
+        # what the images' norm is compared with: the real training images' (a fixed subset)
+        real = dataset.train_images
+        self.real_norm = _rms_norm(real[::max(1, len(real) // REAL_NORM_IMAGES)])
+        self.stopped: str | None = None  # why the run stopped early, once it has
         self.dsa = DSA() if cfg.dsa else None
         self.classes = torch.arange(k, device=self.device).repeat_interleave(cfg.ipc)
         if self.set_ranks.shard is not None:
@@ -198,6 +246,35 @@ class Distiller:
             if checkpoint.exists()
             else initial_state(cfg, dataset, self.beta0, self.device, self.set_ranks.shard)
         )
+        # log(beta) is kept within log(beta0) -+ log(beta_bound), rounded to its dtype (so that
+        # a clipped value equals the bound)
+        dtype = self.state.log_lr.dtype
+        self.log_bounds = None if cfg.beta_bound is None else tuple(
+            float(torch.tensor(math.log(self.beta0) + sign * math.log(cfg.beta_bound),
+                               dtype=dtype)) for sign in (-1, 1))
+        self._warn_of_setup(experts)
+
+    def _warn(self, kind: str, message: str) -> None:
+        """A warning of this run (rank 0 shows it; every rank keeps it in the state)."""
+        warn(kind, message, self.state.warnings, show=self.rank == 0)
+
+    def _warn_of_setup(self, experts: list[ExpertTrajectory]) -> None:
+        """Warnings that the experts and the config already give: experts at chance, and a
+        student longer than its expert's steps."""
+        cfg, k = self.cfg, self.dataset.info.num_classes
+        weak = [i for i, e in enumerate(experts)
+                if chance_warning("", e.test_accuracy[-1], e.epochs, k) is not None]
+        if weak:
+            e = experts[weak[0]]
+            what = f"expert {weak[0]}" + (f" (and {len(weak) - 1} more)" if len(weak) > 1 else "")
+            self._warn("experts", chance_warning(what, e.test_accuracy[-1], e.epochs, k))
+        steps = expert_steps(cfg.match_epochs, len(self.dataset.train_labels),
+                             experts[0].batch_size)
+        if cfg.syn_steps > steps:
+            self._warn("syn_steps", f"syn_steps {cfg.syn_steps} is longer than the {steps} SGD "
+                       f"steps an expert took in match_epochs {cfg.match_epochs}: the student "
+                       f"overshoots its target; use --syn-steps {steps} or fewer, or a larger "
+                       "--match-epochs")
 
     def _fingerprint(self) -> dict[str, str]:
         """What every rank of a run must share (compared by the set-up handshake)."""
@@ -292,8 +369,12 @@ class Distiller:
             learned, momentum = self.optimizer.update(
                 learned, {k: grads[k] for k in learned}, s.momentum, self.lrs
             )
+            if self.log_bounds is not None:
+                learned["log_lr"] = learned["log_lr"].clamp(*self.log_bounds)
+            new_beta = learned["log_lr"].exp()  # beta 0 or inf would stop the next iteration
             finite = self.set_ranks.all_true(
-                all(bool(torch.isfinite(v).all()) for v in learned.values()))
+                all(bool(torch.isfinite(v).all()) for v in learned.values())
+                and bool(torch.isfinite(new_beta)) and bool(new_beta > 0))
         if finite:  # commit only a finite update: inf images would stop the next iteration
             s.momentum = momentum
             s.images = learned.get("images", s.images)
@@ -304,13 +385,64 @@ class Distiller:
         s.iteration += 1
         nan = float("nan")
         labels_norm = self.set_ranks.norm(res.labels_grad) if self.strategy.learns_logits else nan
+        images_norm = self.set_ranks.norm(s.images) / self.n ** 0.5  # RMS over all N images
         for name, value in zip(LOG_FIELDS, (
             float(res.loss), float(s.log_lr.exp()), self.set_ranks.norm(res.images_grad),
             labels_norm, float(lr_grad.abs()), float(not finite), float(e), float(t),
-            time.perf_counter() - tic, float(drift),
+            time.perf_counter() - tic, float(drift), images_norm,
         )):
             s.log[name].append(value)
         s.log["class_count"].append(counts.tolist())
+        self._warn_of_iteration(counts)
+        self.stopped = self.stop_reason()
+
+    def _warn_of_iteration(self, counts: torch.Tensor) -> None:
+        """Warnings of what this iteration left: beta 100x from its start, images 10x the real
+        norm, a teacher's labels on fewer than half the classes."""
+        cfg, s = self.cfg, self.state
+        beta, norm = s.log["lr"][-1], s.log["images_norm"][-1]
+        where = f"at iteration {s.iteration}"
+        if beta < self.beta0 / BETA_WARN_FACTOR:
+            self._warn("beta", f"beta fell from {self.beta0:.3g} to {beta:.3g} {where}: the "
+                       "student barely trains and neither do the images; lower --lr-lr "
+                       f"(now {cfg.lr_lr:g}) or --lr-img (now {cfg.lr_img:g}), or shorten "
+                       f"--syn-steps (now {cfg.syn_steps})")
+        elif beta > self.beta0 * BETA_WARN_FACTOR:
+            self._warn("beta", f"beta rose from {self.beta0:.3g} to {beta:.3g} {where}: the "
+                       "sets' networks will train at this lr; lower --lr-lr "
+                       f"(now {cfg.lr_lr:g}) or --lr-grad-clip (now {cfg.lr_grad_clip})")
+        if norm > NORM_WARN_FACTOR * self.real_norm:
+            self._warn("images_norm", f"the images' norm grew to {norm:.4g} {where} (real "
+                       f"images: {self.real_norm:.3g}): they no longer look like data; lower "
+                       f"--lr-img (now {cfg.lr_img:g})")
+        present = int((counts > 0).sum())
+        k = self.dataset.info.num_classes
+        if self.strategy.teacher_epoch is not None and present < k / 2:
+            self._warn("labels", f"the teacher labels the images with only {present} of {k} "
+                       f"classes {where} (label drift {s.log['label_drift'][-1]:.2f}): its "
+                       "checkpoints are too weak a teacher; use --label-strategy hard, or "
+                       "experts trained longer")
+
+    def stop_reason(self) -> str | None:
+        """Why the run cannot go on (beta at a bound, too many skipped updates), with the flag
+        to change; None while it can."""
+        cfg, s = self.cfg, self.state
+        if cfg.max_skipped and s.skipped >= cfg.max_skipped:
+            return (f"{s.skipped} updates were skipped by iteration {s.iteration} for a "
+                    "non-finite loss, gradient or update: lower --lr-img (now "
+                    f"{cfg.lr_img:g}) or --lr-lr (now {cfg.lr_lr:g}), or raise --max-skipped "
+                    f"(now {cfg.max_skipped}; the same --out then resumes)")
+        if self.log_bounds is None:
+            return None
+        log_beta, (low, high) = float(s.log_lr), self.log_bounds
+        if low < log_beta < high:
+            return None
+        side, verb = ("lower", "fell") if log_beta <= low else ("upper", "rose")
+        return (f"beta {verb} to its {side} bound {math.exp(log_beta):.3g} (beta0 "
+                f"{self.beta0:.3g}, beta_bound {cfg.beta_bound:g}) at iteration {s.iteration}: "
+                f"lower --lr-lr (now {cfg.lr_lr:g}) or --lr-img (now {cfg.lr_img:g}), or "
+                f"shorten --syn-steps (now {cfg.syn_steps}); or allow more with --beta-bound; "
+                "in a new --out folder")
 
     def synthetic_set(self) -> SyntheticSet:
         """The whole set (on several ranks: gathered, on every rank; every rank must call it)."""
@@ -322,6 +454,9 @@ class Distiller:
             "dataset_info": self.dataset.info.to_dict(),
             "architecture": self.experts[0].config.to_dict(),
             "provenance": provenance(self.device),
+            "defaults": self.defaults,  # the fields the dataset's defaults set, and why
+            "warnings": list(s.warnings.values()),
+            "stopped": self.stopped,  # why the run stopped early (None: it did not)
         }
         return SyntheticSet(
             self.set_ranks.whole(s.images).cpu(),
@@ -399,7 +534,9 @@ class Distiller:
         }
         return make_results(data, coords, config=cfg, seed=cfg.seed, device=cfg.device,
                             skipped_updates=s.skipped, method=cfg.method,
-                            label_strategy=cfg.label_strategy, ipc=cfg.ipc)
+                            label_strategy=cfg.label_strategy, ipc=cfg.ipc,
+                            defaults=self.defaults, warnings=list(s.warnings.values()),
+                            stopped=self.stopped or "")
 
     def snapshot(self) -> Path:
         """Write the set as it is now to ``snapshot_path(out_dir, iteration)`` (atomically)."""
@@ -439,6 +576,8 @@ class Distiller:
             bar.update(1)
             bar.set_postfix(loss=f"{s.log['loss'][-1]:.4f}", lr=f"{s.log['lr'][-1]:.2e}",
                             skipped=s.skipped)
+            if self.stopped is not None:
+                break
             if cfg.eval_every and s.iteration % cfg.eval_every == 0 and s.iteration < cfg.iterations:
                 self._record_eval()
             if cfg.snapshot_every and (s.iteration % cfg.snapshot_every == 0
@@ -448,18 +587,33 @@ class Distiller:
                 self._save_checkpoint()
         bar.close()
         synthetic = self.synthetic_set()
+        if self.stopped is not None:  # the last good set, its log and the state it stopped in
+            self._save_checkpoint()
+            self._write_outputs(synthetic)
+            raise DistillationStopped(f"{self.stopped}. The set as it was then is in "
+                                      f"{self.out / 'synthetic.safetensors'}")
         if s.iteration >= cfg.iterations:
             if not s.evals["iteration"] or s.evals["iteration"][-1] != s.iteration:
                 self._record_eval()
                 self._save_checkpoint()
-            if self.rank == 0:
-                synthetic.save(self.out / "synthetic.safetensors")
-                save_results(self.log_results(), self.out / "log.nc")
-                plot_synthetic(synthetic, self.out / "synthetic.png", dataset=self.dataset)
-                if not cfg.snapshot_every:  # (a snapshot has logged the final set already)
-                    self._log_set(synthetic)
-            self.set_ranks.barrier()  # every rank returns once the files are there
+            self._write_outputs(synthetic)
         return synthetic
+
+    def _write_outputs(self, synthetic: SyntheticSet) -> None:
+        """``synthetic.safetensors``, ``log.nc`` and ``synthetic.png`` (rank 0 writes; every
+        rank returns once the files are there)."""
+        if self.rank == 0:
+            synthetic.save(self.out / "synthetic.safetensors")
+            save_results(self.log_results(), self.out / "log.nc")
+            plot_synthetic(synthetic, self.out / "synthetic.png", dataset=self.dataset)
+            if not self.cfg.snapshot_every:  # (a snapshot has logged the final set already)
+                self._log_set(synthetic)
+        self.set_ranks.barrier()
+
+
+def _rms_norm(images: torch.Tensor) -> float:
+    """Root mean square of the L2 norms of ``images`` (N, ...)."""
+    return float(images.flatten(1).norm(dim=1).square().mean().sqrt())
 
 
 def distill(cfg: DistillConfig, out_dir: str | Path, **kwargs: Any) -> SyntheticSet:

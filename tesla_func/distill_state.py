@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +42,14 @@ LOG_FIELDS = (
     # fraction of the images whose teacher label (the argmax of the labels the iteration trained
     # on; the class itself for hard labels) is not the class the image started in
     "label_drift",
+    "images_norm",  # root mean square of the images' L2 norms after the update
 )
 # Per-class fields: one list of K values per iteration (a (iteration, class) variable in log.nc).
 CLASS_LOG_FIELDS = (
     "class_count",  # images per class by that argmax; they sum to N
 )
+# config fields a resumed run may give another value: when to stop for skipped updates
+RESUMABLE_CHANGES = ("max_skipped",)
 # the tensors (and momenta) with one row per synthetic image: on several ranks each holds its rows
 ROW_SHARDED = ("images", "label_logits")
 # per evaluation: test accuracy, and validation accuracy (what choices of an iteration use)
@@ -69,6 +72,8 @@ class DistillState:
     log: dict[str, list]
     evals: dict[str, list[float]]  # EVAL_FIELDS, one value per evaluation
     skipped: int  # updates skipped because something was not finite
+    # the run's warnings so far, by kind (tesla_func.runchecks.warn): each is given once
+    warnings: dict[str, str] = field(default_factory=dict)
 
     def learned(self, strategy: LabelStrategy) -> Params:
         """The tensors ``strategy`` learns, by name: log(beta) always, the images and the label
@@ -96,6 +101,7 @@ def save_checkpoint(path: Path, config: dict[str, Any], state: DistillState) -> 
         "config": config,
         "iteration": state.iteration,
         "skipped": state.skipped,
+        "warnings": state.warnings,
     }
     save_tensors(path, tensors, header)
 
@@ -112,7 +118,8 @@ def load_checkpoint(
     A field missing from the file's config (one added to :class:`DistillConfig` since) counts as
     its default, so a run resumes across versions unless it sets that field.
 
-    Raises ``ValueError`` listing the differing fields when it belongs to another run, and naming
+    Raises ``ValueError`` listing the differing fields (but those of :data:`RESUMABLE_CHANGES`)
+    when it belongs to another run, and naming
     the file when it is truncated or of another kind.
     """
     tensors, header = load_tensors(path)
@@ -123,6 +130,8 @@ def load_checkpoint(
     # a field DistillConfig gained after the file was written reads as its default there
     added = {k: v for k, v in DistillConfig().to_dict().items() if k in now and k not in saved}
     saved = {**added, **saved}
+    for name in RESUMABLE_CHANGES:  # a resumed run may change these: they change no state
+        saved.pop(name, None), now.pop(name, None)
     if saved != now:
         diffs = [
             f"{k}: saved {saved.get(k)!r} vs now {v!r}"
@@ -150,9 +159,12 @@ def load_checkpoint(
         ),
         generator=gen,
         order=tensors["order"],
-        log={f: tensors[f"log/{f}"].tolist() for f in LOG_FIELDS + CLASS_LOG_FIELDS},
+        # a field LOG_FIELDS gained after the file was written: NaN at its iterations
+        log={f: tensors[f"log/{f}"].tolist() if f"log/{f}" in tensors
+             else [math.nan] * int(header["iteration"]) for f in LOG_FIELDS + CLASS_LOG_FIELDS},
         evals={f: tensors[f"log/eval_{f}"].tolist() for f in EVAL_FIELDS},
         skipped=int(header["skipped"]),
+        warnings=dict(header.get("warnings", {})),
     )
 
 

@@ -59,10 +59,11 @@ from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from tesla_func import distributed
-from tesla_func.configargs import check_int
-from tesla_func.models import build_model, init_params
+from tesla_func.configargs import check_choices, check_int, choice
+from tesla_func.models import ARCHITECTURES, build_model, init_params
 from tesla_func.optim import sgd
 from tesla_func.results import make_results
+from tesla_func.runchecks import check_device
 from tesla_func.sampling import seeded_generator
 from tesla_func.tracking import RunLogger
 from tesla_func.types import Params, RandomAugment
@@ -74,13 +75,15 @@ _SOFT_LABEL_ATOL = 1e-3  # rows of soft labels must sum to 1 within this (float3
 class EvalConfig:
     """How a set is evaluated; saved with every result."""
 
-    arch: str = "convnet"  # a name in tesla_func.models.ARCHITECTURES
+    arch: str = choice("convnet", ARCHITECTURES)  # the network trained on the set
     # keyword arguments of the architecture, e.g. {"width": 32, "norm": "batch"}
     arch_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    epochs: int = 1000  # E, passes over the training set
+    # E, passes over the training set: 1000 is the papers' protocol (distillation's own
+    # evaluation, DistillConfig.eval_epochs, trains 300 to stay short)
+    epochs: int = 1000
     lr: float = 0.01  # SGD lr for epochs [0, lr_decay_epoch); a distilled set's learned beta
     lr_decay_epoch: int | None = None  # first epoch at lr * lr_decay_factor; None -> epochs // 2
-    lr_decay_factor: float = 0.1
+    lr_decay_factor: float = 0.1  # the lr is multiplied by this from lr_decay_epoch on
     momentum: float = 0.9  # SGD momentum (torch.optim.SGD semantics, no dampening, no Nesterov)
     weight_decay: float = 5e-4  # L2 coefficient added to the gradient
     batch_size: int = 256  # training images per step (the last batch of an epoch may be smaller)
@@ -104,6 +107,7 @@ class EvalConfig:
         if not math.isfinite(self.lr) or self.lr <= 0:
             raise ValueError(f"EvalConfig.lr must be a positive finite number, got {self.lr}")
         check_int(self, "epochs", "batch_size", "test_batch_size", "num_models")
+        check_choices(self)
         check_int(self, "seed", low=0)
         if self.lr_decay_epoch is not None and self.lr_decay_epoch < 0:
             raise ValueError(f"EvalConfig.lr_decay_epoch must be >= 0, got {self.lr_decay_epoch}")
@@ -431,7 +435,7 @@ def evaluate(
     if group is not None:  # model k trains on rank k % W
         models = _validate_and_spread(group, cfg, augment, *sets_given)
     num_classes, has_val = _validate(*sets_given)
-    device, dtype = torch.device(cfg.device), images.dtype
+    device, dtype = check_device(cfg.device), images.dtype
     # Skeleton and initial weights are made on the CPU from the model's own generator, so a
     # model's init does not depend on the device (or touch the CUDA RNG), then moved.
     skeleton = build_model(

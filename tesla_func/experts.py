@@ -2,6 +2,10 @@
 
 docs/reference.md section 3: SGD lr 0.01, momentum 0, weight decay 0, batch 256, DSA on every real
 batch; the initial weights and the weights after every epoch are kept, with the test accuracy.
+The number of experts and epochs, the lr and the ConvNet's width and depth default to the
+dataset's (:meth:`ExpertConfig.resolved`, :mod:`tesla_func.data.defaults`). Weights that stop
+being finite stop the training with an error that names the fix (a smaller lr); an expert under
+twice chance accuracy after training is warned of (:func:`chance_warning`).
 
 On disk, one file per expert, ``<out>/expert_007.safetensors``, written atomically once the expert
 is finished (:func:`tesla_func.fileio.save_tensors`):
@@ -12,7 +16,8 @@ is finished (:func:`tesla_func.fileio.save_tensors`):
   (ConvNetConfig dict), ``dataset``, ``dataset_info`` (normalisation, ZCA, class names, source),
   ``expert_config``, ``expert_index``, ``seed`` (base seed; the expert's streams come from
   (seed, index)), ``lr``, ``epochs``, ``test_accuracy`` (E + 1 values, index 0 = at init),
-  ``seconds_per_epoch``, ``provenance`` (library versions, git revision, device).
+  ``seconds_per_epoch``, ``provenance`` (library versions, git revision, device), ``defaults``
+  (the fields the dataset's defaults set, and why), ``warnings``.
 
 While an expert trains, each finished epoch is written atomically to
 ``<out>/expert_007.partial/epoch_003.safetensors`` together with the state needed to continue
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -45,36 +51,56 @@ from tqdm.auto import tqdm
 
 from tesla_func import distributed
 from tesla_func.augment import DSA
-from tesla_func.configargs import check_choice, check_int
+from tesla_func.configargs import check_choices, check_int, choice
 from tesla_func.configfile import CONFIG_TOML, write_config_toml
-from tesla_func.data import DATASETS, Dataset, dataset_options, load_dataset
+from tesla_func.data import (
+    DATASETS,
+    Dataset,
+    DatasetInfo,
+    dataset_options,
+    depth_for,
+    load_dataset,
+    resolve,
+    run_defaults,
+)
 from tesla_func.evaluate import accuracy
 from tesla_func.fileio import load_tensors, save_tensors
 from tesla_func.models import ConvNet, ConvNetConfig, init_params
 from tesla_func.optim import SGDState, sgd
 from tesla_func.provenance import provenance
+from tesla_func.runchecks import check_device, check_output_folder, warn
 from tesla_func.sampling import seeded_generator
 from tesla_func.tracking import RunLogger
 
 FORMAT = "tesla_func.expert"
 FORMAT_VERSION = 1
 STATELESS_NORMS = ("instance", "none")
+CHANCE_FACTOR = 2.0  # an expert under this many times chance accuracy after training is warned of
 
 
 @dataclass(frozen=True)
 class ExpertConfig:
-    """How experts are trained; saved in every expert file. Defaults: docs/reference.md section 3."""
+    """How experts are trained; saved in every expert file. A field left None takes the dataset's
+    default when the dataset is loaded (:meth:`resolved`; the numbers:
+    :mod:`tesla_func.data.defaults`), and the file records the resolved config and why."""
 
-    dataset: str = "fashion-mnist"  # a name in tesla_func.data.DATASETS
+    dataset: str = choice("fashion-mnist", DATASETS)  # the dataset trained on
     zca: bool | None = None  # ZCA-whiten the data; None = the dataset's default
-    num_experts: int = 5  # N
-    epochs: int = 50  # E; E + 1 checkpoints per expert
-    width: int = 128  # ConvNet feature maps
-    depth: int = 3  # ConvNet blocks
-    norm: str = "instance"  # stateless norms only (no running statistics to save)
-    lr: float = 0.01  # SGD learning rate
-    momentum: float = 0.0
-    weight_decay: float = 0.0
+    num_experts: int | None = None  # N, trajectories trained (None: the dataset's default)
+    epochs: int | None = None  # E; E + 1 checkpoints per expert (None: the dataset's default)
+    # ConvNet feature maps (None: the dataset's default: 32 for digits and Fashion-MNIST on a
+    # CPU, the field's 128 for the others)
+    width: int | None = None
+    # ConvNet blocks (None: from the image size: 3 up to 32 px, 4 at 64 px, 2 for 8x8 digits,
+    # so that the last block's norm sees at least 4x4 values)
+    depth: int | None = None
+    # normalisation after each convolution; stateless ones only (no running statistics to save)
+    norm: str = choice("instance", STATELESS_NORMS, why=(
+        ": a trajectory is a list of parameters, and batch norm's running statistics are not "
+        "parameters"))
+    lr: float | None = None  # SGD learning rate (None: the dataset's default, 0.01 for all)
+    momentum: float = 0.0  # SGD momentum of the experts (the field trains them without)
+    weight_decay: float = 0.0  # L2 coefficient added to the experts' gradient (the field: 0)
     batch_size: int = 256  # real images per SGD step
     dsa: bool = True  # DSA on every real batch
     seed: int = 0  # base seed; expert i draws from streams of (seed, i)
@@ -83,8 +109,9 @@ class ExpertConfig:
     image_size: int | None = None
 
     def __post_init__(self) -> None:
-        check_int(self, "num_experts", "epochs", "width", "depth", "batch_size")
-        check_choice(self, "dataset", DATASETS)
+        check_int(self, "num_experts", "epochs", "width", "depth", optional=True)
+        check_int(self, "batch_size")
+        check_choices(self)
         if self.image_size is not None:
             if "image_size" not in dataset_options(self.dataset):
                 raise ValueError(
@@ -92,19 +119,33 @@ class ExpertConfig:
                     f"dataset {self.dataset!r} has a fixed size: leave image_size unset"
                 )
             check_int(self, "image_size")
-        if self.norm not in STATELESS_NORMS:
-            raise ValueError(
-                f"ExpertConfig.norm must be one of {STATELESS_NORMS}, got {self.norm!r}: "
-                "a trajectory is a list of parameters, and batch norm's running statistics are "
-                "not parameters"
-            )
-        if not self.lr > 0:
-            raise ValueError(f"ExpertConfig.lr must be > 0, got {self.lr!r}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"ExpertConfig.lr must be finite and > 0, got {self.lr!r} "
+                             "(--lr; 0.01 is the field's)")
+        for name in ("momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"ExpertConfig.{name} must be finite and >= 0, got {value!r}")
+        if self.momentum >= 1:
+            raise ValueError(f"ExpertConfig.momentum must lie in [0, 1), got {self.momentum!r}")
+
+    def resolved(self, info: DatasetInfo) -> tuple[ExpertConfig, dict[str, str]]:
+        """This config with the dataset's defaults in its None fields, for the loaded dataset
+        ``info``; and the record of what was chosen and why (:mod:`tesla_func.data.defaults`)."""
+        defaults, why = run_defaults(self.dataset, info.channels, info.image_size)
+        return resolve(self, {
+            "num_experts": (defaults.num_experts, why),
+            "epochs": (defaults.expert_epochs, why),
+            "width": (defaults.width, why),
+            "depth": depth_for(info.image_size),
+            "lr": (defaults.expert_lr, why),
+        })
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def model_config(self, dataset: Dataset) -> ConvNetConfig:
+        """The experts' network for ``dataset`` (a resolved config: width and depth set)."""
         return dataset.info.convnet_config(width=self.width, depth=self.depth, norm=self.norm)
 
 
@@ -123,6 +164,11 @@ class ExpertTrajectory:
     @property
     def epochs(self) -> int:
         return len(self.params) - 1
+
+    @property
+    def batch_size(self) -> int:
+        """The real images of each of the expert's SGD steps (files that do not say: 256)."""
+        return int(self.header.get("expert_config", {}).get("batch_size", 256))
 
     def to(self, device: torch.device | str) -> ExpertTrajectory:
         moved = tuple({k: t.to(device) for k, t in p.items()} for p in self.params)
@@ -214,17 +260,23 @@ def train_experts(
     Raises ValueError if ``out_dir`` holds experts or partial runs of another configuration
     (with ``group``: on every rank, before any training).
     """
-    out = Path(out_dir)
-    if group is None:
+    out = check_output_folder(out_dir)
+    check_device(device)
+    if group is None:  # the dataset first: a set-up that fails leaves no folder behind
+        dataset = _dataset(cfg, dataset, root)
+        cfg, chosen = cfg.resolved(dataset.info)
+        cfg.model_config(dataset)  # raises for a network that does not fit the images: no folder
         _claim_folder(cfg, out, write=True)
-        return _train_experts(cfg, out, dataset, root, device, progress, on_epoch, None, logger)
+        return _train_experts(cfg, chosen, out, dataset, device, progress, on_epoch, None, logger)
     rank, _ = distributed.check_group(group)
     with distributed.together(group, lambda: {"the expert config": repr(cfg.to_dict())}):
-        out.mkdir(parents=True, exist_ok=True)
         dataset = _dataset(cfg, dataset, root)
+        cfg, chosen = cfg.resolved(dataset.info)
+        cfg.model_config(dataset)  # raises for a network that does not fit the images: no folder
+        out.mkdir(parents=True, exist_ok=True)
         _claim_folder(cfg, out, write=rank == 0)  # every rank checks every file already there
     mine = distributed.spread(cfg.num_experts, group)
-    _train_experts(cfg, out, dataset, root, device, progress and rank == 0, on_epoch, mine,
+    _train_experts(cfg, chosen, out, dataset, device, progress and rank == 0, on_epoch, mine,
                    logger if rank == 0 else None)
     paths = [expert_path(out, i) for i in range(cfg.num_experts)]
     distributed.wait_for_files(paths, out, wait_s)
@@ -270,18 +322,19 @@ def _check_folder(cfg: ExpertConfig, out: Path, index: int) -> None:
 
 def _train_experts(
     cfg: ExpertConfig,
+    chosen: dict[str, str],
     out: Path,
-    dataset: Dataset | None,
-    root: str | Path | None,
+    dataset: Dataset,
     device: torch.device | str,
     progress: bool,
     on_epoch: EpochCallback | None,
     indices: Sequence[int] | None,
     logger: RunLogger | None = None,
 ) -> list[Path]:
-    """Train (or resume) experts ``indices`` (None: all N) into ``out``; their paths."""
+    """Train (or resume) experts ``indices`` (None: all N) of the resolved ``cfg`` (``chosen``:
+    the record of its defaults) into ``out``; their paths."""
+    cfg.model_config(dataset)  # raises for a network that does not fit the images: no folder
     out.mkdir(parents=True, exist_ok=True)
-    dataset = _dataset(cfg, dataset, root)
     device = torch.device(device)
     data = _Tensors(
         train_x=dataset.train_images.to(device),
@@ -298,7 +351,7 @@ def _train_experts(
             _check_same_config(_read_header(path), cfg, path)
             shutil.rmtree(_partial_dir(out, index), ignore_errors=True)  # killed after the rename
         else:
-            _train_one(cfg, dataset, data, out, index, device, progress, on_epoch, logger)
+            _train_one(cfg, chosen, dataset, data, out, index, device, progress, on_epoch, logger)
         paths.append(path)
     return paths
 
@@ -313,6 +366,7 @@ class _Tensors:
 
 def _train_one(
     cfg: ExpertConfig,
+    chosen: dict[str, str],
     dataset: Dataset,
     data: _Tensors,
     out: Path,
@@ -383,6 +437,12 @@ def _train_one(
                 for name, p in params.items():
                     p.copy_(stepped[name])
         seconds = time.perf_counter() - start
+        if not all(bool(torch.isfinite(p).all()) for p in params.values()):
+            raise ValueError(
+                f"expert {index} diverged in epoch {epoch}: its weights are no longer finite "
+                f"(loss {loss.item():.3g}); train with a smaller --lr (now {cfg.lr:g}), in a new "
+                f"--out folder or after deleting {partial}"
+            )
         acc = _test_accuracy(model, data)
         _save_epoch(partial, epoch, model, state, shuffle_gen, augment_gen, cfg, acc, seconds)
         bar.set_postfix(loss=f"{loss.item():.3f}", test_acc=f"{acc:.4f}")
@@ -391,7 +451,7 @@ def _train_one(
         if on_epoch is not None:
             on_epoch(index, epoch, acc)
     bar.close()
-    _finish(cfg, dataset, arch, out, index, names, device)
+    _finish(cfg, chosen, dataset, arch, out, index, names, device)
 
 
 def _skeleton(arch: ConvNetConfig) -> ConvNet:
@@ -447,6 +507,7 @@ def _last_saved_epoch(partial: Path, cfg: ExpertConfig) -> int:
 
 def _finish(
     cfg: ExpertConfig,
+    chosen: dict[str, str],
     dataset: Dataset,
     arch: ConvNetConfig,
     out: Path,
@@ -465,6 +526,11 @@ def _finish(
         if epoch > 0:
             seconds.append(header["seconds"])
     info = dataset.info.to_dict()  # class names and source included: distill checks them
+    record: dict[str, str] = {}
+    at_chance = chance_warning(f"expert {index}", accuracy[-1], cfg.epochs,
+                               dataset.info.num_classes)
+    if at_chance:
+        warn("chance", at_chance, record)
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -479,9 +545,21 @@ def _finish(
         "test_accuracy": accuracy,
         "seconds_per_epoch": seconds,
         "provenance": provenance(device),
+        "defaults": chosen,  # the fields the dataset's defaults set, and why
+        "warnings": list(record.values()),
     }
     save_tensors(expert_path(out, index), tensors, header)
     shutil.rmtree(partial)
+
+
+def chance_warning(what: str, accuracy: float, epochs: int, num_classes: int) -> str | None:
+    """The warning for an expert whose final test ``accuracy`` is under twice chance (1 / K),
+    naming the fixes; None for one that learned."""
+    if accuracy >= CHANCE_FACTOR / num_classes:
+        return None
+    return (f"{what} reached only {accuracy:.1%} test accuracy after {epochs} epochs (chance: "
+            f"{1 / num_classes:.1%}): a synthetic set cannot learn from it; train longer "
+            "(--epochs), with another --lr, or a shallower network (--depth)")
 
 
 # ----------------------------------------------------------------------------------------------

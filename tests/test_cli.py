@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import torch
 
 from tesla_func import cli
 from tesla_func.configargs import config_from_args
-from tesla_func.data import ENV_VAR
+from tesla_func.data import DATASETS, ENV_VAR
 from tesla_func.experts import ExpertConfig, load_experts
 
 
@@ -150,7 +151,7 @@ def test_help_reads_as_the_configs_documentation(capsys):
         cli.main(["distill", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--lr-grad-clip" in text and "is clipped to this before the update" in text
-    assert "(default: 'tesla')" in text  # the method flag shows its default
+    assert "(default: 'exact')" in text  # the method flag shows its default
 
 
 def test_folder_of_pngs_end_to_end_from_the_command_line(tmp_path, capsys):
@@ -289,3 +290,201 @@ def test_installed_entry_point_killed_and_rerun_ends_bitwise_as_an_uninterrupted
         x, y = getattr(a, name), getattr(b, name)
         assert torch.equal(x, y), f"{name} differ by up to {float((x - y).abs().max())}"
     assert a.lr == b.lr
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one line on stderr that names the fix, status 1, nothing written or lost
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Tiny digits experts and a 2-iteration set distilled from them (width 4, depth 2)."""
+    folder = tmp_path_factory.mktemp("tiny")
+    experts, run = folder / "experts", folder / "run"
+    assert cli.main(["experts", "--dataset", "digits", "--num-experts", "1", "--epochs", "2",
+                     "--width", "4", "--depth", "2", "--no-dsa", "--out", str(experts),
+                     "--no-progress"]) == 0
+    assert cli.main(["distill", "--experts-dir", str(experts), "--iterations", "2",
+                     "--syn-steps", "2", "--match-epochs", "1", "--max-start-epoch", "1",
+                     "--eval-epochs", "1", "--eval-models", "1", "--out", str(run),
+                     "--no-progress"]) == 0
+    return experts, run
+
+
+def _one_line_error(capsys, *phrases: str) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "Warning" not in line and line.strip()
+             and not line.startswith("  warn")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for phrase in phrases:
+        assert phrase in lines[0], (phrase, lines[0])
+    return lines[0]
+
+
+def test_experts_with_a_non_finite_lr_is_refused(tmp_path, capsys):
+    for lr in ("inf", "nan", "0"):
+        out = tmp_path / f"lr-{lr}"
+        assert cli.main(["experts", "--dataset", "digits", "--lr", lr, "--out", str(out)]) == 1
+        _one_line_error(capsys, "ExpertConfig.lr must be finite and > 0", "--lr")
+        assert not out.exists()
+
+
+def test_experts_that_diverge_stop_with_the_fix(tmp_path, capsys):
+    out = tmp_path / "e"
+    assert cli.main(["experts", "--dataset", "digits", "--lr", "1e30", "--num-experts", "1",
+                     "--epochs", "2", "--out", str(out), "--no-progress"]) == 1
+    _one_line_error(capsys, "expert 0 diverged in epoch 1", "smaller --lr")
+    assert not list(out.glob("expert_*.safetensors"))
+
+
+def test_a_folder_dataset_of_one_class_is_refused(tmp_path, capsys):
+    from tests.test_data import write_folder
+
+    write_folder(tmp_path / "images", classes=("ant",), size=(8, 8))
+    out = tmp_path / "e"
+    assert cli.main(["experts", "--dataset", "folder", "--root", str(tmp_path / "images"),
+                     "--out", str(out)]) == 1
+    _one_line_error(capsys, "has 1 class (ant)", "at least 2")
+    assert not out.exists()
+
+
+def test_out_naming_a_file_is_refused(tmp_path, capsys, tiny_run):
+    experts, _ = tiny_run
+    afile = tmp_path / "a-file"
+    afile.write_text("mine")
+    assert cli.main(["experts", "--dataset", "digits", "--out", str(afile)]) == 1
+    _one_line_error(capsys, f"--out {afile} is a file, not a folder")
+    assert cli.main(["distill", "--experts-dir", str(experts), "--out", str(afile)]) == 1
+    _one_line_error(capsys, f"--out {afile} is a file, not a folder")
+    assert afile.read_text() == "mine"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_this_torch_cannot_use_is_refused(tmp_path, capsys, tiny_run):
+    experts, run = tiny_run
+    out = tmp_path / "o"
+    for argv in (
+        ["experts", "--dataset", "digits", "--device", "cuda", "--out", str(out)],
+        ["distill", "--experts-dir", str(experts), "--device", "cuda", "--out", str(out)],
+        ["evaluate", "--synthetic", str(run / "synthetic.safetensors"), "--device", "cuda"],
+    ):
+        assert cli.main(argv) == 1, argv
+        _one_line_error(capsys, "device 'cuda'", "--device cpu")
+    assert not out.exists()
+
+
+def test_show_out_naming_a_folder_is_refused(tmp_path, capsys, tiny_run):
+    _, run = tiny_run
+    assert cli.main(["show", str(run / "synthetic.safetensors"), "--out", str(tmp_path)]) == 1
+    _one_line_error(capsys, f"--out {tmp_path} is a folder", str(tmp_path / "synthetic.png"))
+
+
+@pytest.mark.parametrize("flag", ["--width", "--depth", "--random-real"])
+def test_evaluate_refuses_sizes_below_one(flag, capsys, tiny_run):
+    _, run = tiny_run
+    what = (["--synthetic", str(run / "synthetic.safetensors")] if flag != "--random-real"
+            else ["--dataset", "digits"])
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["evaluate", *what, flag, "0"])
+    assert stop.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err
+
+
+def test_evaluate_trains_the_sets_own_network_unless_told(tmp_path, capsys, tiny_run):
+    from tesla_func.results import load_results
+
+    _, run = tiny_run
+    base = ["evaluate", "--synthetic", str(run / "synthetic.safetensors"), "--epochs", "1",
+            "--num-models", "1", "--no-progress"]
+    assert cli.main([*base, "--out", str(tmp_path / "own.nc")]) == 0
+    own = load_results(tmp_path / "own.nc").attrs["config"]["arch_kwargs"]
+    assert own == {"width": 4, "depth": 2, "norm": "instance"}
+    assert cli.main([*base, "--depth", "1", "--width", "3", "--norm", "none", "--out",
+                     str(tmp_path / "told.nc")]) == 0
+    told = load_results(tmp_path / "told.nc").attrs["config"]["arch_kwargs"]
+    assert told == {"width": 3, "depth": 1, "norm": "none"}
+
+
+def test_evaluate_random_real_needs_its_dataset(capsys):
+    assert cli.main(["evaluate", "--random-real", "2"]) == 1
+    _one_line_error(capsys, "--random-real needs --dataset")
+
+
+def test_evaluate_random_real_trains_the_datasets_default_network(tmp_path, capsys):
+    from tesla_func.results import load_results
+
+    assert cli.main(["evaluate", "--random-real", "1", "--dataset", "digits", "--epochs", "1",
+                     "--num-models", "1", "--no-progress", "--out", str(tmp_path / "r.nc")]) == 0
+    kwargs = load_results(tmp_path / "r.nc").attrs["config"]["arch_kwargs"]
+    assert kwargs == {"width": 32, "depth": 2}  # digits' defaults: 8x8 images take 2 blocks
+
+
+@pytest.mark.parametrize("argv", [
+    ["experts", "--dataset", "fashion-mnist", "--root", "{tmp}/nothing-here"],
+    ["experts", "--dataset", "digits", "--depth", "4"],  # 8x8 images cannot take 4 pools
+    ["experts", "--dataset", "digits", "--lr", "-1"],
+    ["distill", "--experts-dir", "{tmp}/no-experts"],
+    ["distill", "--experts-dir", "{experts}", "--max-start-epoch", "5"],
+])
+def test_a_failed_check_leaves_no_output_folder(argv, tmp_path, capsys, tiny_run):
+    out = tmp_path / "out"
+    argv = [a.format(tmp=tmp_path, experts=tiny_run[0]) for a in argv]
+    assert cli.main([*argv, "--out", str(out), "--no-progress"]) == 1
+    _one_line_error(capsys)
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Help
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = cli.build_parser()
+    return dict(parser._subparsers._group_actions[0].choices)
+
+
+def test_every_flag_of_every_command_says_what_it_does():
+    for name, parser in _subparsers().items():
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help":
+                text = (action.help or "").strip()
+                assert text and not text.startswith("default:"), (name, action.option_strings)
+
+
+def test_choice_flags_list_their_choices():
+    from tesla_func.labels import LABEL_STRATEGIES
+    from tesla_func.matching import METHODS
+    from tesla_func.models import ARCHITECTURES
+
+    expected = {
+        ("distill", "--method"): METHODS, ("distill", "--label-strategy"): LABEL_STRATEGIES,
+        ("distill", "--dataset"): DATASETS, ("experts", "--dataset"): DATASETS,
+        ("evaluate", "--arch"): ARCHITECTURES, ("experts", "--norm"): ("instance", "none"),
+        ("evaluate", "--norm"): ("instance", "batch", "none"), ("plan", "--method"): METHODS,
+        ("plan", "--model"): ARCHITECTURES,
+    }
+    parsers = _subparsers()
+    for (command, flag), choices in expected.items():
+        (action,) = [a for a in parsers[command]._actions if flag in a.option_strings]
+        listed = " ".join((action.help or "").split()) + " " + str(action.choices)
+        for choice in choices:
+            assert choice in listed, (command, flag, choice)
+
+
+def test_no_help_text_is_a_fragment_of_a_comment():
+    """A field's help is its whole comment: brackets balance, and it does not stop mid-phrase
+    (a comment that runs on below its field's line is read as the next field's)."""
+    for name, parser in _subparsers().items():
+        for action in parser._actions:
+            text = " ".join((action.help or "").split())
+            assert text.count("(") == text.count(")"), (name, action.option_strings, text)
+            assert text.count("[") == text.count("]"), (name, action.option_strings, text)
+            doc = text.split(" (one of:")[0].split(" (default:")[0]
+            assert not doc.endswith((",", "(", " a", " the", " of", " and", " or", " per")), (
+                name, action.option_strings, text)
+
+
+def test_a_required_field_does_not_show_a_default():
+    (action,) = [a for a in _subparsers()["distill"]._actions
+                 if "--experts-dir" in a.option_strings]
+    assert "(required)" in action.help and "default" not in action.help

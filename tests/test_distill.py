@@ -16,6 +16,7 @@ from tesla_func.labels import LABEL_STRATEGIES, LabelStrategy
 from tesla_func.matching import MatchResult
 from tesla_func.models import ConvNet
 from tesla_func.results import load_results
+from tesla_func.runchecks import RunWarning
 from tesla_func.synthetic import load_synthetic
 
 
@@ -406,8 +407,10 @@ def test_keep_graphs_reaches_the_matching_and_leaves_the_set_alone(tmp_path, exp
 @pytest.mark.parametrize(
     "changes, message",
     [
-        (dict(syn_steps=0), "syn_steps must be a positive int"),
-        (dict(iterations=0), "iterations must be a positive int"),
+        (dict(syn_steps=0), "syn_steps must be None or a positive int"),
+        (dict(iterations=0), "iterations must be None or a positive int"),
+        (dict(beta_bound=1.0), "beta_bound must be None or finite and > 1"),
+        (dict(max_skipped=-1), "max_skipped must be an int >= 0"),
         (dict(state_stride=0), "state_stride must be a positive int"),
         (dict(keep_graphs=-1), "keep_graphs must be an int >= 0"),
         (dict(microbatch_size=0), "microbatch_size must be None or a positive int"),
@@ -608,3 +611,136 @@ def test_load_synthetic_refuses_other_files(tmp_path, experts_dir, digits, exper
         load_synthetic(truncated)
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         load_synthetic(tmp_path / "missing.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------
+# A run never dies of its own learning rate; it stops, says why, and keeps its last good set
+
+
+def _beta_pushed(direction: float, images_grad: float = 0.01):
+    """A stand-in for match_trajectory whose beta gradient drives log(beta) up (direction +1)
+    or down (-1) by 50 a step (dL/dlog(beta) = -50 * direction)."""
+    def fake(model, start, target, images, labels, lr, *args, **kwargs):
+        return MatchResult(torch.tensor(0.5), torch.full_like(images, images_grad), None,
+                           torch.tensor(-50.0 * direction) / lr)
+    return fake
+
+
+def _stops(tmp_path, experts_dir, digits, experts, monkeypatch, match, **changes):
+    """Run ``config(**changes)`` with ``match`` as the matching; the DistillationStopped it
+    raises, and the set it wrote."""
+    cfg = config(experts_dir, iterations=10, lr_grad_clip=None, **changes)
+    distiller = make(cfg, tmp_path, digits, experts)
+    monkeypatch.setattr(distill_module, "match_trajectory", match)
+    with pytest.raises(distill_module.DistillationStopped) as stop:
+        distiller.run()
+    written = load_synthetic(tmp_path / "synthetic.safetensors")
+    assert (tmp_path / "log.nc").is_file() and (tmp_path / "synthetic.png").is_file()
+    assert written.header["stopped"] in str(stop.value)
+    assert load_results(tmp_path / "log.nc").attrs["stopped"] == written.header["stopped"]
+    assert torch.isfinite(written.images).all() and 0 < written.lr < float("inf")
+    return str(stop.value), written, distiller
+
+
+@pytest.mark.parametrize("direction, side", [(1, "rose to its upper"), (-1, "fell to its lower")])
+def test_beta_at_its_bound_stops_the_run_with_its_set(
+    tmp_path, experts_dir, digits, experts, monkeypatch, direction, side
+):
+    message, written, distiller = _stops(tmp_path, experts_dir, digits, experts, monkeypatch,
+                                         _beta_pushed(direction))
+    assert f"beta {side} bound" in message and "at iteration 1" in message
+    for flag in ("--lr-lr", "--lr-img", "--syn-steps", "--beta-bound"):
+        assert flag in message
+    assert written.lr == pytest.approx(distiller.beta0 * 1000.0 ** direction, rel=1e-5)
+    assert written.header["iteration"] == 1 and str(tmp_path / "synthetic.safetensors") in message
+
+
+@pytest.mark.parametrize("direction", [1, -1])  # overflow of exp(log beta) to inf, underflow to 0
+def test_without_a_bound_beta_overflow_is_skipped_then_stops(
+    tmp_path, experts_dir, digits, experts, monkeypatch, direction
+):
+    """log(beta) moves by 50, then by 75 (momentum): exp of it is inf (or 0) in float32, so that
+    update is skipped like any non-finite one; the same happens again, and at max_skipped the
+    run stops with the set of iteration 1, at a finite, positive beta."""
+    message, written, distiller = _stops(
+        tmp_path, experts_dir, digits, experts, monkeypatch, _beta_pushed(direction),
+        beta_bound=None, max_skipped=2)
+    assert message.startswith("2 updates were skipped by iteration 3")
+    assert "--max-skipped" in message and "--lr-img" in message
+    assert distiller.state.log["skipped"] == [0.0, 1.0, 1.0]
+    assert written.lr == pytest.approx(distiller.beta0 * torch.e ** (50.0 * direction), rel=1e-3)
+    more = config(experts_dir, iterations=10, lr_grad_clip=None, beta_bound=None, max_skipped=5)
+    assert make(more, tmp_path, digits, experts).state.iteration == 3  # resumes where it stopped
+
+
+def test_a_stopped_run_reports_from_the_command_line(tmp_path, experts_dir, monkeypatch, capsys):
+    from tesla_func import cli
+
+    monkeypatch.setattr(distill_module, "match_trajectory", _beta_pushed(1))
+    run = tmp_path / "run"
+    status = cli.main(["distill", "--experts-dir", str(experts_dir), "--match-epochs", "1",
+                       "--lr-grad-clip", "4", "--lr-lr", "10", "--out", str(run),
+                       "--no-progress"])
+    err = capsys.readouterr().err
+    assert status == 1 and "tesla-func distill: stopped: beta rose to its upper bound" in err
+    assert "tesla-func distill: warning: beta rose from" in err  # one line, no source line
+    assert (run / "synthetic.safetensors").is_file() and (run / "log.nc").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# Warnings where the result cannot be good: shown once, kept in the set's header and log.nc
+
+
+def _warned(distiller, tmp_path, kind_phrase: str) -> None:
+    header = load_synthetic(tmp_path / "synthetic.safetensors").header
+    assert [w for w in header["warnings"] if kind_phrase in w], header["warnings"]
+    assert header["warnings"] == load_results(tmp_path / "log.nc").attrs["warnings"]
+
+
+def test_beta_far_from_its_start_is_warned_of(tmp_path, experts_dir, digits, experts,
+                                              monkeypatch):
+    # log(beta) falls by 2.5 an iteration: 12x, 148x, 1808x below beta0
+    cfg = config(experts_dir, iterations=3, lr_grad_clip=None, lr_lr=0.05, momentum=0.0,
+                 beta_bound=1e4)
+    distiller = make(cfg, tmp_path, digits, experts)
+    monkeypatch.setattr(distill_module, "match_trajectory", _beta_pushed(-1))
+    with pytest.warns(RunWarning, match="beta fell from .* at iteration 2") as w:
+        distiller.run()
+    assert len([x for x in w if "beta fell" in str(x.message)]) == 1  # once, not every iteration
+    _warned(distiller, tmp_path, "--lr-lr")
+
+
+def test_images_far_larger_than_real_ones_are_warned_of(tmp_path, experts_dir, digits, experts,
+                                                        monkeypatch):
+    distiller = make(config(experts_dir, iterations=1), tmp_path, digits, experts)
+    monkeypatch.setattr(distill_module, "match_trajectory", _beta_pushed(0, images_grad=-1.0))
+    with pytest.warns(RunWarning, match="the images' norm grew to"):
+        distiller.run()
+    assert distiller.state.log["images_norm"][0] > 10 * distiller.real_norm
+    _warned(distiller, tmp_path, "lower --lr-img")
+
+
+def test_labels_collapsing_onto_few_classes_are_warned_of(tmp_path, experts_dir, digits,
+                                                          experts, monkeypatch):
+    def one_class(model, params, images):
+        return torch.nn.functional.one_hot(torch.zeros(len(images), dtype=torch.long), 10).float()
+
+    monkeypatch.setattr(distill_module, "teacher_logits", one_class)
+    distiller = make(config(experts_dir, label_strategy="sla", iterations=1), tmp_path, digits,
+                     experts)
+    with pytest.warns(RunWarning, match="only 1 of 10 classes"):
+        distiller.run()
+    _warned(distiller, tmp_path, "--label-strategy hard")
+
+
+def test_weak_experts_and_a_too_long_student_are_warned_of(tmp_path, experts_dir, digits,
+                                                           experts):
+    weak = [dataclasses.replace(e, test_accuracy=(0.1,) * len(e.test_accuracy)) for e in experts]
+    with pytest.warns(RunWarning) as w:
+        distiller = make(config(experts_dir, iterations=1, syn_steps=6), tmp_path, digits, weak)
+    messages = [str(x.message) for x in w]
+    assert any("expert 0 (and 1 more) reached only 10.0%" in m for m in messages), messages
+    # one epoch (match_epochs 1) of 1238 images in batches of 256 is 5 steps
+    assert any("syn_steps 6 is longer than the 5 SGD steps" in m for m in messages), messages
+    distiller.run()
+    assert len(load_synthetic(tmp_path / "synthetic.safetensors").header["warnings"]) == 2

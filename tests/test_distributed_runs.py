@@ -446,8 +446,9 @@ def test_command_line_under_torchrun(ranks, folder, digits):
     torch.testing.assert_close(cfg.images, one.images, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(cfg.labels, one.labels, rtol=1e-4, atol=1e-6)
     accuracies = load_results(folder / "cli-eval.nc")["accuracy"].values.tolist()
-    protocol = EvalConfig(arch_kwargs={"width": 4}, epochs=1, lr=cfg.lr, num_models=3,
-                          progress=False)
+    # evaluate trains the set's own network (depth 2, instance norm), at the width it was told
+    protocol = EvalConfig(arch_kwargs={"width": 4, "depth": 2, "norm": "instance"}, epochs=1,
+                          lr=cfg.lr, num_models=3, progress=False)
     alone = evaluate(cfg.images, cfg.labels, digits.test_images, digits.test_labels, protocol,
                      DSA(), num_classes=10)
     assert accuracies == list(alone.accuracies)

@@ -168,5 +168,18 @@ def test_mixed_folders_are_refused(tmp_path, digits):
 def test_config_validation():
     with pytest.raises(ValueError, match="running statistics"):
         ExpertConfig(norm="batch")
-    with pytest.raises(ValueError, match="epochs must be a positive int"):
+    with pytest.raises(ValueError, match="epochs must be None or a positive int"):
         ExpertConfig(epochs=0)
+
+
+def test_an_expert_at_chance_is_warned_of_and_recorded(tmp_path, digits):
+    from tesla_func.runchecks import RunWarning
+
+    at_chance = dataclasses.replace(TINY, num_experts=1, epochs=1, lr=1e-6)
+    with pytest.warns(RunWarning, match=r"expert 0 reached only .* \(chance: 10.0%\).*--epochs"):
+        _train(at_chance, tmp_path / "weak", digits)
+    (weak,) = load_experts(tmp_path / "weak")
+    assert len(weak.header["warnings"]) == 1 and "--depth" in weak.header["warnings"][0]
+    _train(dataclasses.replace(TINY, num_experts=1), tmp_path / "good", digits)
+    (good,) = load_experts(tmp_path / "good")
+    assert good.header["warnings"] == [] and good.test_accuracy[-1] > 0.2

@@ -5,14 +5,24 @@ tiny experts; the resulting images, labels, label logits and learned lr are stor
 ``tests/golden/distill.safetensors`` together with the experts' final weights. A refactoring that
 moves code without changing behaviour reproduces them exactly. A change that alters only the
 order of floating-point operations must show that the difference is rounding: the float64 runs
-stored beside them are compared at a relative tolerance of 1e-12, then the float32 golden file is
-regenerated in a commit that says why::
+stored beside them are compared to :data:`FLOAT64_TOL` of each tensor's largest entry, then the
+float32 golden file is regenerated in a commit that says why::
 
     python tests/test_golden.py        # rewrite tests/golden/distill.safetensors
 
 Bitwise equality holds for the CPU model, instruction set, thread count (1, as the tests run) and
 torch version the file was written with (its header records them); elsewhere only the float64
-runs are checked, to 1e-12, from the expert trajectories stored in the file.
+runs are checked, from the expert trajectories stored in the file.
+
+Why the float64 tolerance is relative to the largest entry, not to each entry: another CPU (AVX2
+against AVX-512, another thread count) sums the same terms in another order, so each entry can
+differ by about eps times the sum of the magnitudes of its terms, whatever the entry's own size.
+An image pixel is a sum of terms of the images' scale; where they cancel, the pixel is small and
+its error is not: between the AVX2 machine that wrote the file and an AVX-512 one, pixels near
+0 differed by 4e-12 (an elementwise rtol of 1e-12 failed), which is 6e-15 of the largest pixel;
+the learned lr and label logits differed by under 2e-15 of theirs. Three iterations of three
+student steps amplify rounding little, so 1e-12 of the largest entry leaves a margin of over 100x
+and still catches a change of the algorithm, which moves entries by far more.
 """
 
 from __future__ import annotations
@@ -34,10 +44,13 @@ from tesla_func.provenance import device_name
 GOLDEN = Path(__file__).parent / "golden" / "distill.safetensors"
 STRATEGIES = ("hard", "sla", "sla-last", "learned", "sla-only")
 FLOAT64_RUNS = (("tesla", "learned"), ("exact", "hard"))  # also run in float64 (rounding check)
+FLOAT64_TOL = 1e-12  # float64 runs agree to this fraction of each tensor's largest entry
 
 
 def _expert_config() -> ExpertConfig:
-    return ExpertConfig(dataset="digits", num_experts=2, epochs=3, width=8, seed=0, dsa=True)
+    # every field the dataset's defaults would set is given: the file pins these runs
+    return ExpertConfig(dataset="digits", num_experts=2, epochs=3, width=8, depth=3, lr=0.01,
+                        seed=0, dsa=True)
 
 
 def _distill_config(experts_dir: Path, method: str, strategy: str) -> DistillConfig:
@@ -55,6 +68,8 @@ def _distill_config(experts_dir: Path, method: str, strategy: str) -> DistillCon
         lr_img=100.0,
         lr_lr=1.0,
         lr_grad_clip=0.5,
+        beta_bound=None,
+        max_skipped=0,
         lr_labels=5.0,
         eval_epochs=1,
         eval_models=1,
@@ -148,10 +163,13 @@ def test_same_keys_as_the_golden_file(produced, golden):
 
 
 def test_float64_runs_agree_to_rounding(produced, golden):
-    """From the stored expert trajectories, on any CPU."""
+    """From the stored expert trajectories, on any CPU (the module docstring: why the tolerance
+    is a fraction of the largest entry)."""
     for key, expected in golden[0].items():
         if "/float64/" in key:
-            torch.testing.assert_close(produced[key], expected, rtol=1e-12, atol=0, msg=key)
+            scale = float(expected.abs().max())
+            torch.testing.assert_close(produced[key], expected, rtol=0, atol=FLOAT64_TOL * scale,
+                                       msg=key)
 
 
 def test_float32_outputs_are_bitwise_the_golden_ones(produced, golden):

@@ -38,7 +38,12 @@ The modules, each with one job:
     reader returns.
 ``registry``
     the table of datasets, one ``DatasetSpec`` row each; where files are looked for
-    (:func:`search_dirs`, :func:`locate`), :func:`shape` without reading them.
+    (:func:`search_dirs`, :func:`locate`), :func:`shape` without reading them, each dataset's
+    run defaults (:func:`run_defaults`).
+``defaults``
+    what a run starts from where the user does not say (:class:`RunDefaults`, one per row), the
+    rules of the image size (ConvNet depth, image lr) and of the experts (T), and
+    :func:`resolve`, which puts them into a config and records why.
 ``load``
     :func:`load_dataset` (validation split, normalisation, kornia ZCA, the same for every
     dataset), and reloading and checking the dataset a file recorded (:func:`load_dataset_like`,
@@ -58,13 +63,22 @@ To add a dataset:
    labels. Say in its docstring what files it reads.
 2. Add its ``DatasetSpec`` row to the table in :mod:`tesla_func.data.registry`: name, summary,
    shape, the reader's ``find`` and ``read``, how to get the files, mean/std (or ``None``: the
-   train images'), ZCA default and validation images per class.
+   train images'), ZCA default, validation images per class, and the run defaults
+   (:class:`RunDefaults`: measured, or the field's).
 
 Everything else (searching, the validation split, normalisation, ZCA, the names ``--dataset``
 accepts, ``tesla-func data``, the planner's shapes) follows from the row; the table at the top of
 this docstring documents it for readers.
 """
 
+from tesla_func.data.defaults import (
+    RunDefaults,
+    batch_syn_for,
+    depth_for,
+    expert_steps,
+    lr_img_for,
+    resolve,
+)
 from tesla_func.data.digits import DIGITS_TEST_EVERY
 from tesla_func.data.idx import FASHION_CLASSES, read_idx
 from tesla_func.data.image_folder import (
@@ -94,6 +108,7 @@ from tesla_func.data.registry import (
     available,
     dataset_options,
     locate,
+    run_defaults,
     search_dirs,
     shape,
 )
@@ -116,17 +131,24 @@ __all__ = [
     "Dataset",
     "DatasetInfo",
     "DatasetShape",
+    "RunDefaults",
     "available",
+    "batch_syn_for",
     "check_same_dataset",
     "dataset_options",
+    "depth_for",
+    "expert_steps",
     "fit_zca",
     "inputs_from_info",
     "load_dataset",
     "load_dataset_like",
     "locate",
+    "lr_img_for",
     "pixels_from_info",
     "read_class_folders",
     "read_idx",
+    "resolve",
+    "run_defaults",
     "search_dirs",
     "shape",
     "validation_indices",

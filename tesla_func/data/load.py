@@ -59,9 +59,9 @@ def load_dataset(
     Raises:
         KeyError: unknown name (the message lists the known ones).
         FileNotFoundError: files missing (says where it looked and how to get them).
-        ValueError: a truncated or corrupt file (names it); for "folder" also an empty class, a
-            class missing from test/, grey and colour images mixed, sizes that differ without
-            ``image_size`` (each names the class or files).
+        ValueError: a truncated or corrupt file (names it); fewer than 2 classes; for "folder"
+            also an empty class, a class missing from test/, grey and colour images mixed, sizes
+            that differ without ``image_size`` (each names the class or files).
     """
     row = spec(name)
     options = {"image_size": image_size}
@@ -77,6 +77,10 @@ def load_dataset(
             f"dataset {name!r} not found; looked in: {looked}. To get it: {row.how_to_get}."
         )
     raw = row.read(where.found, **{option: options[option] for option in row.read_options})
+    if len(raw.class_names) < 2:
+        raise ValueError(f"dataset {name!r} from {where.found} has {len(raw.class_names)} class "
+                         f"({', '.join(raw.class_names)}): a classifier needs at least 2; add a "
+                         "folder of images for each other class")
     train_y = torch.from_numpy(np.ascontiguousarray(raw.train_y)).long()
     per_class = _validation_size(row, train_y, raw.class_names, where.found, val_per_class)
     val_index = validation_indices(train_y, per_class, len(raw.class_names))

@@ -8,6 +8,8 @@ is the package docstring's (:mod:`tesla_func.data`) and :func:`search_dirs`'.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ from functools import partial
 from pathlib import Path
 
 from tesla_func.data import cifar, digits, idx, image_folder, imagenet64
+from tesla_func.data.defaults import RunDefaults
 from tesla_func.data.types import DatasetShape, RawArrays
 
 ENV_VAR = "TESLA_FUNC_DATA"
@@ -54,8 +57,20 @@ class DatasetSpec:
     # sixth of the smallest class (at least 1)
     val_per_class: int | None
 
+    # What a run on it starts from where the user does not say (tesla_func.data.defaults);
+    # None ("folder"): those of the dataset whose images are closest in size (run_defaults)
+    defaults: RunDefaults | None
+
 
 _ENV_HINT = f"or pass root=DIR (--root DIR) or set {ENV_VAR}=DIR"
+# The field's defaults for the datasets a 2-core CPU cannot distil in reasonable time (MTT and
+# TESLA use ConvNet width 128, expert lr 0.01, 50-epoch experts, T 20-50, max start epoch 2-40;
+# docs/reference.md section 4); not measured here: there is no GPU and no CIFAR or ImageNet.
+_FIELD = RunDefaults(width=128, num_experts=20, expert_epochs=50, expert_lr=0.01,
+                     max_start_epoch=20, syn_steps=30, iterations=5000,
+                     why="the field's settings (MTT / TESLA, for a GPU)")
+_FIELD_ZCA = dataclasses.replace(_FIELD, lr_img=1000.0,
+                                 why="the field's settings for ZCA-whitened CIFAR (for a GPU)")
 _SPECS: dict[str, DatasetSpec] = {
     row.name: row
     for row in (
@@ -72,6 +87,15 @@ _SPECS: dict[str, DatasetSpec] = {
             std=(0.3530,),  # DC-bench's values
             zca_default=False,
             val_per_class=500,
+            # width 32 (the project's reduced CPU protocol): an expert epoch of 55,000 images
+            # takes 30 s on one thread of this 2-core CPU (width 128: 170 s), so 3 experts of 6
+            # epochs about 9 minutes. T 60 on minibatches of 20 (the main table's): IPC 10 82.2%
+            # against 77.6% for T 20 on the whole set, in 100 iterations of 2-4 s each.
+            defaults=RunDefaults(
+                width=32, num_experts=3, expert_epochs=6, expert_lr=0.01, max_start_epoch=4,
+                syn_steps=60, batch_syn=20, iterations=100,
+                why="measured on Fashion-MNIST here (width 32 for a CPU)",
+            ),
         ),
         DatasetSpec(
             name="digits",
@@ -85,6 +109,12 @@ _SPECS: dict[str, DatasetSpec] = {
             std=None,
             zca_default=False,
             val_per_class=20,
+            # 5 steps an epoch (1238 images in batches of 256): 5 experts of 10 epochs take
+            # 5 s on one thread, 100 iterations at IPC 1 about 10 s
+            defaults=RunDefaults(
+                width=32, num_experts=5, expert_epochs=10, expert_lr=0.01, max_start_epoch=4,
+                syn_steps=20, iterations=100, why="measured on digits here",
+            ),
         ),
         DatasetSpec(
             name="cifar10",
@@ -98,6 +128,7 @@ _SPECS: dict[str, DatasetSpec] = {
             std=(0.2023, 0.1994, 0.2010),  # MTT's values
             zca_default=True,
             val_per_class=500,
+            defaults=_FIELD_ZCA,
         ),
         DatasetSpec(
             name="cifar100",
@@ -111,6 +142,7 @@ _SPECS: dict[str, DatasetSpec] = {
             std=(0.2673, 0.2564, 0.2762),  # MTT's values
             zca_default=True,
             val_per_class=50,
+            defaults=_FIELD_ZCA,
         ),
         DatasetSpec(
             name="imagenet64",
@@ -125,6 +157,7 @@ _SPECS: dict[str, DatasetSpec] = {
             std=(0.229, 0.224, 0.225),  # the usual ImageNet values
             zca_default=False,
             val_per_class=10,
+            defaults=_FIELD,
         ),
         DatasetSpec(
             name="folder",
@@ -140,6 +173,7 @@ _SPECS: dict[str, DatasetSpec] = {
             std=None,
             zca_default=False,
             val_per_class=None,
+            defaults=None,
         ),
     )
 }
@@ -165,6 +199,20 @@ def shape(name: str) -> DatasetShape:
         raise KeyError(f"dataset {name!r} has no fixed shape (it is known once its files are "
                        f"read); datasets with one: {', '.join(fixed)}")
     return row.shape
+
+
+def run_defaults(name: str, channels: int, image_size: int) -> tuple[RunDefaults, str]:
+    """(The defaults of dataset ``name``, their source) for its C x S x S images: the row's
+    own, or for a row without ("folder", or a dataset made in memory and in no row) those of
+    the dataset whose images are closest in pixels (on a log scale)."""
+    row = _SPECS.get(name)
+    if row is not None and row.defaults is not None:
+        return row.defaults, row.defaults.why
+    pixels = channels * image_size ** 2
+    like = min((r for r in _SPECS.values() if r.defaults is not None and r.shape is not None),
+               key=lambda r: abs(math.log(r.shape.channels * r.shape.image_size ** 2 / pixels)))
+    return like.defaults, (f"{like.defaults.why}: those of {like.name!r}, whose images are "
+                           f"closest to {channels}x{image_size}x{image_size}")
 
 
 def dataset_options(name: str) -> tuple[str, ...]:

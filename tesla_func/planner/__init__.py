@@ -9,7 +9,7 @@ and what else one distillation iteration holds, for any dataset, model and size,
     tesla-func plan --dataset imagenet64 --model convnetd4 --ipc 1 --batch-syn 100 --syn-steps 50 \\
         --device-memory 48GB
 
-    run = DistillConfig(dataset="cifar10", ipc=50, method="exact", microbatch_size=64)
+    run = DistillConfig(dataset="cifar10", ipc=50, syn_steps=30, microbatch_size=64)
     plan(PlanConfig(run, syn_steps=(run.syn_steps,), methods=(run.method,)))   # this very run
 
 **What is planned.** A plan is a distillation run (:class:`~tesla_func.distill_config.

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tesla_func.configargs import check_int
-from tesla_func.data import DATASETS, DatasetShape, shape
+from tesla_func.configargs import check_int, choice
+from tesla_func.data import DATASETS, DatasetShape, batch_syn_for, run_defaults, shape
 from tesla_func.distill_config import DistillConfig
 from tesla_func.matching import METHODS
 from tesla_func.memory import parse_bytes
@@ -45,7 +45,8 @@ SWEPT_FIELDS = {"syn_steps": "syn_steps", "method": "methods"}
 # reads none: the dataset and network are given instead), the schedule, learning rates and
 # initial values, evaluation, outputs, and the device (a plan counts bytes for any device).
 UNPLANNED_FIELDS = ("experts_dir", "data_root", "iterations", "match_epochs", "max_start_epoch",
-                    "lr_img", "lr_lr", "lr_grad_clip", "lr_labels", "momentum", "lr_init",
+                    "lr_img", "lr_lr", "lr_grad_clip", "beta_bound", "max_skipped", "lr_labels",
+                    "momentum", "lr_init",
                     "label_init_confidence", "image_init", "eval_every", "eval_epochs",
                     "eval_models", "save_every", "snapshot_every", "device")
 
@@ -66,13 +67,12 @@ class PlanConfig:
     # reads no experts, so it needs the dataset
     distill: DistillConfig = DistillConfig(dataset="cifar10", ipc=10)
     syn_steps: tuple[int, ...] = (10, 20, 40)  # T values to plan (the run's syn_steps, swept)
-    # methods compared, keys of tesla_func.matching.METHODS (the run's method, swept; the flag
-    # --method takes several values too)
-    methods: tuple[str, ...] = tuple(METHODS)
-    model: str = "convnet"  # the experts' network: a key of tesla_func.models.ARCHITECTURES
+    # methods compared (the run's method, swept; the flag --method takes several values too)
+    methods: tuple[str, ...] = choice(tuple(METHODS), METHODS)
+    model: str = choice("convnet", ARCHITECTURES)  # the experts' network
     width: int | None = None  # ConvNet / ResNet width; None: the architecture's own default
     depth: int | None = None  # ConvNet blocks / ViT layers; None: the architecture's default
-    dtype: str = "float32"  # images, labels and parameters: a key of DTYPES
+    dtype: str = choice("float32", DTYPES)  # of the images, labels and parameters
     device_memory: str | None = None  # e.g. "48GB", "80GiB", "24e9": adds fits and limits
     experts_on_device: int = 0  # further expert checkpoints kept on the device (parameter sets)
     # with device_memory: which limits to search for ("syn_steps": the largest T that fits,
@@ -80,11 +80,13 @@ class PlanConfig:
     # exact, the largest keep_graphs at each planned T); each costs extra predictions
     limits: tuple[str, ...] = LIMITS
     extrapolate_above: int = 12  # T above this: predicted at two short T, extended linearly
-    verify_max_steps: int = 100  # a T limit up to this is checked by a direct prediction (about
-    # half a second per unrolled step on a CPU)
-    verify_keep_max_steps: int = 12  # a keep_graphs limit at a T up to this is checked by
-    # predicting the whole call at k and k + 1 (two T-step calls per method, each about as slow
-    # as unrolled's); above it, k is read off the line in k (an estimate)
+    # a T limit up to this is checked by a direct prediction (about half a second per unrolled
+    # step on a CPU)
+    verify_max_steps: int = 100
+    # a keep_graphs limit at a T up to this is checked by predicting the whole call at k and
+    # k + 1 (two T-step calls per method, each about as slow as unrolled's); above it, k is read
+    # off the line in k (an estimate)
+    verify_keep_max_steps: int = 12
 
     # Written by hand (init=False) only to take the run's planned fields as keywords too; it sets
     # every field as the generated one would and validates.
@@ -157,7 +159,11 @@ class PlanConfig:
     @property
     def batch(self) -> int:
         """B, the images of a student step."""
-        return self.distill.batch_syn or self.num_images
+        if self.distill.batch_syn is not None:
+            return self.distill.batch_syn
+        s = self.shape  # None: the dataset's default, as the run resolves it
+        defaults, _ = run_defaults(self.distill.dataset, s.channels, s.image_size)
+        return batch_syn_for(defaults, self.num_images) or self.num_images
 
     @property
     def device_bytes(self) -> int | None:
