@@ -249,7 +249,7 @@ class Distiller:
         # log(beta) is kept within log(beta0) -+ log(beta_bound), rounded to its dtype (so that
         # a clipped value equals the bound)
         dtype = self.state.log_lr.dtype
-        self.log_bounds = None if cfg.beta_bound is None else tuple(
+        self.log_bounds = None if math.isinf(cfg.beta_bound) else tuple(
             float(torch.tensor(math.log(self.beta0) + sign * math.log(cfg.beta_bound),
                                dtype=dtype)) for sign in (-1, 1))
         self._warn_of_setup(experts)
@@ -363,7 +363,7 @@ class Distiller:
             checked.append(res.labels_grad)
         finite = self.set_ranks.all_true(all(bool(torch.isfinite(x).all()) for x in checked))
         if finite:
-            if cfg.lr_grad_clip is not None:
+            if math.isfinite(cfg.lr_grad_clip):
                 grads["log_lr"] = lr_grad.clamp(-cfg.lr_grad_clip, cfg.lr_grad_clip)
             learned = s.learned(self.strategy)
             learned, momentum = self.optimizer.update(

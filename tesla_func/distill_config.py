@@ -72,13 +72,13 @@ class DistillConfig:
     # SGD lr of log(beta) (beta = exp(log_beta) stays positive). A raw-beta lr r (the papers'
     # lr_lr, 1e-7..1e-5) is about r / beta^2 here: 0.1..10 for beta = 0.01..0.001.
     lr_lr: float = 1.0
-    # |dL/dlog(beta)| is clipped to this before the update (None: no clip), so one iteration
+    # |dL/dlog(beta)| is clipped to this before the update (inf: no clip), so one iteration
     # changes log(beta) by at most lr_lr * lr_grad_clip (before momentum): without it one large
     # first gradient (3.3 on digits) took beta from 0.01 to 4e-4 in one step
-    lr_grad_clip: float | None = 0.5
+    lr_grad_clip: float = 0.5
     # beta stays within [beta0 / b, beta0 * b] (log beta clipped); a run whose beta reaches
-    # either bound stops, writing its last set (None: no bound)
-    beta_bound: float | None = 1000.0
+    # either bound stops, writing its last set (inf: no bound)
+    beta_bound: float = 1000.0
     # a run stops, writing its last good set, once this many updates were skipped for a
     # non-finite loss, gradient or update (0: never stops for them)
     max_skipped: int = 10
@@ -112,14 +112,18 @@ class DistillConfig:
         check_non_negative(self, ("lr_lr", "lr_labels"))
         if self.lr_img is not None:
             check_non_negative(self, ("lr_img",))
-        for name in ("lr_grad_clip", "lr_init"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"DistillConfig.{name} must be None or finite and > 0, "
-                                 f"got {value}")
-        if self.beta_bound is not None and not (math.isfinite(self.beta_bound)
-                                                and self.beta_bound > 1):
-            raise ValueError(f"DistillConfig.beta_bound must be None or finite and > 1, got "
+        for name in ("lr_grad_clip", "beta_bound"):
+            # "off" is inf, which a config.toml can hold (TOML has no None); None is read as inf
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, math.inf)
+        if self.lr_init is not None and not (math.isfinite(self.lr_init) and self.lr_init > 0):
+            raise ValueError(f"DistillConfig.lr_init must be None or finite and > 0, got "
+                             f"{self.lr_init}")
+        if not self.lr_grad_clip > 0:  # (False for NaN)
+            raise ValueError(f"DistillConfig.lr_grad_clip must be > 0, or inf for no clip, got "
+                             f"{self.lr_grad_clip}")
+        if not self.beta_bound > 1:
+            raise ValueError(f"DistillConfig.beta_bound must be > 1, or inf for no bound, got "
                              f"{self.beta_bound}")
         if not 0 < self.label_init_confidence < 1:
             raise ValueError("DistillConfig.label_init_confidence must lie in (0, 1)")

@@ -91,6 +91,15 @@ def test_written_distill_config_reads_back_as_the_same_config(tmp_path):
     assert cli.config_from_args(args, DistillConfig) == cfg
 
 
+def test_switched_off_clip_and_bound_survive_config_toml(tmp_path):
+    """No clip and no bound are inf, which TOML holds (None, which it cannot, is read as inf)."""
+    cfg = DistillConfig(experts_dir="e", lr_grad_clip=None, beta_bound=None)
+    assert cfg.lr_grad_clip == math.inf and cfg.beta_bound == math.inf
+    path = write_config_toml(tmp_path / "config.toml", cfg.to_dict())
+    args = parse_args(cli.build_parser(), ["distill", "--config", str(path), "--out", "x"])
+    assert cli.config_from_args(args, DistillConfig) == cfg
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading into a command line
 
@@ -230,7 +239,8 @@ def test_rerunning_a_run_folders_config_toml_gives_the_same_set_bitwise(tmp_path
                      "--eval-epochs", "1", "--eval-models", "1", "--out", str(run),
                      "--no-progress"]) == 0
     text = (run / "config.toml").read_text()
-    assert text.startswith("# tesla_func DistillConfig") and "lr_init" not in text
+    # the resolved config: what the dataset's defaults chose is written, so a rerun needs nothing
+    assert text.startswith("# tesla_func DistillConfig") and "lr_init = " in text
     rerun = tmp_path / "rerun"
     assert cli.main(["distill", "--config", str(run / "config.toml"), "--out", str(rerun),
                      "--no-progress"]) == 0

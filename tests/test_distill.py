@@ -409,7 +409,7 @@ def test_keep_graphs_reaches_the_matching_and_leaves_the_set_alone(tmp_path, exp
     [
         (dict(syn_steps=0), "syn_steps must be None or a positive int"),
         (dict(iterations=0), "iterations must be None or a positive int"),
-        (dict(beta_bound=1.0), "beta_bound must be None or finite and > 1"),
+        (dict(beta_bound=1.0), "beta_bound must be > 1, or inf for no bound"),
         (dict(max_skipped=-1), "max_skipped must be an int >= 0"),
         (dict(state_stride=0), "state_stride must be a positive int"),
         (dict(keep_graphs=-1), "keep_graphs must be an int >= 0"),
@@ -418,7 +418,8 @@ def test_keep_graphs_reaches_the_matching_and_leaves_the_set_alone(tmp_path, exp
         (dict(label_strategy="soft"), "label_strategy 'soft' is unknown"),
         (dict(lr_init=-0.1), "lr_init must be None or finite and > 0"),
         (dict(lr_img=float("nan")), "lr_img must be finite"),
-        (dict(lr_grad_clip=0.0), "lr_grad_clip must be None or finite and > 0"),
+        (dict(lr_grad_clip=0.0), "lr_grad_clip must be > 0, or inf for no clip"),
+        (dict(lr_grad_clip=float("nan")), "lr_grad_clip must be > 0, or inf for no clip"),
         (dict(image_init="zeros"), "image_init 'zeros' is unknown"),
     ],
 )

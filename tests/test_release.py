@@ -10,6 +10,7 @@ import pytest
 
 from tesla_func import cli
 from tesla_func.release import CARD, main, release_set
+from tesla_func.results import load_results
 from tesla_func.synthetic import load_synthetic
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -24,7 +25,7 @@ def run(tmp_path_factory):
                      "--width", "8", "--no-dsa", "--out", str(tmp / "experts"),
                      "--no-progress"]) == 0
     assert cli.main(["distill", "--experts-dir", str(tmp / "experts"), "--ipc", "1",
-                     "--label-strategy", "sla", "--iterations", "3", "--syn-steps", "2",
+                     "--method", "tesla", "--label-strategy", "sla", "--iterations", "3", "--syn-steps", "2",
                      "--match-epochs", "1", "--max-start-epoch", "1", "--eval-epochs", "2",
                      "--eval-models", "2", "--out", str(tmp / "run"), "--no-progress"]) == 0
     return tmp / "run"
@@ -39,13 +40,11 @@ def test_release_copies_the_set_and_writes_its_card_line(run, tmp_path):
     synthetic = load_synthetic(out)
     revision = synthetic.header["provenance"]["git_revision"]
     (line,) = [t for t in card.splitlines() if t.startswith("| `digits-ipc1` |")]
-    from tesla_func.results import load_results
-
     log = load_results(run / "log.nc")
     accuracy = (f"{100 * float(log['eval_accuracy_mean'][-1]):.1f} ± "
                 f"{100 * float(log['eval_accuracy_std'][-1]):.1f} %")
     for text in ("| digits | 1 | tesla, sla |", "3 iterations of T = 2 student steps",
-                 f"`{revision}`", accuracy, "2 × ConvNet-3 width 8 (instance) trained 2 epochs",
+                 f"`{revision}`", accuracy, "2 × ConvNet-2 width 8 (instance) trained 2 epochs",
                  f"lr {synthetic.lr:.3g}"):
         assert text in line, text
     assert card.startswith("# Distilled sets") and "| set | dataset | IPC |" in card
