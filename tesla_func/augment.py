@@ -51,7 +51,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from kornia.geometry.transform import get_affine_matrix2d, hflip, warp_affine
 from torch import Tensor
 
 FAMILIES: tuple[str, ...] = ("color", "crop", "cutout", "flip", "scale", "rotate")
@@ -236,6 +235,10 @@ def _color(dsa: DSA, x: Tensor, v: Mapping[str, Tensor]) -> Tensor:
 
 def _warp(x: Tensor, matrix: Tensor, mode: str = "bilinear") -> Tensor:
     """kornia warp with a (B, 2, 3) pixel-space matrix, zero fill outside the image."""
+    # kornia is imported where used: it costs 0.3 s at start-up, which commands that only build
+    # configs (``tesla-func --help``) would pay; once loaded, the import is a dict lookup
+    from kornia.geometry.transform import warp_affine
+
     h, w = x.shape[-2:]
     return warp_affine(x, matrix, (h, w), mode=mode, padding_mode="zeros", align_corners=True)
 
@@ -248,6 +251,8 @@ def _affine(
     angle: Tensor | None = None,
 ) -> Tensor:
     """(B, 2, 3) pixel matrix about the image centre: shift (B, 2), scale (B, 2), angle (B,) deg."""
+    from kornia.geometry.transform import get_affine_matrix2d  # where used: see _warp
+
     b, (h, w) = x.shape[0], x.shape[-2:]
     zeros2 = x.new_zeros(b, 2)
     centre = x.new_tensor([(w - 1) / 2, (h - 1) / 2]).expand(b, 2)
@@ -283,6 +288,8 @@ def _cutout(dsa: DSA, x: Tensor, v: Mapping[str, Tensor]) -> Tensor:
 
 
 def _flip(dsa: DSA, x: Tensor, v: Mapping[str, Tensor]) -> Tensor:
+    from kornia.geometry.transform import hflip  # where used: see _warp
+
     return torch.where(_per_sample(v["flip"]), hflip(x), x)
 
 

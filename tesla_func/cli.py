@@ -52,8 +52,6 @@ from tesla_func.planner import (
     plan_markdown,
     plan_records,
 )
-from tesla_func.plots import plot_synthetic
-from tesla_func.results import save_results
 from tesla_func.sampling import per_class_indices
 from tesla_func.synthetic import load_synthetic
 
@@ -194,6 +192,8 @@ def _evaluation_set(args: argparse.Namespace):
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    from tesla_func.results import save_results  # where used: xarray and pandas cost 0.6 s
+
     with torchrun_group(args.device or EvalConfig().device, args.group_timeout) as group:
         with together(group):  # a rank that cannot read the set stops every rank
             images, labels, lr, dataset = _evaluation_set(args)
@@ -234,6 +234,10 @@ def _add_show_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_show(args: argparse.Namespace) -> int:
+    # where used: seaborn and matplotlib (through plots) cost 1-2 s at start-up, which every
+    # command and `tesla-func --help` would pay
+    from tesla_func.plots import plot_synthetic
+
     out = Path(args.out) if args.out else Path(args.synthetic).with_suffix(".png")
     plot_synthetic(args.synthetic, out, root=args.root, max_classes=args.max_classes,
                    max_per_class=args.max_per_class)

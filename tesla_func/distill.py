@@ -78,9 +78,7 @@ from tesla_func.labels import LabelInputs, label_drift, teacher_logits
 from tesla_func.matching import match_trajectory
 from tesla_func.models import ConvNet
 from tesla_func.optim import SGDState, sgd
-from tesla_func.plots import plot_synthetic
 from tesla_func.provenance import provenance
-from tesla_func.results import make_results, save_results
 from tesla_func.sampling import draw_minibatches
 from tesla_func.synthetic import SyntheticSet, snapshot_path
 
@@ -359,6 +357,10 @@ class Distiller:
 
     def log_results(self):
         """The per-iteration log and the evaluations as one xarray Dataset."""
+        # where used: xarray and pandas cost 0.6 s at start-up, which every importer of
+        # DistillConfig's module (the CLI's flags, `tesla-func --help`) would pay
+        from tesla_func.results import make_results
+
         s, cfg = self.state, self.cfg
         data = {name: (("iteration",), np.asarray(s.log[name], dtype=np.float64))
                 for name in LOG_FIELDS}
@@ -396,6 +398,10 @@ class Distiller:
         ``out_dir/log.nc`` (on several ranks: rank 0 writes, and every rank returns the whole
         set). A resumed run rewrites the snapshots after its checkpoint with the same bits.
         """
+        # where used: seaborn and matplotlib (through plots) and xarray cost 2 s at start-up
+        from tesla_func.plots import plot_synthetic
+        from tesla_func.results import save_results
+
         cfg, s = self.cfg, self.state
         self.out.mkdir(parents=True, exist_ok=True)
         last = cfg.iterations if stop_after is None else min(cfg.iterations, stop_after)

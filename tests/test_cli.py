@@ -289,3 +289,17 @@ def test_installed_entry_point_killed_and_rerun_ends_bitwise_as_an_uninterrupted
         x, y = getattr(a, name), getattr(b, name)
         assert torch.equal(x, y), f"{name} differ by up to {float((x - y).abs().max())}"
     assert a.lr == b.lr
+
+
+def test_importing_the_cli_loads_no_plotting_tables_or_kornia():
+    """`tesla-func --help` builds every command's flags, so whatever `tesla_func.cli` imports is
+    paid before any work: seaborn, matplotlib, xarray, pandas and kornia (2.3 s together) are
+    imported only where they are used."""
+    import subprocess
+    import sys
+
+    heavy = ("seaborn", "matplotlib", "xarray", "pandas", "kornia", "scipy")
+    code = ("import sys, tesla_func.cli; "
+            f"print(' '.join(m for m in {heavy!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == []
