@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 
 from tesla_func import distributed
 from tesla_func.augment import DSA
-from tesla_func.data import Dataset, check_same_dataset, load_dataset_like
+from tesla_func.data import Dataset, DatasetShape, check_same_dataset, load_dataset_like
 from tesla_func.distill_config import IMAGE_INITS, DistillConfig  # noqa: F401 (re-exported)
 from tesla_func.distill_state import (
     CLASS_LOG_FIELDS,
@@ -78,6 +78,7 @@ from tesla_func.labels import LabelInputs, label_drift, teacher_logits
 from tesla_func.matching import match_trajectory
 from tesla_func.models import ConvNet
 from tesla_func.optim import SGDState, sgd
+from tesla_func.planner.auto import KeepChoice, RunShape, choose_keep_graphs
 from tesla_func.provenance import provenance
 from tesla_func.sampling import draw_minibatches
 from tesla_func.synthetic import SyntheticSet, snapshot_path
@@ -183,6 +184,7 @@ class Distiller:
         if self.set_ranks.shard is not None:
             self.classes = self.classes[self.set_ranks.shard]  # (N_r,) classes of this rank's rows
         self.last_eval: EvalResult | None = None  # the latest evaluation this process made
+        self.keep_choice: KeepChoice | None = None  # keep_graphs auto, once chosen
         checkpoint = self.out / CHECKPOINT
         self.state = (
             load_checkpoint(checkpoint, cfg.to_dict(), self.device, self.set_ranks.shard)
@@ -268,7 +270,7 @@ class Distiller:
             self.model, expert.params[t], expert.params[target_epoch], s.images,
             labels, beta, [b.to(self.device) for b in batches],
             method=cfg.method, augment=augment, state_stride=cfg.state_stride,
-            keep_graphs=cfg.keep_graphs, microbatch_size=cfg.microbatch_size, group=self.group,
+            keep_graphs=self.keep_graphs(), microbatch_size=cfg.microbatch_size, group=self.group,
         )
         lr_grad = res.beta_grad * beta  # dL/dlog(beta)
         grads = {"images": res.images_grad, "label_logits": res.labels_grad, "log_lr": lr_grad}
@@ -302,6 +304,27 @@ class Distiller:
         )):
             s.log[name].append(value)
         s.log["class_count"].append(counts.tolist())
+
+    def keep_graphs(self) -> int:
+        """The k every matching call of this run keeps: the config's, or for "auto" the one chosen
+        at the first call (:func:`tesla_func.planner.auto.choose_keep_graphs`: the largest k whose
+        iteration fits the device's free memory or ``memory_budget``; on several ranks, the
+        smallest of their choices)."""
+        cfg = self.cfg
+        if cfg.keep_graphs != "auto":
+            return cfg.keep_graphs
+        if self.keep_choice is None:
+            n, channels, side, _ = self.state.images.shape
+            k = self.dataset.info.num_classes
+            run = RunShape(distill=cfg, shape=DatasetShape(channels, side, k, 0), model=self.model,
+                           num_images=self.n, torch_dtype=self.state.images.dtype)
+            choice = choose_keep_graphs(run, cfg.method, cfg.syn_steps, self.device,
+                                        memory_budget=cfg.memory_budget)
+            if self.group is not None:  # every rank must call with the same k
+                keep = int(-distributed.max_float(self.group, -choice.keep))
+                choice = dataclasses.replace(choice, keep=keep)
+            self.keep_choice = choice
+        return self.keep_choice.keep
 
     def synthetic_set(self) -> SyntheticSet:
         """The whole set (on several ranks: gathered, on every rank; every rank must call it)."""
@@ -377,9 +400,11 @@ class Distiller:
             "class": np.arange(k),
             "class_name": (("class",), list(self.dataset.info.class_names)),
         }
+        keep = ({"keep_graphs": cfg.keep_graphs, "keep_graphs_requested": cfg.keep_graphs}
+                if self.keep_choice is None else self.keep_choice.attrs())
         return make_results(data, coords, config=cfg, seed=cfg.seed, device=cfg.device,
                             skipped_updates=s.skipped, method=cfg.method,
-                            label_strategy=cfg.label_strategy, ipc=cfg.ipc)
+                            label_strategy=cfg.label_strategy, ipc=cfg.ipc, **keep)
 
     def snapshot(self) -> Path:
         """Write the set as it is now to ``snapshot_path(out_dir, iteration)`` (atomically)."""
@@ -407,8 +432,11 @@ class Distiller:
         last = cfg.iterations if stop_after is None else min(cfg.iterations, stop_after)
         if cfg.snapshot_every and s.iteration == 0:
             self.snapshot()
+        keep = self.keep_graphs()
+        if self.keep_choice is not None and self.progress:
+            tqdm.write(self.keep_choice.describe())
         bar = tqdm(total=cfg.iterations, initial=s.iteration, unit="it",
-                   desc=f"distill {cfg.method}/{cfg.label_strategy} ipc{cfg.ipc}",
+                   desc=f"distill {cfg.method}/{cfg.label_strategy} ipc{cfg.ipc} k{keep}",
                    disable=not self.progress)
         while s.iteration < last:
             self.step()

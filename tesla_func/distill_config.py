@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from tesla_func.configargs import check_choice, check_int, check_non_negative
 from tesla_func.labels import LABEL_STRATEGIES, LabelStrategy
 from tesla_func.matching import METHODS
+from tesla_func.memory import parse_bytes
 
 IMAGE_INITS = ("real", "noise")
 
@@ -41,9 +42,13 @@ class DistillConfig:
     # the same result up to rounding, with about one microbatch's graph in memory)
     microbatch_size: int | None = None
     # the last k student steps keep their first-pass graphs: one step graph of memory each, for
-    # one step rebuild (a forward and a backward) fewer; 0: constant memory (tesla and exact;
-    # unrolled ignores it; the gradient does not depend on k)
-    keep_graphs: int = 0
+    # one step rebuild (a forward and a backward) fewer; 0: constant memory; auto: the largest k
+    # whose iteration fits the free device memory (or memory_budget), chosen once at the start
+    # and logged (tesla and exact; unrolled ignores it; the gradient does not depend on k)
+    keep_graphs: int | str = "auto"
+    # keep_graphs auto: the memory an iteration may add on the device, e.g. "8GB" (None: 80 %
+    # of the free memory on CPU, 90 % on CUDA)
+    memory_budget: str | None = None
     lr_img: float = 1000.0  # SGD lr of the images
     # SGD lr of log(beta) (beta = exp(log_beta) stays positive). A raw-beta lr r (the papers'
     # lr_lr, 1e-7..1e-5) is about r / beta^2 here: 0.1..10 for beta = 0.01..0.001.
@@ -72,7 +77,16 @@ class DistillConfig:
         check_int(self, "ipc", "iterations", "syn_steps", "match_epochs", "max_start_epoch",
                   "state_stride", "eval_epochs", "eval_models", "save_every")
         check_int(self, "batch_syn", "microbatch_size", optional=True)
-        check_int(self, "keep_graphs", "eval_every", "snapshot_every", low=0)
+        check_int(self, "eval_every", "snapshot_every", low=0)
+        keep = self.keep_graphs
+        if keep != "auto" and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 0):
+            raise ValueError(f"DistillConfig.keep_graphs must be 'auto' or an int >= 0, got "
+                             f"{keep!r}")
+        if self.memory_budget is not None:
+            try:
+                parse_bytes(self.memory_budget)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"DistillConfig.memory_budget: {err}") from err
         check_choice(self, "method", METHODS)
         check_choice(self, "label_strategy", LABEL_STRATEGIES)
         check_choice(self, "image_init", IMAGE_INITS)

@@ -371,7 +371,7 @@ def test_a_checkpoint_from_before_a_new_field_resumes_at_its_default(tmp_path, e
     del header["config"]["keep_graphs"]
     save_tensors(path, tensors, header)
     assert make(config(experts_dir), tmp_path, digits, experts).state.iteration == 2
-    with pytest.raises(ValueError, match=r"keep_graphs: saved 0 vs now 2"):
+    with pytest.raises(ValueError, match=r"keep_graphs: saved .auto. vs now 2"):
         make(config(experts_dir, keep_graphs=2), tmp_path, digits, experts)
 
 
@@ -409,7 +409,7 @@ def test_keep_graphs_reaches_the_matching_and_leaves_the_set_alone(tmp_path, exp
         (dict(syn_steps=0), "syn_steps must be a positive int"),
         (dict(iterations=0), "iterations must be a positive int"),
         (dict(state_stride=0), "state_stride must be a positive int"),
-        (dict(keep_graphs=-1), "keep_graphs must be an int >= 0"),
+        (dict(keep_graphs=-1), "keep_graphs must be .auto. or an int >= 0"),
         (dict(microbatch_size=0), "microbatch_size must be None or a positive int"),
         (dict(method="adjoint"), "method 'adjoint' is unknown"),
         (dict(label_strategy="soft"), "label_strategy 'soft' is unknown"),
@@ -608,3 +608,29 @@ def test_load_synthetic_refuses_other_files(tmp_path, experts_dir, digits, exper
         load_synthetic(truncated)
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         load_synthetic(tmp_path / "missing.safetensors")
+
+
+def test_keep_graphs_auto_is_chosen_once_and_logged(tmp_path, experts_dir, digits, experts,
+                                                    monkeypatch, capsys):
+    """The default keep_graphs "auto" picks k once per run (tesla_func/planner/auto.py: here
+    against memory_budget, T = 3), every call receives it, and the run says which: on its
+    progress line and in log.nc."""
+    seen, real = [], distill_module.match_trajectory
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["keep_graphs"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill_module, "match_trajectory", spy)
+    for budget, keep in (("1B", 0), ("1TB", 3)):
+        cfg = config(experts_dir, method="exact", memory_budget=budget, iterations=2)
+        assert cfg.keep_graphs == "auto"
+        distiller = Distiller(cfg, tmp_path / budget, progress=True, dataset=digits,
+                              experts=experts)
+        distiller.run()
+        assert distiller.keep_choice.keep == keep
+        log = load_results(tmp_path / budget / "log.nc")
+        assert log.attrs["keep_graphs"] == keep and log.attrs["keep_graphs_requested"] == "auto"
+        assert log.attrs["keep_graphs_memory"] == "memory_budget"
+        assert f"keep_graphs auto: k = {keep} of T = 3 for exact" in capsys.readouterr().out
+    assert seen == [0, 0, 3, 3]
