@@ -268,7 +268,7 @@ class Distiller:
             drift, counts = summed[0] / self.n, torch.tensor(summed[1:], dtype=torch.float64)
         res = match_trajectory(
             self.model, expert.params[t], expert.params[target_epoch], s.images,
-            labels, beta, [b.to(self.device) for b in batches],
+            labels, beta, _on_device(batches, self.device),
             method=cfg.method, augment=augment, state_stride=cfg.state_stride,
             keep_graphs=self.keep_graphs(), microbatch_size=cfg.microbatch_size, group=self.group,
         )
@@ -277,7 +277,7 @@ class Distiller:
         checked = [res.loss, res.images_grad, lr_grad]
         if self.strategy.learns_logits:
             checked.append(res.labels_grad)
-        finite = self.set_ranks.all_true(all(bool(torch.isfinite(x).all()) for x in checked))
+        finite = self.set_ranks.all_true(_all_finite(checked))
         if finite:
             if cfg.lr_grad_clip is not None:
                 grads["log_lr"] = lr_grad.clamp(-cfg.lr_grad_clip, cfg.lr_grad_clip)
@@ -285,8 +285,7 @@ class Distiller:
             learned, momentum = self.optimizer.update(
                 learned, {k: grads[k] for k in learned}, s.momentum, self.lrs
             )
-            finite = self.set_ranks.all_true(
-                all(bool(torch.isfinite(v).all()) for v in learned.values()))
+            finite = self.set_ranks.all_true(_all_finite(learned.values()))
         if finite:  # commit only a finite update: inf images would stop the next iteration
             s.momentum = momentum
             s.images = learned.get("images", s.images)
@@ -314,7 +313,7 @@ class Distiller:
         if cfg.keep_graphs != "auto":
             return cfg.keep_graphs
         if self.keep_choice is None:
-            n, channels, side, _ = self.state.images.shape
+            _, channels, side, _ = self.state.images.shape
             k = self.dataset.info.num_classes
             run = RunShape(distill=cfg, shape=DatasetShape(channels, side, k, 0), model=self.model,
                            num_images=self.n, torch_dtype=self.state.images.dtype)
@@ -462,6 +461,19 @@ class Distiller:
                 plot_synthetic(synthetic, self.out / "synthetic.png", dataset=self.dataset)
             self.set_ranks.barrier()  # every rank returns once the files are there
         return synthetic
+
+
+def _all_finite(tensors) -> bool:
+    """Whether every entry of every tensor is finite, in one read of the device."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def _on_device(batches: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """The T index batches on ``device`` in one copy (one host-to-device copy waits for the
+    queued kernels on CUDA: T of them otherwise)."""
+    if all(b.device == device for b in batches):
+        return list(batches)
+    return list(torch.cat(batches).to(device).split([len(b) for b in batches]))
 
 
 def distill(cfg: DistillConfig, out_dir: str | Path, **kwargs: Any) -> SyntheticSet:

@@ -398,7 +398,7 @@ def _auto_keep_graphs(model, images, labels, batches, method, augment, state_str
     if augment is not None and not isinstance(augment, ReplayedDSA):
         raise ValueError("keep_graphs='auto' plans the augmentation as DSA (a ReplayedDSA from "
                          "DSA().replayable) or none; pass keep_graphs=k for another augment")
-    n, channels, height, width = images.shape
+    n, channels, height, _ = images.shape
     soft = isinstance(labels, Tensor) and labels.is_floating_point()
     sizes = [len(b) for b in batches]
     run = RunShape(

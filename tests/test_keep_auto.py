@@ -36,9 +36,9 @@ def _problem(dtype=torch.float64, steps=STEPS):
     images = torch.randn(12, 1, 8, 8, generator=gen, dtype=dtype)
     batches = [torch.randperm(12, generator=gen)[:6] for _ in range(steps)]
     augment = DSA().replayable([6] * steps, gen, dtype=dtype)
-    return dict(model=model, start=start, target=target, images=images,
-                labels=torch.arange(12) % 3, beta=torch.tensor(0.05, dtype=dtype),
-                batches=batches, augment=augment)
+    return {"model": model, "start": start, "target": target, "images": images,
+            "labels": torch.arange(12) % 3, "beta": torch.tensor(0.05, dtype=dtype),
+            "batches": batches, "augment": augment}
 
 
 def _run_shape(args) -> RunShape:
