@@ -39,6 +39,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,7 @@ class KeepChoice:
     free_bytes: int | None  # the device's free memory (None: a budget was given)
     source: str  # where room came from: "memory_budget", "cuda mem_get_info", "MemAvailable"
     fits: bool = True  # False: not even k = 0 fits the room (k = 0 is taken anyway)
+    seconds: float = 0.0  # what the choice took (measuring the line, the first time per shape)
 
     def describe(self) -> str:
         """One line for the run's log."""
@@ -109,7 +111,8 @@ class KeepChoice:
                       f"{format_bytes(self.free_bytes)} free ({self.source})")
         verdict = "" if self.fits else " (not even k = 0 fits: constant memory anyway)"
         return (f"keep_graphs auto: k = {self.keep} of T = {self.steps} for {self.method}, "
-                f"predicted peak {format_bytes(self.peak_bytes)} in {where}{verdict}")
+                f"predicted peak {format_bytes(self.peak_bytes)} in {where}{verdict} "
+                f"(chosen in {self.seconds:.1f} s)")
 
     @property
     def fraction(self) -> float:
@@ -120,7 +123,7 @@ class KeepChoice:
         return {"keep_graphs": self.keep, "keep_graphs_requested": AUTO,
                 "keep_graphs_peak_bytes": self.peak_bytes,
                 "keep_graphs_room_bytes": self.room_bytes,
-                "keep_graphs_memory": self.source}
+                "keep_graphs_memory": self.source, "keep_graphs_choice_s": self.seconds}
 
 
 def free_memory(device: str | torch.device) -> tuple[int, str]:
@@ -179,6 +182,7 @@ def choose_keep_graphs(
     """
     if not METHODS[method].takes_keep_graphs:
         return KeepChoice(0, steps, method, 0, 0, None, "method")
+    tic = time.perf_counter()
     device = torch.device(device)
     predictor = _LINES.get(run, device)
     after = max(update_peak_bytes(run), teacher_peak_bytes(run)) if transient else 0  # type: ignore[arg-type]
@@ -193,6 +197,7 @@ def choose_keep_graphs(
     if limit.keep is None:  # not even the constant-memory call fits: it is still the best bet
         cost = predictor.call(method, steps, keep=0)[0]
         return KeepChoice(0, steps, method, inputs + max(cost.peak_bytes, after), room, free,
-                          source, fits=False)
+                          source, fits=False, seconds=time.perf_counter() - tic)
     peak = inputs + max(limit.cost.peak_bytes, after)
-    return KeepChoice(limit.keep, steps, method, peak, room, free, source)
+    return KeepChoice(limit.keep, steps, method, peak, room, free, source,
+                      seconds=time.perf_counter() - tic)
