@@ -1,25 +1,41 @@
 """The paper's label ablation: hard labels vs SLA (teacher at the target checkpoint) vs SLA (teacher
-at the last epoch) vs learned label logits, plus SLA alone on frozen real images.
+at the last epoch) vs learned label logits, plus SLA alone on frozen real images, each over
+several distillation seeds.
 
     python experiments/ablate_labels.py                  # small CPU default (Fashion-MNIST)
     python experiments/ablate_labels.py --preset paper   # CIFAR-10 scale, for a GPU
-    python experiments/ablate_labels.py --ipcs 1 --distill.iterations 50 --label-strategies hard sla
+    python experiments/ablate_labels.py --ipcs 1 --seeds 0 1 2 3 --label-strategies hard sla
 
-Trains (or reuses, from ./cache) the experts, distils one synthetic set per (label strategy, IPC)
-from the same seed, and evaluates it every ``eval_every`` iterations on the validation split (a
-fixed part of the training set that neither experts nor distillation see) and on the test set.
-The iteration reported is the one with the best validation accuracy so far; the test set only
-gives the number at that iteration. The paper-style best test accuracy over the run stays beside
-it, labelled as selected on test. A random-real-subset baseline of the same size is trained in
-the same protocol. Writes results/ablate_labels/ablate_labels.{nc,png,md}, and from the
-saved runs: ablate_labels_drift.png (how far each strategy's teacher labels drift from the classes
-the images started in, and how many images each class keeps: the SLA collapse, measured),
-ablate_labels_sets.png (the hard, SLA and learned-logit sets at the largest IPC, side by side) and
-ablate_labels_strip.png (the learned-logit set's first image of each class at a few iterations).
+Trains (or reuses, from ./cache) the experts, distils one synthetic set per (label strategy, IPC,
+seed of ``seeds``) from the same experts, and evaluates each set once, at the last iteration, on
+the validation split (a fixed part of the training set that neither experts nor distillation
+see) and on the test set. A seed sets the initial real images, the expert / start-epoch /
+minibatch / DSA draws and the evaluation networks. The table reports each row's test accuracy as
+mean +- std ACROSS SEEDS (sample std, ddof 1) and says which differences exceed that spread
+(|mean difference| > the sum of the two rows' stds: a plain, conservative rule for three seeds).
+A random-real-subset baseline of the same size (each seed's initial images) is trained in the
+same protocol.
 
-The default is a *reduced* protocol (ConvNet width 32, a few experts of a few epochs, a few
-hundred evaluation epochs): its numbers are for comparing strategies with each other, not with
-the published anchors.
+Why the last iteration: a single run's rows move by up to 4 points with the CPU model alone
+(rounding amplified by distillation), so choosing an iteration on validation would pick among
+differences of that size; with several seeds the honest number is each seed's set at the end of
+its run, the same rule for every strategy. The validation accuracy is kept beside it.
+
+Writes results/ablate_labels/ablate_labels.{nc,png,md}, and from the saved runs:
+ablate_labels_drift.png (how far each strategy's teacher labels drift from the classes the
+images started in, mean +- std over seeds, and for the first seed how many images each class
+keeps: the SLA collapse, measured), ablate_labels_sets.png (the first seed's hard, SLA and
+learned-logit sets at the largest IPC, side by side) and ablate_labels_strip.png (its
+learned-logit set's first image of each class at a few iterations).
+
+The default is a *reduced* protocol (ConvNet width 32, two experts of four epochs, 40
+iterations of T = 20, one evaluation network of 100 epochs per seed): its numbers compare
+strategies with each other, not with the published anchors. To fit three seeds in the budget,
+each set is evaluated once (no intermediate evaluation) with one network per seed: the spread
+across seeds then also holds the evaluation network's. Cost on the 2-core CPU with one thread,
+measured piecewise with other jobs sharing it: the experts 9 minutes, each of the 30 runs
+25-45 s (0.45-0.9 s an iteration, 6-9 s of evaluation), the baselines 1 minute: about 27
+minutes from scratch, 18 with the experts cached; less on an idle CPU.
 """
 
 from __future__ import annotations
@@ -46,9 +62,9 @@ from tesla_func.experiment import (
 )
 from tesla_func.experts import ExpertConfig
 from tesla_func.labels import LABEL_STRATEGIES
-from tesla_func.plots import plot_accuracy_vs_iteration, plot_experiment_sets, plot_image_strip
+from tesla_func.plots import plot_bar, plot_experiment_sets, plot_image_strip
 from tesla_func.plots.style import STYLE, save_png, variable
-from tesla_func.results import load_results, make_results, markdown_table, percent
+from tesla_func.results import exceeds_spread, load_results, make_results, markdown_table, spread
 
 NAME = "ablate_labels"
 SETS_SHOWN = ("hard", "sla", "learned")  # the sets figure: these strategies at the largest IPC
@@ -58,11 +74,11 @@ STRIP = ("learned", "hard")  # the strip figure: the first of these that ran, at
 @dataclass(frozen=True)
 class AblateLabelsConfig:
     # experts (cached under ./cache). Kept small so that the whole default, expert training
-    # included, runs from a fresh checkout in about 12 minutes on a 2-core CPU; the last epoch
-    # is sla-last's teacher.
+    # included, runs from a fresh checkout in 20-30 minutes on a 2-core CPU; the last epoch is
+    # sla-last's teacher.
     experts: ExpertConfig = ExpertConfig(dataset="fashion-mnist", num_experts=2, epochs=4, width=32)
-    # distillation (docs/reference.md section 4, scaled down); method and seed are shared by
-    # every run, ipc / label_strategy / batch_syn / experts_dir are set per run
+    # distillation (docs/reference.md section 4, scaled down); method is shared by every run,
+    # ipc / label_strategy / seed / batch_syn / experts_dir are set per run
     distill: DistillConfig = DistillConfig(
         iterations=40,
         syn_steps=20,
@@ -72,15 +88,20 @@ class AblateLabelsConfig:
         lr_lr=1.0,
         lr_grad_clip=0.5,
         lr_labels=5.0,
-        eval_every=20,  # iterations between evaluations (the curve's resolution)
-        eval_epochs=100,  # evaluation protocol, reduced: fewer epochs and models
-        eval_models=2,
+        eval_every=0,  # evaluated once, at the last iteration
+        eval_epochs=100,  # evaluation protocol, reduced: fewer epochs, one network per seed
+        eval_models=1,
         snapshot_every=10,  # snapshots of the images for the strip figure
     )
     ipcs: tuple[int, ...] = (1, 10)  # images per class
     label_strategies: tuple[str, ...] = tuple(LABEL_STRATEGIES)  # strategies compared
+    seeds: tuple[int, ...] = (0, 1, 2)  # distillation seeds, one run each per strategy and IPC
     batch_syn_max: int = 20  # batch_syn = min(ipc * classes, this)
     threads: int = 0  # torch CPU threads on the command-line path; 0 = torch's default
+
+    def __post_init__(self) -> None:
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
 
 
 PRESETS = {
@@ -105,114 +126,121 @@ PRESETS = {
 }
 
 
+RANDOM_REAL = "random real"  # the baseline's entry in the `set` dim
+
+
 def main(cfg: AblateLabelsConfig) -> xr.Dataset:
     base = cfg.distill
     experts_dir = ensure_experts(cfg.experts, device=base.device)
     dataset = load_dataset(cfg.experts.dataset)  # loaded once, shared by every run
-    points = sorted(
-        {*range(base.eval_every, base.iterations, base.eval_every), base.iterations}
-        if base.eval_every
-        else {base.iterations}
-    )
-    shape = (len(cfg.label_strategies), len(cfg.ipcs), len(points))
-    measured = {f: np.full(shape, np.nan) for f in ("accuracy_mean", "accuracy_std",
-                                                     "val_accuracy_mean", "val_accuracy_std")}
-    baseline = np.full((len(cfg.ipcs), 2), np.nan)
+    names = (*cfg.label_strategies, RANDOM_REAL)
+    shape = (len(names), len(cfg.ipcs), len(cfg.seeds))
+    accuracy, val = np.full(shape, np.nan), np.full(shape, np.nan)
+    runs = (len(cfg.label_strategies), *shape[1:])
+    beta = np.full(runs, np.nan)
     k = dataset.info.num_classes
-    drift = np.full((*shape[:2], base.iterations), np.nan)  # per distillation iteration
-    counts = np.full((*shape[:2], base.iterations, k), np.nan)
+    drift = np.full((*runs, base.iterations), np.nan)  # per distillation iteration
+    counts = np.full((*runs, base.iterations, k), np.nan)
     sets, strip = {}, {}
     for j, ipc in enumerate(cfg.ipcs):
-        for i, strategy in enumerate(cfg.label_strategies):
-            run = distill_run(base, experts_dir, ipc=ipc, batch_syn_max=cfg.batch_syn_max,
-                              num_classes=dataset.info.num_classes, label_strategy=strategy)
-            distiller = distill_cached(run, dataset)
-            evals = distiller.state.evals
-            for e, it in enumerate(evals["iteration"]):
-                for f, values in measured.items():
-                    values[i, j, points.index(int(it))] = evals[f][e]
-            log = distiller.state.log
-            drift[i, j], counts[i, j] = log["label_drift"], log["class_count"]
-            sets[f"{strategy}, IPC {ipc}"] = str(distiller.out / "synthetic.safetensors")
-            strip[strategy, ipc] = str(distiller.out)
-        result = random_real_baseline(dataset, ipc, distiller.protocol(lr=0.01), base.seed)
-        baseline[j] = result.mean, result.std
-    chosen = selected_so_far(measured["val_accuracy_mean"])  # index of the chosen evaluation
-    selected = np.take_along_axis(measured["accuracy_mean"], chosen, axis=-1)
-    selected_std = np.take_along_axis(measured["accuracy_std"], chosen, axis=-1)
-    best_on_test = np.fmax.accumulate(np.nan_to_num(measured["accuracy_mean"], nan=-np.inf), -1)
-    dims = ("label_strategy", "ipc", "iteration")
-    logged = ("label_strategy", "ipc", "log_iteration")
+        for s, seed in enumerate(cfg.seeds):
+            for i, strategy in enumerate(cfg.label_strategies):
+                run = distill_run(base, experts_dir, ipc=ipc, batch_syn_max=cfg.batch_syn_max,
+                                  num_classes=k, label_strategy=strategy, seed=seed)
+                distiller = distill_cached(run, dataset)
+                evals = distiller.state.evals  # the last one is of the final set
+                accuracy[i, j, s] = evals["accuracy_mean"][-1]
+                val[i, j, s] = evals["val_accuracy_mean"][-1]
+                log = distiller.state.log
+                beta[i, j, s] = log["lr"][-1]
+                drift[i, j, s], counts[i, j, s] = log["label_drift"], log["class_count"]
+                if s == 0:
+                    sets[f"{strategy}, IPC {ipc}"] = str(distiller.out / "synthetic.safetensors")
+                    strip[strategy, ipc] = str(distiller.out)
+            # the seed's initial images, trained with the experts' lr in the same protocol
+            result = random_real_baseline(dataset, ipc, distiller.protocol(lr=distiller.beta0),
+                                          seed)
+            accuracy[-1, j, s] = result.mean
     strip_run = next((strip[s, max(cfg.ipcs)] for s in STRIP if (s, max(cfg.ipcs)) in strip),
                      None)
+    logged = ("label_strategy", "ipc", "seed", "log_iteration")
     fraction = {"units": "fraction"}
     return make_results(
         {
-            "accuracy": (dims, measured["accuracy_mean"], {**fraction, "long_name":
-                         "test accuracy of the set at this iteration"}),
-            "accuracy_std": (dims, measured["accuracy_std"], fraction),
-            "val_accuracy": (dims, measured["val_accuracy_mean"], {**fraction, "long_name":
-                             "validation accuracy of the set at this iteration"}),
-            "val_accuracy_std": (dims, measured["val_accuracy_std"], fraction),
-            "selected_iteration": (dims, np.asarray(points)[chosen], {"long_name":
-                                   "iteration chosen on validation among those evaluated so far"}),
-            "selected_accuracy": (dims, selected, {**fraction, "long_name":
-                                  "test accuracy at the iteration chosen on validation"}),
-            "selected_accuracy_std": (dims, selected_std, fraction),
-            "best_on_test": (dims, best_on_test, {**fraction, "long_name":
-                             "best test accuracy so far (paper-style: selected on test)"}),
-            "random_real_accuracy": (("ipc",), baseline[:, 0], fraction),
-            "random_real_accuracy_std": (("ipc",), baseline[:, 1], fraction),
+            "accuracy": (("set", "ipc", "seed"), accuracy, {**fraction, "long_name":
+                         "test accuracy of the seed's final set (mean over its evaluation "
+                         "networks)"}),
+            "val_accuracy": (("set", "ipc", "seed"), val, {**fraction, "long_name":
+                             "validation accuracy of the seed's final set"}),
+            "beta": (("label_strategy", "ipc", "seed"), beta, {"long_name": "final beta"}),
             "label_drift": (logged, drift, {
                 **fraction, "long_name": "images whose teacher label is not their starting class"}),
             "class_count": ((*logged, "class"), counts,
                             {"long_name": "images per class by teacher label"}),
         },
-        coords={"label_strategy": list(cfg.label_strategies), "ipc": list(cfg.ipcs),
-                "iteration": points, "log_iteration": np.arange(1, base.iterations + 1),
+        coords={"set": list(names), "label_strategy": list(cfg.label_strategies),
+                "ipc": list(cfg.ipcs), "seed": list(cfg.seeds),
+                "log_iteration": np.arange(1, base.iterations + 1),
                 "class": np.arange(k), "class_name": (("class",), list(dataset.info.class_names))},
         config=cfg,
-        seed=base.seed,
+        seed=cfg.seeds[0],
         device=base.device,
         experts_dir=str(experts_dir),
-        synthetic_sets=sets,  # panel title -> the run's synthetic.safetensors (the sets figure)
+        synthetic_sets=sets,  # panel title -> the first seed's synthetic.safetensors
         strip_run=strip_run,  # the run folder whose snapshots the strip figure shows
         protocol="reduced" if cfg != PRESETS["paper"] else "paper",
     )
 
 
-def selected_so_far(val: np.ndarray) -> np.ndarray:
-    """For each iteration (last axis), the index of the evaluation with the best validation
-    accuracy among those up to it (the earliest on ties; NaN = not evaluated, never chosen)."""
-    filled = np.nan_to_num(val, nan=-np.inf)
-    best = np.maximum.accumulate(filled, axis=-1)
-    first_at_best = np.zeros(val.shape, dtype=np.int64)
-    for k in range(1, val.shape[-1]):
-        improved = filled[..., k] > best[..., k - 1]
-        first_at_best[..., k] = np.where(improved, k, first_at_best[..., k - 1])
-    return first_at_best
-
-
 def table(ds: xr.Dataset) -> str:
-    """Markdown: per strategy and IPC, the test accuracy at the iteration chosen on validation
-    (that iteration), and the paper-style best test accuracy over the run, labelled as such."""
-    header = ["label strategy"]
+    """Markdown: per set and IPC, the test accuracy of the final sets, mean +- std across seeds,
+    and every seed's number."""
+    header = ["labels"]
     for ipc in ds.ipc.values:
-        header += [f"IPC {ipc}: test at val-chosen it.", f"IPC {ipc}: best on test (paper)"]
+        header += [f"IPC {ipc}", f"IPC {ipc}, seeds {', '.join(map(str, ds.seed.values))}"]
     rows = []
-    for strategy in ds.label_strategy.values:
-        row = [str(strategy)]
+    for name in ds.set.values:
+        row = [str(name) + (" (same count)" if name == RANDOM_REAL else "")]
         for ipc in ds.ipc.values:
-            final = ds.sel(label_strategy=strategy, ipc=ipc).isel(iteration=-1)
-            row += [f"{percent(float(final.selected_accuracy), float(final.selected_accuracy_std))}"
-                    f" (it. {int(final.selected_iteration)})",
-                    f"{100 * float(final.best_on_test):.1f}"]
+            values = ds.accuracy.sel(set=name, ipc=ipc).values
+            row += [spread(values), " / ".join(f"{100 * v:.1f}" for v in values)]
         rows.append(row)
-    real = ["random real (same count)"]
+    return markdown_table(header, rows)
+
+
+def differences(ds: xr.Dataset) -> str:
+    """Which pairs of rows differ by more than their spread across seeds, per IPC."""
+    names = list(ds.set.values)
+    lines = []
     for ipc in ds.ipc.values:
-        real += [percent(float(ds.random_real_accuracy.sel(ipc=ipc)),
-                         float(ds.random_real_accuracy_std.sel(ipc=ipc))), "-"]
-    return markdown_table(header, rows + [real])
+        larger, within = [], 0
+        for a in range(len(names)):
+            for b in range(a + 1, len(names)):
+                x, y = (ds.accuracy.sel(set=n, ipc=ipc).values for n in (names[a], names[b]))
+                if exceeds_spread(x, y):
+                    hi, lo = (names[a], names[b]) if np.nanmean(x) > np.nanmean(y) else (
+                        names[b], names[a])
+                    larger.append(f"{hi} > {lo} by {100 * abs(np.nanmean(x) - np.nanmean(y)):.1f}")
+                else:
+                    within += 1
+        lines.append(f"IPC {int(ipc)}: " + ("; ".join(larger) if larger else "none")
+                     + f" ({within} other pairs within the spread).")
+    return ("Differences that exceed the spread (|mean difference| > the sum of the two rows' "
+            "stds across seeds): " + " ".join(lines))
+
+
+def notes(ds: xr.Dataset) -> str:
+    """What the numbers are, then which differences exceed the spread."""
+    cfg = ds.attrs["config"]
+    return (
+        f"Test accuracy (%) on the real test set of each seed's set at the last iteration "
+        f"({cfg['distill']['iterations']}), mean +- std across {ds.sizes['seed']} distillation "
+        f"seeds (sample std, ddof 1; {cfg['distill']['eval_models']} evaluation network(s) of "
+        f"{cfg['distill']['eval_epochs']} epochs per seed, so the spread holds the networks' "
+        "too); random real is each seed's initial images trained with the experts' lr. No "
+        "iteration is chosen on validation or test: every strategy is read at its last "
+        "iteration. " + differences(ds)
+    )
 
 
 def plot_label_drift(
@@ -229,7 +257,8 @@ def plot_label_drift(
     """How labels drift away from the images' classes (from a results file).
 
     Left: ``drift`` (the fraction of images whose teacher label is not their starting class)
-    against ``x``, one line per ``hue`` value, line style by any other dim (e.g. IPC). Middle:
+    against ``x``, one line per ``hue`` value, line style by the first other dim (e.g. IPC), mean
+    +- std over any further dim (e.g. seeds). Middle:
     the largest and smallest ``counts`` (images per class by teacher label, dims (..., x,
     class)) against ``x`` at ``focus`` (default: the last value of every dim but ``hue``), one
     colour per ``hue`` value, the even count dotted. Right: the counts of every class against
@@ -255,7 +284,8 @@ def plot_label_drift(
         style = others[0] if others else None
         if style is not None:
             frame[style] = frame[style].astype(str)
-        sns.lineplot(data=frame, x=x, y=drift, hue=hue, style=style, palette=palette, ax=left)
+        sns.lineplot(data=frame, x=x, y=drift, hue=hue, style=style, palette=palette, ax=left,
+                     errorbar="sd")  # the band: std over any dim left over (seeds)
         left.set_ylabel("teacher label is another class (%)")
         left.set_xlabel("iteration")
         left.set_title("label drift")
@@ -295,17 +325,17 @@ def plot_label_drift(
 
 
 def plot(nc: Path, png: Path) -> None:
-    """Test accuracy of the set chosen on validation so far against iteration (``png``), and the
-    label drift (``<name>_drift.png``)."""
-    plot_accuracy_vs_iteration(
-        nc, png, var="selected_accuracy", best_so_far=False,
-        title="Label strategies: test accuracy of the set chosen on validation so far")
-    plot_label_drift(nc, png.with_name(f"{png.stem}_drift.png"))
+    """Test accuracy of the final sets, mean +- std across seeds (``png``), and the label drift
+    (``<name>_drift.png``; its class counts for the first seed)."""
+    plot_bar(nc, png, var="accuracy", x="ipc", hue="set", replicate=("seed",), ddof=1,
+             title="Label strategies: test accuracy of the final sets, mean +- std across seeds")
+    first = int(load_results(nc).seed.values[0])
+    plot_label_drift(nc, png.with_name(f"{png.stem}_drift.png"), focus={"seed": first})
 
 
 def plot_sets(nc: Path, png: Path) -> None:
-    """The hard, SLA and learned-logit sets at the largest IPC side by side (``png``), and one
-    run's images over the iterations (``<name>_strip.png``; its snapshots)."""
+    """The first seed's hard, SLA and learned-logit sets at the largest IPC side by side
+    (``png``), and one run's images over the iterations (``<name>_strip.png``; its snapshots)."""
     ds = load_results(nc)
     ipc = int(ds.ipc.max())
     shown = [f"{s}, IPC {ipc}" for s in SETS_SHOWN if s in ds.label_strategy.values]
@@ -317,17 +347,5 @@ def plot_sets(nc: Path, png: Path) -> None:
 
 
 if __name__ == "__main__":
-    run_experiment(
-        NAME,
-        AblateLabelsConfig,
-        PRESETS,
-        __doc__,
-        main,
-        table,
-        notes="Test accuracy (%) on the real test set, mean +- std over the evaluation models, of "
-        "the set at the iteration with the best validation accuracy (a held-out part of the "
-        "training set; the test set chooses nothing). 'best on test' is the maximum test "
-        "accuracy over the evaluations, as the papers report it: it is selected on the test set.",
-        plot=plot,
-        sets=plot_sets,
-    )
+    run_experiment(NAME, AblateLabelsConfig, PRESETS, __doc__, main, table, notes=notes,
+                   plot=plot, sets=plot_sets)

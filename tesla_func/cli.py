@@ -8,10 +8,17 @@
     tesla-func evaluate --synthetic runs/fmnist-ipc10/synthetic.safetensors --num-models 5
     tesla-func evaluate --random-real 10 --dataset fashion-mnist   # the baseline
     tesla-func show runs/fmnist-ipc10/synthetic.safetensors   # its picture: synthetic.png
+    tesla-func export runs/fmnist-ipc10/synthetic.safetensors --out sets/fmnist-ipc10
+                                            # the set as an image folder (PNGs + exact floats)
     tesla-func plan --dataset imagenet64 --model convnetd4 --ipc 1 --batch-syn 100 \\
         --syn-steps 50 --device-memory 48GB   # predicted memory and FLOPs of every method
 
     torchrun --nproc_per_node=2 -m tesla_func.cli distill ...   # the same on 2 processes
+    tesla-func distill --config runs/fmnist-ipc10/config.toml --out runs/again   # rerun a run
+
+Every command takes ``--config FILE.toml`` (its options by name; flags given on the command line
+win: :mod:`tesla_func.configfile`); ``experts``, ``distill`` and ``evaluate`` take
+``--tensorboard DIR`` (:mod:`tesla_func.tracking`).
 
 Under torchrun (its RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT in the
 environment) ``experts``, ``distill`` and ``evaluate`` join one process group: gloo for device cpu,
@@ -39,11 +46,13 @@ import torch.distributed as dist
 
 from tesla_func.augment import DSA
 from tesla_func.configargs import add_config_arguments, config_from_args
+from tesla_func.configfile import add_config_file_argument, parse_args
 from tesla_func.data import ENV_VAR, available, load_dataset, load_dataset_like
 from tesla_func.distill import DistillConfig, Distiller
 from tesla_func.distributed import together, torchrun_group
 from tesla_func.evaluate import EvalConfig, evaluate
 from tesla_func.experts import ExpertConfig, train_experts
+from tesla_func.export import export_set
 from tesla_func.planner import (
     SWEPT_FIELDS,
     UNPLANNED_FIELDS,
@@ -54,6 +63,7 @@ from tesla_func.planner import (
 )
 from tesla_func.sampling import per_class_indices
 from tesla_func.synthetic import load_synthetic
+from tesla_func.tracking import add_tensorboard_argument, tensorboard_logger
 
 
 @dataclass(frozen=True)
@@ -114,14 +124,17 @@ def _add_experts_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="where the experts train")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="tqdm progress bars")
+    add_tensorboard_argument(parser)
     _add_launch_arguments(parser)
 
 
 def _run_experts(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, ExpertConfig)
-    with torchrun_group(args.device, args.group_timeout) as group:
+    with (torchrun_group(args.device, args.group_timeout) as group,
+          tensorboard_logger(args.tensorboard, _rank(group)) as logger):
         paths = train_experts(cfg, args.out, root=args.root, device=args.device,
-                              progress=args.progress, group=group, wait_s=args.group_timeout)
+                              progress=args.progress, group=group, wait_s=args.group_timeout,
+                              logger=logger)
         if _rank(group) == 0:
             print(f"{len(paths)} experts in {args.out}")
     return 0
@@ -138,13 +151,15 @@ def _add_distill_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run folder: checkpoint, synthetic.safetensors, log.nc (resumes)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="tqdm progress bar")
+    add_tensorboard_argument(parser)
     _add_launch_arguments(parser)
 
 
 def _run_distill(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, DistillConfig)
-    with torchrun_group(cfg.device, args.group_timeout) as group:
-        distiller = Distiller(cfg, args.out, progress=args.progress, group=group)
+    with (torchrun_group(cfg.device, args.group_timeout) as group,
+          tensorboard_logger(args.tensorboard, _rank(group)) as logger):
+        distiller = Distiller(cfg, args.out, progress=args.progress, group=group, logger=logger)
         synthetic = distiller.run()
         if _rank(group) == 0:
             print(f"synthetic set: {args.out}/synthetic.safetensors ({len(synthetic.images)} "
@@ -154,7 +169,9 @@ def _run_distill(args: argparse.Namespace) -> int:
 
 def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--synthetic", help="a synthetic.safetensors written by `distill`")
+    what.add_argument("--synthetic", help="a synthetic.safetensors written by `distill`, or a "
+                      "folder written by `export` (or any folder of class folders of PNGs, with "
+                      "--dataset)")
     what.add_argument("--random-real", type=int, metavar="IPC",
                       help="baseline: IPC random real training images per class")
     parser.add_argument("--dataset", default=None,
@@ -166,6 +183,10 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training lr (default: the synthetic set's learned lr, or 0.01)")
     parser.add_argument("--dsa", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", default=None, help="write the accuracies here as netCDF")
+    parser.add_argument("--from-pngs", action="store_true",
+                        help="with an exported folder: train on its 8-bit PNGs, not on its exact "
+                             "float file")
+    add_tensorboard_argument(parser)
     _add_launch_arguments(parser)
 
 
@@ -173,7 +194,8 @@ def _evaluation_set(args: argparse.Namespace):
     """(images, labels, lr, dataset): the synthetic set or the random real baseline to train
     on, its default lr, and the dataset holding the test set."""
     if args.synthetic:
-        synthetic = load_synthetic(args.synthetic)
+        synthetic = load_synthetic(args.synthetic, from_pngs=args.from_pngs,
+                                   dataset=args.dataset, root=args.root)
         info = synthetic.header.get("dataset_info") or {}
         name = args.dataset or info.get("name") or synthetic.header["config"]["dataset"]
         if info.get("name") == name:  # the set's own dataset, reloaded as it was and checked
@@ -194,7 +216,8 @@ def _evaluation_set(args: argparse.Namespace):
 def _run_evaluate(args: argparse.Namespace) -> int:
     from tesla_func.results import save_results  # where used: xarray and pandas cost 0.6 s
 
-    with torchrun_group(args.device or EvalConfig().device, args.group_timeout) as group:
+    with (torchrun_group(args.device or EvalConfig().device, args.group_timeout) as group,
+          tensorboard_logger(args.tensorboard, _rank(group)) as logger):
         with together(group):  # a rank that cannot read the set stops every rank
             images, labels, lr, dataset = _evaluation_set(args)
         arch_kwargs = {"width": args.width} if args.width else {}
@@ -202,7 +225,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                                EvalConfig(lr=args.lr or lr, arch_kwargs=arch_kwargs))
         result = evaluate(images, labels, dataset.test_images, dataset.test_labels, cfg,
                           DSA() if args.dsa else None, num_classes=dataset.info.num_classes,
-                          group=group)
+                          group=group, logger=logger)
         if _rank(group) != 0:
             return 0
     print(f"test accuracy: {result}")
@@ -246,6 +269,29 @@ def _run_show(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# tesla-func export
+# ----------------------------------------------------------------------------------------------
+
+
+def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("synthetic",
+                        help="a synthetic.safetensors written by `distill` (or a snapshot)")
+    parser.add_argument("--out", required=True,
+                        help="the folder to write: <k>_<class>/<i>.png, synthetic.safetensors "
+                             "(the exact set) and set.json (replaces an earlier export there)")
+    parser.add_argument("--root", default=None,
+                        help="folder holding the set's dataset: read only to undo ZCA "
+                             "(default: where the dataset is found)")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    loss = export_set(args.synthetic, args.out, root=args.root)
+    print(f"wrote {args.out} (an ImageFolder layout; the exact set in synthetic.safetensors)\n"
+          f"{loss}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # tesla-func plan
 # ----------------------------------------------------------------------------------------------
 
@@ -281,6 +327,8 @@ COMMANDS: dict[str, Command] = {
                     _run_show),
     "plan": Command("predict the peak memory and FLOPs of each method, without data or a GPU",
                     _add_plan_arguments, _run_plan),
+    "export": Command("write a synthetic set as an image folder (PNGs, exact floats, set.json)",
+                      _add_export_arguments, _run_export),
 }
 
 
@@ -290,16 +338,18 @@ def build_parser(commands: dict[str, Command] = COMMANDS) -> argparse.ArgumentPa
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in commands.items():
-        command.add_arguments(sub.add_parser(name, help=command.help, description=command.help))
+        command_parser = sub.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(command_parser)
+        add_config_file_argument(command_parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``tesla-func``; returns the exit status (errors go to stderr, status 1)."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)  # with the options of a --config file
     try:
         return COMMANDS[args.command].run(args)
-    except (FileNotFoundError, ValueError, KeyError, TimeoutError) as err:
+    except (FileNotFoundError, ValueError, KeyError, TimeoutError, ImportError) as err:
         message = err.args[0] if err.args else repr(err)
         print(f"tesla-func {args.command}: error: {message}", file=sys.stderr)
         return 1

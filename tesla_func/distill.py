@@ -61,6 +61,7 @@ from tqdm.auto import tqdm
 
 from tesla_func import distributed
 from tesla_func.augment import DSA
+from tesla_func.configfile import CONFIG_TOML, write_config_toml
 from tesla_func.data import Dataset, DatasetShape, check_same_dataset, load_dataset_like
 from tesla_func.distill_config import IMAGE_INITS, DistillConfig  # noqa: F401 (re-exported)
 from tesla_func.distill_state import (
@@ -82,6 +83,7 @@ from tesla_func.planner.auto import KeepChoice, RunShape, choose_keep_graphs
 from tesla_func.provenance import provenance
 from tesla_func.sampling import draw_minibatches
 from tesla_func.synthetic import SyntheticSet, snapshot_path
+from tesla_func.tracking import RunLogger
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -137,6 +139,9 @@ class Distiller:
     every rank before any work: an error on any rank, ranks that differ in config, data, experts
     or the checkpoint they found, more ranks than synthetic images, an NCCL group on CPU, or
     torch.distributed not initialised.
+
+    ``logger``: where the iteration log, the evaluations and the set's image grid (every snapshot
+    and at the end) also go (:mod:`tesla_func.tracking`; only rank 0 logs); None: nowhere else.
     """
 
     def __init__(
@@ -148,18 +153,20 @@ class Distiller:
         dataset: Dataset | None = None,
         experts: list[ExpertTrajectory] | None = None,
         group: object | None = None,
+        logger: RunLogger | None = None,
     ):
         self.group, self.rank = group, 0
         if group is None:
-            self._build(cfg, out_dir, progress, dataset, experts)
+            self._build(cfg, out_dir, progress, dataset, experts, logger)
             return
         self.rank, _ = distributed.check_group(group)  # the same answer on every rank
         with distributed.together(group, self._fingerprint):  # any rank's error: on every rank
-            self._build(cfg, out_dir, progress and self.rank == 0, dataset, experts)
+            self._build(cfg, out_dir, progress and self.rank == 0, dataset, experts, logger)
 
-    def _build(self, cfg, out_dir, progress, dataset, experts) -> None:
+    def _build(self, cfg, out_dir, progress, dataset, experts, logger) -> None:
         """Everything the constructor does on one rank (it raises before any collective)."""
         self.cfg, self.out, self.progress = cfg, Path(out_dir), progress
+        self.logger = logger if self.rank == 0 else None
         self.device = torch.device(cfg.device)
         experts, dataset = _experts_and_dataset(cfg, experts, dataset)
         self.experts = [e.to(self.device) for e in experts]
@@ -376,6 +383,23 @@ class Distiller:
         if self.rank == 0:
             tqdm.write(f"iteration {s.iteration}: validation accuracy "
                        f"{100 * result.val_mean:.2f} %, test accuracy {result}")
+        if self.logger is not None:
+            self.logger.scalars("eval", s.iteration, result.scalars())
+
+    def _log_iteration(self) -> None:
+        """The last iteration's log entries (and the skipped updates so far) to the logger."""
+        if self.logger is not None:
+            s = self.state
+            values = {"beta" if k == "lr" else k: s.log[k][-1] for k in LOG_FIELDS}
+            self.logger.scalars("distill", s.iteration, {**values, "skipped_updates": s.skipped})
+
+    def _log_set(self, synthetic: SyntheticSet) -> None:
+        """The set's image grid to the logger, at the current iteration."""
+        if self.logger is not None:
+            from tesla_func.plots import set_grid  # where used: plots import seaborn (1-2 s)
+
+            self.logger.image("distill/synthetic_set", self.state.iteration,
+                              set_grid(synthetic, dataset=self.dataset))
 
     def log_results(self):
         """The per-iteration log and the evaluations as one xarray Dataset."""
@@ -411,6 +435,7 @@ class Distiller:
         synthetic = self.synthetic_set()  # gathered on every rank; rank 0 writes it
         if self.rank == 0:
             synthetic.save(path)
+            self._log_set(synthetic)
         return path
 
     def run(self, stop_after: int | None = None) -> SyntheticSet:
@@ -420,7 +445,9 @@ class Distiller:
         of ``snapshot_every`` and, at the end, ``out_dir/synthetic.safetensors``, its picture
         ``out_dir/synthetic.png`` (:func:`tesla_func.plots.plot_synthetic`) and
         ``out_dir/log.nc`` (on several ranks: rank 0 writes, and every rank returns the whole
-        set). A resumed run rewrites the snapshots after its checkpoint with the same bits.
+        set). A resumed run rewrites the snapshots after its checkpoint with the same bits. The
+        config is in ``out_dir/config.toml`` from the start (``tesla-func distill --config`` reads
+        it: :mod:`tesla_func.configfile`).
         """
         # where used: seaborn and matplotlib (through plots) and xarray cost 2 s at start-up
         from tesla_func.plots import plot_synthetic
@@ -428,6 +455,10 @@ class Distiller:
 
         cfg, s = self.cfg, self.state
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            write_config_toml(self.out / CONFIG_TOML, cfg.to_dict(), comment=(
+                "tesla_func DistillConfig of this run; it distils again with\n"
+                "tesla-func distill --config config.toml --out DIR"))
         last = cfg.iterations if stop_after is None else min(cfg.iterations, stop_after)
         if cfg.snapshot_every and s.iteration == 0:
             self.snapshot()
@@ -439,6 +470,7 @@ class Distiller:
                    disable=not self.progress)
         while s.iteration < last:
             self.step()
+            self._log_iteration()
             bar.update(1)
             bar.set_postfix(loss=f"{s.log['loss'][-1]:.4f}", lr=f"{s.log['lr'][-1]:.2e}",
                             skipped=s.skipped)
@@ -459,6 +491,8 @@ class Distiller:
                 synthetic.save(self.out / "synthetic.safetensors")
                 save_results(self.log_results(), self.out / "log.nc")
                 plot_synthetic(synthetic, self.out / "synthetic.png", dataset=self.dataset)
+                if not cfg.snapshot_every:  # (a snapshot has logged the final set already)
+                    self._log_set(synthetic)
             self.set_ranks.barrier()  # every rank returns once the files are there
         return synthetic
 

@@ -63,6 +63,7 @@ from tesla_func.configargs import check_int
 from tesla_func.models import build_model, init_params
 from tesla_func.optim import sgd
 from tesla_func.sampling import seeded_generator
+from tesla_func.tracking import RunLogger
 from tesla_func.types import Params, RandomAugment
 
 _SOFT_LABEL_ATOL = 1e-3  # rows of soft labels must sum to 1 within this (float32 softmax: ~1e-6)
@@ -149,6 +150,12 @@ class EvalResult:
     @property
     def val_std(self) -> float:
         return float(np.std(self.val_accuracies)) if self.val_accuracies else math.nan
+
+    def scalars(self) -> dict[str, float]:
+        """Mean and std of the test and validation accuracy by name (NaN without a validation
+        split), as loggers take them."""
+        return {"test_accuracy": self.mean, "test_accuracy_std": self.std,
+                "val_accuracy": self.val_mean, "val_accuracy_std": self.val_std}
 
     def __str__(self) -> str:
         return (
@@ -396,6 +403,7 @@ def evaluate(
     val_images: Tensor | None = None,
     val_labels: Tensor | None = None,
     group: object | None = None,
+    logger: RunLogger | None = None,
 ) -> EvalResult:
     """Train ``config.num_models`` fresh networks on (images, labels); test them on the test set
     (and on the validation split, if given: choices are made on it, never on the test set).
@@ -414,6 +422,8 @@ def evaluate(
                  (every rank calls with the same arguments): model k trains on rank k % W and
                  every rank returns all K accuracies (and ``final_params``); ``seconds`` is the
                  slowest rank's. Bad or differing arguments raise on every rank before training.
+    logger:      where the test (and validation) accuracy, mean and std, also go, at step
+                 ``config.epochs`` (:mod:`tesla_func.tracking`; rank 0 only); None: nowhere
 
     The architecture is ``config.arch`` built for (C, num_classes, H) with ``config.arch_kwargs``;
     H must equal W. Returns the K test accuracies (fractions) with their mean and std.
@@ -465,7 +475,7 @@ def evaluate(
         )
         accuracies, final = _sum_over_ranks(group, models, accuracies, final, skeleton, cfg)
         seconds = distributed.max_float(group, time.perf_counter() - start)
-    return EvalResult(
+    result = EvalResult(
         accuracies=tuple(accuracies["test"]),
         val_accuracies=tuple(accuracies["val"]) if has_val else None,
         config=cfg,
@@ -474,6 +484,9 @@ def evaluate(
         seconds=seconds,
         final_params={k: v.cpu() for k, v in final.items()} if cfg.keep_params else None,
     )
+    if logger is not None and (group is None or distributed.check_group(group)[0] == 0):
+        logger.scalars("evaluate", cfg.epochs, result.scalars())
+    return result
 
 
 def _validate(images, labels, test_images, test_labels, num_classes, val_images, val_labels,

@@ -5,7 +5,11 @@ defaults are the small CPU run and which *nests* the library's configs (``expert
 ExpertConfig``, ``distill: DistillConfig``; variants are made with ``dataclasses.replace``), a
 ``PRESETS`` dict (at least ``"paper"``), and ``main(cfg) -> xarray.Dataset``. Its command line
 is derived from the config like every other command's (``--distill.lr-img 300``, ``--ipcs 1 10``:
-:mod:`tesla_func.configargs`). It writes under ``results/<name>/``:
+:mod:`tesla_func.configargs`); ``--config FILE.toml`` takes the same options from a file
+(``ipcs = [1, 10]``, a ``[distill]`` table: :mod:`tesla_func.configfile`), and ``--tensorboard
+DIR`` logs the experts, runs and baselines it trains through this module to
+``DIR/experts/<folder>``, ``DIR/runs/<folder>`` and ``DIR/baselines/`` (:mod:`tesla_func.tracking`;
+cached ones are not trained again, so not logged). It writes under ``results/<name>/``:
 
 - ``<name>.nc``: the results with their config, seed, versions, git revision and device;
 - ``<name>.png``: a seaborn figure drawn from the saved ``.nc`` only;
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import json
@@ -33,6 +38,7 @@ import xarray as xr
 
 from tesla_func.augment import DSA
 from tesla_func.configargs import add_config_arguments, config_from_args
+from tesla_func.configfile import add_config_file_argument, parse_args
 from tesla_func.data import Dataset
 from tesla_func.distill import DistillConfig, Distiller
 from tesla_func.evaluate import EvalConfig, EvalResult, evaluate
@@ -41,11 +47,23 @@ from tesla_func.fileio import atomic_write_text
 from tesla_func.provenance import git_revision
 from tesla_func.results import write_outputs
 from tesla_func.sampling import per_class_indices
+from tesla_func.tracking import RunLogger, add_tensorboard_argument, tensorboard_logger
 
 CACHE_ENV = "TESLA_FUNC_CACHE"
 RESULTS_DIR = Path("results")
 
 Config = TypeVar("Config")
+# the --tensorboard folder of the experiment running (None: no logging); set by run_experiment
+_TENSORBOARD: contextvars.ContextVar[Path | None] = contextvars.ContextVar("tensorboard",
+                                                                          default=None)
+
+
+@contextlib.contextmanager
+def _logger(kind: str, name: str) -> Iterator[RunLogger | None]:
+    """A TensorBoard logger into ``<--tensorboard>/<kind>/<name>`` for the block, or None."""
+    root = _TENSORBOARD.get()
+    with tensorboard_logger(None if root is None else root / kind / name) as logger:
+        yield logger
 
 
 def cache_dir() -> Path:
@@ -91,7 +109,8 @@ def experts_dir(cfg: ExpertConfig, device: str = "cpu") -> Path:
 def ensure_experts(cfg: ExpertConfig, *, device: str = "cpu", progress: bool = True) -> Path:
     """Train the experts of ``cfg`` unless cached (a killed run resumes); return their folder."""
     out = experts_dir(cfg, device)
-    train_experts(cfg, out, device=device, progress=progress)
+    with _logger("experts", out.name) as logger:
+        train_experts(cfg, out, device=device, progress=progress, logger=logger)
     return out
 
 
@@ -127,8 +146,10 @@ def run_dir(cfg: DistillConfig) -> Path:
 def distill_cached(cfg: DistillConfig, dataset: Dataset | None = None) -> Distiller:
     """Run (or resume, or just reload) the distillation of ``cfg``; returns the finished
     Distiller."""
-    distiller = Distiller(cfg, run_dir(cfg), dataset=dataset)
-    distiller.run()
+    folder = run_dir(cfg)
+    with _logger("runs", folder.name) as logger:
+        distiller = Distiller(cfg, folder, dataset=dataset, logger=logger)
+        distiller.run()
     return distiller
 
 
@@ -139,15 +160,17 @@ def random_real_baseline(
     trained and tested in the same protocol as the distilled sets (DSA on every batch)."""
     index = per_class_indices(dataset.train_labels, ipc, torch.Generator().manual_seed(seed),
                               dataset.info.num_classes, dataset.info.class_names)
-    return evaluate(
-        dataset.train_images[index],
-        dataset.train_labels[index],
-        dataset.test_images,
-        dataset.test_labels,
-        protocol,
-        DSA(),
-        num_classes=dataset.info.num_classes,
-    )
+    with _logger("baselines", f"{dataset.info.name}-ipc{ipc}-seed{seed}") as logger:
+        return evaluate(
+            dataset.train_images[index],
+            dataset.train_labels[index],
+            dataset.test_images,
+            dataset.test_labels,
+            protocol,
+            DSA(),
+            num_classes=dataset.info.num_classes,
+            logger=logger,
+        )
 
 
 def parse_config(
@@ -156,8 +179,18 @@ def parse_config(
     description: str,
     argv: Sequence[str] | None = None,
 ) -> Config:
-    """Build a config from ``--preset NAME`` and ``--field value`` overrides of its fields
-    (nested ones as ``--distill.lr-img``)."""
+    """Build a config from ``--preset NAME``, a ``--config FILE.toml`` and ``--field value``
+    overrides of its fields (nested ones as ``--distill.lr-img``), the command line winning."""
+    return _parse(cfg_type, presets, description, argv)[0]
+
+
+def _parse(
+    cfg_type: type[Config],
+    presets: Mapping[str, Config],
+    description: str,
+    argv: Sequence[str] | None,
+) -> tuple[Config, argparse.Namespace]:
+    """:func:`parse_config`'s config, and the parsed command line (``--tensorboard``)."""
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -168,8 +201,10 @@ def parse_config(
         help="start from a named preset instead of the small CPU default",
     )
     add_config_arguments(parser, cfg_type)
-    args = parser.parse_args(argv)
-    return config_from_args(args, cfg_type, presets[args.preset] if args.preset else None)
+    add_config_file_argument(parser)
+    add_tensorboard_argument(parser)
+    args = parse_args(parser, argv)
+    return config_from_args(args, cfg_type, presets[args.preset] if args.preset else None), args
 
 
 REDUCED_NOTE = (
@@ -207,13 +242,17 @@ def run_experiment(
     (``notes`` may be written from the results; the reduced-protocol note is added when it
     applies), print the table. ``sets(nc, png)``, if given, draws the synthetic sets the run
     made into ``results/<name>/<name>_sets.png`` from the saved results file."""
-    cfg = parse_config(cfg_type, presets, description, argv)
+    cfg, args = _parse(cfg_type, presets, description, argv)
     revision = git_revision()
     if revision.endswith("-dirty"):
         print(f"warning: the working tree has uncommitted changes ({revision}); results made "
               "now cannot be rerun from a commit: commit first", file=sys.stderr)
-    with torch_threads(getattr(cfg, "threads", 0)):
-        results = main(cfg)
+    tensorboard = _TENSORBOARD.set(Path(args.tensorboard) if args.tensorboard else None)
+    try:
+        with torch_threads(getattr(cfg, "threads", 0)):
+            results = main(cfg)
+    finally:
+        _TENSORBOARD.reset(tensorboard)
     text = table(results)
     notes = notes(results) if callable(notes) else notes
     if results.attrs.get("protocol") == "reduced":

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from tesla_func import distributed
 from tesla_func.augment import DSA
 from tesla_func.configargs import check_choice, check_int
+from tesla_func.configfile import CONFIG_TOML, write_config_toml
 from tesla_func.data import DATASETS, Dataset, dataset_options, load_dataset
 from tesla_func.evaluate import accuracy
 from tesla_func.fileio import load_tensors, save_tensors
@@ -53,6 +54,7 @@ from tesla_func.models import ConvNet, ConvNetConfig, init_params
 from tesla_func.optim import SGDState, sgd
 from tesla_func.provenance import provenance
 from tesla_func.sampling import seeded_generator
+from tesla_func.tracking import RunLogger
 
 FORMAT = "tesla_func.expert"
 FORMAT_VERSION = 1
@@ -185,6 +187,7 @@ def train_experts(
     on_epoch: EpochCallback | None = None,
     group: object | None = None,
     wait_s: float = 1800.0,
+    logger: RunLogger | None = None,
 ) -> list[Path]:
     """Train ``cfg.num_experts`` experts into ``out_dir``, resuming whatever a past run finished.
 
@@ -201,22 +204,28 @@ def train_experts(
         wait_s: with ``group``, how long a rank that has finished its experts waits for the
             others' while nothing under ``out_dir`` changes (each epoch writes a file), before
             it raises TimeoutError.
+        logger: where each epoch's last-batch loss and test accuracy also go
+            (:mod:`tesla_func.tracking`, under ``experts/expert_<i>/``; with ``group``, rank 0's
+            experts only).
 
-    Returns the paths of the N expert files (with ``group``: once every rank has finished).
+    The config is written to ``out_dir/config.toml`` (:mod:`tesla_func.configfile`) once the
+    folder is known to hold nothing of another config. Returns the paths of the N expert files
+    (with ``group``: once every rank has finished).
     Raises ValueError if ``out_dir`` holds experts or partial runs of another configuration
     (with ``group``: on every rank, before any training).
     """
     out = Path(out_dir)
     if group is None:
-        return _train_experts(cfg, out, dataset, root, device, progress, on_epoch, None)
+        _claim_folder(cfg, out, write=True)
+        return _train_experts(cfg, out, dataset, root, device, progress, on_epoch, None, logger)
     rank, _ = distributed.check_group(group)
     with distributed.together(group, lambda: {"the expert config": repr(cfg.to_dict())}):
         out.mkdir(parents=True, exist_ok=True)
         dataset = _dataset(cfg, dataset, root)
-        for index in range(cfg.num_experts):  # every rank checks every file already there
-            _check_folder(cfg, out, index)
+        _claim_folder(cfg, out, write=rank == 0)  # every rank checks every file already there
     mine = distributed.spread(cfg.num_experts, group)
-    _train_experts(cfg, out, dataset, root, device, progress and rank == 0, on_epoch, mine)
+    _train_experts(cfg, out, dataset, root, device, progress and rank == 0, on_epoch, mine,
+                   logger if rank == 0 else None)
     paths = [expert_path(out, i) for i in range(cfg.num_experts)]
     distributed.wait_for_files(paths, out, wait_s)
     distributed.barrier(group)
@@ -241,6 +250,17 @@ def _dataset(cfg: ExpertConfig, dataset: Dataset | None, root: str | Path | None
     return dataset
 
 
+def _claim_folder(cfg: ExpertConfig, out: Path, write: bool) -> None:
+    """Refuse ``out`` if a file in it belongs to another config; then (``write``) write
+    ``out/config.toml``."""
+    for index in range(cfg.num_experts):
+        _check_folder(cfg, out, index)
+    if write:
+        write_config_toml(out / CONFIG_TOML, cfg.to_dict(), comment=(
+            "tesla_func ExpertConfig of these experts; they train again with\n"
+            "tesla-func experts --config config.toml --out DIR (and --root, --device as before)"))
+
+
 def _check_folder(cfg: ExpertConfig, out: Path, index: int) -> None:
     """Refuse expert ``index``'s files in ``out`` when another config made them."""
     if expert_path(out, index).exists():
@@ -257,6 +277,7 @@ def _train_experts(
     progress: bool,
     on_epoch: EpochCallback | None,
     indices: Sequence[int] | None,
+    logger: RunLogger | None = None,
 ) -> list[Path]:
     """Train (or resume) experts ``indices`` (None: all N) into ``out``; their paths."""
     out.mkdir(parents=True, exist_ok=True)
@@ -277,7 +298,7 @@ def _train_experts(
             _check_same_config(_read_header(path), cfg, path)
             shutil.rmtree(_partial_dir(out, index), ignore_errors=True)  # killed after the rename
         else:
-            _train_one(cfg, dataset, data, out, index, device, progress, on_epoch)
+            _train_one(cfg, dataset, data, out, index, device, progress, on_epoch, logger)
         paths.append(path)
     return paths
 
@@ -299,8 +320,10 @@ def _train_one(
     device: torch.device,
     progress: bool,
     on_epoch: EpochCallback | None,
+    logger: RunLogger | None = None,
 ) -> None:
     arch = cfg.model_config(dataset)
+    tag = f"experts/expert_{index:03d}"
     model = _skeleton(arch).to(device)
     params = dict(model.named_parameters())
     names = list(params)
@@ -321,6 +344,8 @@ def _train_one(
         _set_params(model, init_params(model, _generator(cfg.seed, index, "init")))
         acc = _test_accuracy(model, data)
         _save_epoch(partial, 0, model, state, shuffle_gen, augment_gen, cfg, acc, 0.0)
+        if logger is not None:
+            logger.scalars(tag, 0, {"test_accuracy": acc})
         if on_epoch is not None:
             on_epoch(index, 0, acc)
 
@@ -361,6 +386,8 @@ def _train_one(
         acc = _test_accuracy(model, data)
         _save_epoch(partial, epoch, model, state, shuffle_gen, augment_gen, cfg, acc, seconds)
         bar.set_postfix(loss=f"{loss.item():.3f}", test_acc=f"{acc:.4f}")
+        if logger is not None:
+            logger.scalars(tag, epoch, {"loss": loss.item(), "test_accuracy": acc})
         if on_epoch is not None:
             on_epoch(index, epoch, acc)
     bar.close()

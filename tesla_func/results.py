@@ -185,6 +185,40 @@ def percent(mean: float, std: float) -> str:
     return f"{100 * mean:.1f} +- {100 * std:.1f}"
 
 
+# ----------------------------------------------------------------------------------------------
+# Spread over replicates (distillation seeds, trained networks)
+
+
+def mean_std(values: Any) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1) of the finite ``values``: the spread over
+    replicates (distillation seeds, networks) that the tables report. The std is NaN for one
+    value (one replicate has no spread), both are NaN for none."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return math.nan, math.nan
+    return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else math.nan
+
+
+def spread(values: Any) -> str:
+    """Accuracy fractions as '73.2 +- 0.4' (percent, :func:`mean_std`), '73.2 (one run)' for a
+    single value and '-' for none."""
+    mean, std = mean_std(values)
+    if math.isnan(mean):
+        return "-"
+    return f"{100 * mean:.1f} (one run)" if math.isnan(std) else percent(mean, std)
+
+
+def exceeds_spread(a: Any, b: Any) -> bool:
+    """Whether two groups of replicates differ by more than their spread: |mean(a) - mean(b)| >
+    std(a) + std(b) (:func:`mean_std`). A plain and conservative rule for three or so seeds,
+    where a t-test has little power; False when either group has fewer than two values."""
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    if math.isnan(sa) or math.isnan(sb):
+        return False
+    return abs(ma - mb) > sa + sb
+
+
 def command_line() -> str:
     """The command that is running, to be written beside its results, as it was typed:
     ``python -m pytest tests/ --benchmark-only``, not the path ``-m`` resolved to."""

@@ -228,7 +228,7 @@ def _worker(rank: int, folder_name: str, ports: list[int]) -> None:
                        "--iterations", "2", "--syn-steps", "2", "--match-epochs", "1",
                        "--max-start-epoch", "1", "--batch-syn", "6", "--eval-epochs", "1",
                        "--eval-models", "2", "--label-strategy", "sla", "--no-progress",
-                       "--out", str(folder / "cli-run")]
+                       "--out", str(folder / "cli-run"), "--tensorboard", str(folder / "cli-tb")]
         cli_evaluate = ["evaluate", "--synthetic", str(folder / "cli-run/synthetic.safetensors"),
                         "--epochs", "1", "--num-models", "3", "--width", "4", "--no-progress",
                         "--out", str(folder / "cli-eval.nc")]
@@ -437,6 +437,8 @@ def test_command_line_under_torchrun(ranks, folder, digits):
         assert ranks[0][f"cli {name}"]["out"] and not ranks[1][f"cli {name}"]["out"]  # rank 0
     assert "2 experts in" in ranks[0]["cli experts"]["out"]
     assert "synthetic set:" in ranks[0]["cli distill"]["out"]
+    assert len(list((folder / "cli-tb").glob("events.out.tfevents.*"))) == 1  # rank 0 logs
+    assert (folder / "cli-run" / "config.toml").is_file()
     # The same set as one process distils (float32: to float32 rounding).
     cfg = load_synthetic(folder / "cli-run" / "synthetic.safetensors")
     one = Distiller(DistillConfig(**cfg.header["config"]), folder / "cli-one", progress=False,

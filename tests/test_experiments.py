@@ -13,7 +13,6 @@ import pytest
 
 from tesla_func.distill import DistillConfig
 from tesla_func.experts import ExpertConfig
-from tesla_func.plots import plot_accuracy_vs_iteration
 from tesla_func.results import make_results, save_results, write_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,38 +49,42 @@ def assert_provenance(ds):
 def test_ablate_labels_runs_end_to_end(ablate, tmp_path):
     cfg = ablate.AblateLabelsConfig(
         experts=EXPERTS,
-        distill=dataclasses.replace(DISTILL, eval_every=1, eval_models=1),
+        distill=dataclasses.replace(DISTILL, eval_models=1),
         ipcs=(1, 2),
         label_strategies=("hard", "sla-only"),
+        seeds=(0, 1),
     )
     ds = ablate.main(cfg)
-    assert dict(ds.sizes) == {"label_strategy": 2, "ipc": 2, "iteration": 2,
+    assert dict(ds.sizes) == {"set": 3, "label_strategy": 2, "ipc": 2, "seed": 2,
                               "log_iteration": 2, "class": 10}
-    assert np.isfinite(ds.accuracy.values).all() and np.isfinite(ds.val_accuracy.values).all()
-    assert (np.diff(ds.best_on_test.values, axis=-1) >= 0).all()  # best so far never drops
-    # the reported number is the test accuracy where validation was best, so far
-    best_val = ds.val_accuracy.values.argmax(axis=-1)  # first maximum, as the selection
-    at_last = ds.isel(iteration=-1)
-    np.testing.assert_array_equal(at_last.selected_iteration.values,
-                                  ds.iteration.values[best_val])
-    np.testing.assert_array_equal(
-        at_last.selected_accuracy.values,
-        np.take_along_axis(ds.accuracy.values, best_val[..., None], -1)[..., 0],
-    )
-    assert np.isfinite(ds.random_real_accuracy.values).all()
+    assert list(ds.set.values) == ["hard", "sla-only", "random real"]
+    assert np.isfinite(ds.accuracy.values).all()
+    assert np.isfinite(ds.val_accuracy.sel(set=["hard", "sla-only"]).values).all()
+    assert np.isnan(ds.val_accuracy.sel(set="random real")).all()  # the baseline has none
+    # each seed is its own run: other initial images, draws and evaluation networks
+    hard = ds.accuracy.sel(set="hard", ipc=2)
+    assert hard.sel(seed=0) != hard.sel(seed=1)
+    assert ds.beta.dims == ("label_strategy", "ipc", "seed") and (ds.beta > 0).all()
     assert_provenance(ds)
     assert ds.attrs["config"]["label_strategies"] == ("hard", "sla-only")
     text = ablate.table(ds)
-    assert "sla-only" in text and "random real" in text
-    paths = write_outputs(
-        ds,
-        "ablate_labels",
-        tmp_path / "out",
-        table=text,
-        plot=lambda nc, png: plot_accuracy_vs_iteration(nc, png),
-    )
-    for path in paths.values():
+    assert "sla-only" in text and "random real" in text and "IPC 2, seeds 0, 1" in text
+    notes = ablate.notes(ds)
+    assert "across 2 distillation seeds" in notes and "exceed the spread" in notes
+    paths = write_outputs(ds, "ablate_labels", tmp_path / "out", table=text, notes=notes,
+                          plot=ablate.plot)
+    for path in [*paths.values(), tmp_path / "out" / "ablate_labels_drift.png"]:
         assert path.stat().st_size > 0
+
+
+def test_ablate_labels_names_the_differences_beyond_the_spread(ablate):
+    accuracy = np.array([[[0.70, 0.72, 0.71]], [[0.60, 0.61, 0.62]], [[0.69, 0.73, 0.70]]])
+    ds = make_results({"accuracy": (("set", "ipc", "seed"), accuracy)},
+                      coords={"set": ["hard", "sla", "learned"], "ipc": [1], "seed": [0, 1, 2]})
+    text = ablate.differences(ds)
+    # hard vs sla: 10 points apart, stds 1: beyond; learned vs hard: within; learned vs sla too
+    assert "hard > sla by 10.0" in text and "learned > sla by" in text
+    assert "(1 other pairs within the spread)" in text
 
 
 def test_paper_preset_and_overrides_parse(ablate):
@@ -107,16 +110,35 @@ def test_main_table_runs_end_to_end(tmp_path):
         distill=dataclasses.replace(DISTILL, eval_models=2),
         ipcs=(1, 2),
         rows=("tesla/hard", "unrolled/hard"),
+        seeds=(0, 1),
         unrolled_max_ipc=1,
     )
     ds = main_table.main(cfg)
-    assert dict(ds.sizes) == {"row": 3, "ipc": 2, "model": 2}
+    assert dict(ds.sizes) == {"row": 3, "ipc": 2, "seed": 2, "iteration": 3}
     assert list(ds.row.values) == ["random/real", "tesla/hard", "unrolled/hard"]
     assert np.isnan(ds.accuracy.sel(row="unrolled/hard", ipc=2)).all()  # above unrolled_max_ipc
     assert np.isfinite(ds.accuracy.sel(row="tesla/hard")).all()
+    assert np.isfinite(ds.accuracy.sel(row="random/real")).all()
+    # the seeds are different runs: other initial images, draws and evaluation networks
+    tesla = ds.sel(row="tesla/hard", ipc=1)
+    assert tesla.accuracy.sel(seed=0) != tesla.accuracy.sel(seed=1)
+    # beta: the initial value, then one per iteration; collapsed says whether the last is low
+    assert (tesla.beta.isel(iteration=0) == 0.01).all() and np.isfinite(tesla.beta).all()
+    expected = tesla.beta.isel(iteration=-1) < cfg.collapse_below * tesla.beta.isel(iteration=0)
+    np.testing.assert_array_equal(tesla.collapsed.values, expected.values)
+    assert np.isnan(ds.collapsed.sel(row="random/real")).all()
     assert_provenance(ds)
     text = main_table.table(ds)
-    assert "random / real" in text and "| - |" in text
+    assert "random / real" in text and "| - |" in text and "seed 1" in text
+    assert "collapsed" in text
+    notes = main_table.notes(ds)
+    assert "across 2 distillation seeds" in notes and "IPC 1: tesla/hard - unrolled/hard" in notes
+    paths = write_outputs(ds, "main_table", tmp_path, table=text, notes=notes,
+                          plot=main_table.plot)
+    for path in (paths["figure"], tmp_path / "main_table_beta.png"):
+        assert path.read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(ValueError, match="distinct"):
+        main_table.MainTableConfig(seeds=(0, 0))
 
 
 def test_cross_arch_runs_end_to_end(tmp_path):
@@ -126,33 +148,46 @@ def test_cross_arch_runs_end_to_end(tmp_path):
     cfg = cross_arch.CrossArchConfig(
         experts=EXPERTS,
         distill=dataclasses.replace(DISTILL, eval_models=1),
-        ipc=1,
+        ipcs=(1, 2),
         sets=("tesla/hard",),
         archs=("convnet", "vit_tiny"),
         lr_grid=(0.01, 0.1),
         epochs=2,
         models=2,
         val_images=50,
+        test_images=100,
     )
     ds = cross_arch.main(cfg)
-    assert dict(ds.accuracy.sizes) == {"set": 2, "arch": 2, "lr_choice": 3, "model": 2}
+    assert dict(ds.accuracy.sizes) == {"set": 2, "ipc": 2, "arch": 2, "lr_choice": 3, "model": 2}
     assert np.isfinite(ds.accuracy.values).all() and np.isfinite(ds.val_accuracy.values).all()
-    assert ds.lr.sel(set="random/real", lr_choice="own").values.tolist() == [0.01, 0.01]
+    assert ds.attrs["test_images_used"] == 100
+    assert ds.lr.sel(set="random/real", lr_choice="own").values.ravel().tolist() == [0.01] * 4
+    # the networks differ (their own initialisations): a spread, not +- 0.0
+    assert (ds.accuracy.std("model") > 0).any()
     # random real's own lr is also in the grid: trained once, the same numbers under both names
     real = ds.sel(set="random/real")
     np.testing.assert_array_equal(real.accuracy.sel(lr_choice="own").values,
                                   real.accuracy.sel(lr_choice="grid 0.01").values)
     # the reported lr is the one with the best mean validation accuracy, never the test's
     for name in ds.set.values:
-        for arch in ds.arch.values:
-            at = ds.sel(set=name, arch=arch)
-            best = at.val_accuracy.mean("model").argmax("lr_choice").item()
-            assert str(at.chosen.values) == str(at.lr_choice.values[best])
-            np.testing.assert_array_equal(at.chosen_accuracy.values,
-                                          at.accuracy.isel(lr_choice=best).values)
+        for ipc in ds.ipc.values:
+            for arch in ds.arch.values:
+                at = ds.sel(set=name, ipc=ipc, arch=arch)
+                best = at.val_accuracy.mean("model").argmax("lr_choice").item()
+                assert str(at.chosen.values) == str(at.lr_choice.values[best])
+                np.testing.assert_array_equal(at.chosen_accuracy.values,
+                                              at.accuracy.isel(lr_choice=best).values)
     assert_provenance(ds)
     text = cross_arch.table(ds)
     assert "tesla / hard" in text and "chosen on validation" in text and "own" in text
+    assert "vit_tiny, IPC 1" in text and "vit_tiny, IPC 2" in text
+    paths = write_outputs(ds, "cross_arch", tmp_path, table=text, notes=cross_arch.notes(ds),
+                          plot=cross_arch.plot)
+    assert paths["figure"].read_bytes().startswith(b"\x89PNG")
+    # without a grid: the set's own lr only, nothing validated
+    own = cross_arch.main(dataclasses.replace(cfg, lr_grid=(), archs=("convnet",), ipcs=(1,)))
+    assert own.lr_choice.values.tolist() == ["own"] and (own.chosen == "own").all()
+    assert np.isnan(own.val_accuracy).all() and "chosen on validation" not in cross_arch.table(own)
     with pytest.raises(ValueError, match="unknown architectures"):
         cross_arch.CrossArchConfig(archs=("resnet50",))
 
@@ -181,12 +216,6 @@ def test_a_stale_cache_is_never_reused(monkeypatch, tmp_path):
         assert experiment.run_dir(run) != first.out  # another thread count
 
 
-def test_selection_is_on_validation_only(ablate):
-    val = np.array([[0.5, 0.7, np.nan, 0.7, 0.6]])
-    chosen = ablate.selected_so_far(val)
-    assert chosen.tolist() == [[0, 1, 1, 1, 1]]  # the earliest best; NaN is never chosen
-
-
 def test_ablate_labels_measures_label_drift_and_draws_its_sets(ablate, tmp_path, monkeypatch):
     from tesla_func import experiment
 
@@ -196,12 +225,14 @@ def test_ablate_labels_measures_label_drift_and_draws_its_sets(ablate, tmp_path,
             "--distill.match-epochs", "1", "--distill.max-start-epoch", "1",
             "--distill.eval-every", "0", "--distill.eval-epochs", "1",
             "--distill.eval-models", "1", "--distill.snapshot-every", "1", "--ipcs", "2",
-            "--label-strategies", "hard", "sla", "--threads", "1"]
+            "--label-strategies", "hard", "sla", "--seeds", "3", "--threads", "1"]
     ds = experiment.run_experiment("ablate_labels", ablate.AblateLabelsConfig, ablate.PRESETS,
-                                   "", ablate.main, ablate.table, ablate.plot,
+                                   "", ablate.main, ablate.table, ablate.plot, notes=ablate.notes,
                                    argv=argv, sets=ablate.plot_sets)
-    assert ds.label_drift.dims == ("label_strategy", "ipc", "log_iteration")
-    assert ds.class_count.dims == ("label_strategy", "ipc", "log_iteration", "class")
+    assert ds.label_drift.dims == ("label_strategy", "ipc", "seed", "log_iteration")
+    assert ds.class_count.dims == ("label_strategy", "ipc", "seed", "log_iteration", "class")
+    assert ds.seed.values.tolist() == [3]
+    assert "(one run)" in (tmp_path / "results" / "ablate_labels" / "ablate_labels.md").read_text()
     assert (ds.label_drift.sel(label_strategy="hard") == 0).all()
     assert (ds.class_count.sum("class") == 20).all()  # 2 images x 10 classes, every iteration
     assert (ds.class_count.sel(label_strategy="hard") == 2).all()

@@ -36,7 +36,10 @@ def tiny(fidelity):
         distill=DistillConfig(ipc=1, iterations=2, syn_steps=2, match_epochs=1, max_start_epoch=1,
                               lr_img=100.0, lr_lr=1e-2, eval_epochs=2, eval_models=2),
         ipc=2, batch_syn=10, steps=(1, 3), start_epochs=(0, 1), lrs=(0.01, 0.05), base_steps=3,
-        base_start_epoch=0, base_lr=0.01, segments=2, distill_seeds=(0,), threads=1)
+        base_start_epoch=0, base_lr=0.01, segments=2, distill_seeds=(0,), threads=1,
+        precision_settings=("drawn/crop/half/hard/relu", "drawn/all/full/learned/softplus",
+                            "expert/none/half/hard/relu"),
+        precision_steps=(1, 2), precision_problems=2, precision_width=4, precision_images=8)
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +99,41 @@ def test_distillation_part(results, tiny, fidelity):
                                rtol=1e-6)
 
 
+def test_precision_part(results, tiny):
+    ds = results
+    dims = {"setting": 3, "T": 2, "problem": 2, "precision_method": 3}
+    assert dict(ds.precision_images_error.sizes) == dims
+    assert dict(ds.precision_flips.sizes) == dims
+    assert ds.precision_method.values.tolist() == ["unrolled", "tesla", "exact"]
+    assert ds.activation.values.tolist() == ["relu", "softplus", "relu"]
+    assert ds.source.values.tolist() == ["drawn", "drawn", "expert"]
+    errors = ds.precision_images_error
+    assert (errors > 0).all() and np.isfinite(errors).all()
+    # labels: a gradient error only for learned logits
+    labels = ds.precision_labels_error.notnull()
+    assert labels.sel(setting="drawn/all/full/learned/softplus").all()
+    assert not labels.sel(setting="drawn/crop/half/hard/relu").any()
+    # T = 1: tesla is exact, so all three are float32 rounding of one gradient
+    assert (errors.sel(T=1) < 1e-4).all()
+    # T = 2: tesla's error is its truncation, far above rounding
+    assert (errors.sel(T=2, precision_method="tesla") > 1e-3).all()
+    # tesla computes the states as exact does: the same flips
+    np.testing.assert_array_equal(ds.precision_flips.sel(precision_method="tesla"),
+                                  ds.precision_flips.sel(precision_method="exact"))
+    assert (ds.precision_flips.diff("T") >= 0).all()  # summed over the first T steps
+
+
+def test_precision_settings_are_checked(fidelity):
+    parsed = fidelity.PrecisionSetting.parse("drawn/color/half/learned/softplus")
+    assert parsed.families == ("color",) and parsed.labels == "learned" and not parsed.tf32
+    assert fidelity.PrecisionSetting.parse("drawn/none/full/hard/relu").families == ()
+    assert fidelity.PrecisionSetting.parse("expert/all/full/hard/relu/tf32").tf32
+    with pytest.raises(ValueError, match="source/augment/batch/labels/activation"):
+        fidelity.PrecisionSetting.parse("drawn/jitter/full/hard/relu")
+    with pytest.raises(ValueError, match="TF32"):
+        fidelity.FidelityConfig(precision_settings=("drawn/none/full/hard/relu/tf32",))
+
+
 def test_distillation_runs_are_cached_and_reused(fidelity, tiny, results, cache):
     """A second call reloads the finished runs: the same accuracies without distilling again."""
     assert len(list((cache / "runs").iterdir())) == 2  # tesla and exact of seed 0
@@ -111,9 +149,12 @@ def test_outputs_are_written_with_provenance(fidelity, results, tmp_path):
     notes = fidelity.notes(results)
     assert "random real" in text and "`tesla`" in text and "cosine" in text
     assert notes.startswith("**Finding.**") and "Wall time" in notes
+    assert "Float32 against float64" in text and "drawn/crop/half/hard/relu" in text
+    assert "**Precision.**" in notes and "median ratio" in notes
     paths = write_outputs(results, fidelity.NAME, tmp_path, table=text, notes=notes,
                           plot=fidelity.plot)
-    for path in [*paths.values(), tmp_path / f"{fidelity.NAME}_distill.png"]:
+    for path in [*paths.values(), tmp_path / f"{fidelity.NAME}_distill.png",
+                 tmp_path / f"{fidelity.NAME}_precision.png"]:
         assert path.stat().st_size > 0, path
     saved = load_results(paths["netcdf"])
     for key in ("config", "seed", "git_revision", "device", "version_torch", "command"):

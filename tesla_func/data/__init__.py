@@ -42,7 +42,8 @@ The modules, each with one job:
 ``load``
     :func:`load_dataset` (validation split, normalisation, kornia ZCA, the same for every
     dataset), and reloading and checking the dataset a file recorded (:func:`load_dataset_like`,
-    :func:`check_same_dataset`, :func:`pixels_from_info`).
+    :func:`check_same_dataset`, :func:`pixels_from_info` and its inverse
+    :func:`inputs_from_info`).
 ``idx``, ``digits``, ``cifar``, ``imagenet64``, ``image_folder``
     one reader per file format; each module's docstring describes its format. The CIFAR files
     are pickles, read only through ``cifar``'s restricted unpickler.
@@ -72,12 +73,14 @@ from tesla_func.data.image_folder import (
     FOLDER_RESAMPLE,
     FOLDER_SPLIT_SEED,
     FOLDER_TEST_EVERY,
+    read_class_folders,
 )
 from tesla_func.data.load import (
     VALIDATION_SEED,
     ZCA_EPS,
     check_same_dataset,
     fit_zca,
+    inputs_from_info,
     load_dataset,
     load_dataset_like,
     pixels_from_info,
@@ -117,10 +120,12 @@ __all__ = [
     "check_same_dataset",
     "dataset_options",
     "fit_zca",
+    "inputs_from_info",
     "load_dataset",
     "load_dataset_like",
     "locate",
     "pixels_from_info",
+    "read_class_folders",
     "read_idx",
     "search_dirs",
     "shape",

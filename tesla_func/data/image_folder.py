@@ -30,7 +30,8 @@
 
 The reader interface (:mod:`tesla_func.data`): :func:`find` and :func:`read` (which takes the
 option ``image_size``), and :func:`explain_missing` for the error when ``root`` is not such a
-folder.
+folder. :func:`read_class_folders` reads one class-folder tree whole, without a split (a
+synthetic set exported as images: :mod:`tesla_func.export`).
 """
 
 from __future__ import annotations
@@ -250,3 +251,23 @@ def read(root: Path, image_size: int | None = None) -> RawArrays:
         test_y=labels(test),
         class_names=names,
     )
+
+
+def read_class_folders(root: str | Path) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+    """One folder of class folders read whole, without a split or resizing: (the class folder
+    names, uint8 (N, C, S, S) images, int64 (N,) labels).
+
+    As torchvision's ``ImageFolder`` numbers them, label k is the k-th class folder in sorted
+    name order, and images come class by class, by file name within one. Unlike it, only the
+    files directly in a class folder are read, only PNG/JPEG, and names starting with ``.`` are
+    skipped (see the module docstring). Errors name the folder, class or file: no class folders,
+    an empty class, an unreadable image, grey and colour mixed, sizes that differ.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such folder: {root}")
+    names = _class_names(root)
+    files = [_class_images(root / name, name) for name in names]
+    images = _decode_images([p for per_class in files for p in per_class], None)
+    labels = np.repeat(np.arange(len(names), dtype=np.int64), [len(f) for f in files])
+    return names, images, labels

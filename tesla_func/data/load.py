@@ -14,7 +14,7 @@
 Expert and synthetic-set files record their dataset as a ``dataset_info`` dict (a
 :class:`~tesla_func.data.types.DatasetInfo`): :func:`load_dataset_like` reloads it and
 :func:`check_same_dataset` checks it is the same; :func:`pixels_from_info` turns a set's images
-back into pixels with it.
+back into pixels with it, and :func:`inputs_from_info` pixels into a set's images.
 """
 
 from __future__ import annotations
@@ -260,9 +260,7 @@ def pixels_from_info(
         check_same_dataset(saved, dataset.info, "the images")
         return dataset.to_pixels(images), ""
     if not saved.get("zca", False):
-        shape = (1, -1, 1, 1)
-        mean = torch.tensor(saved["mean"], dtype=images.dtype, device=images.device).view(shape)
-        std = torch.tensor(saved["std"], dtype=images.dtype, device=images.device).view(shape)
+        mean, std = _saved_stats(saved, images)
         return images * std + mean, ""
     try:
         dataset = load_dataset_like(saved, root, what="the images")
@@ -270,3 +268,34 @@ def pixels_from_info(
         return images, (f"ZCA-whitened, shown min-max scaled per image: dataset "
                         f"{saved['name']!r} (needed to undo ZCA) was not found")
     return dataset.to_pixels(images), ""
+
+
+def inputs_from_info(
+    pixels: Tensor,
+    saved: dict,
+    *,
+    dataset: Dataset | None = None,
+    root: str | Path | None = None,
+) -> Tensor:
+    """(B, C, H, W) pixels in [0, 1] -> the network inputs of the dataset a file's
+    ``dataset_info`` describes: the inverse of :func:`pixels_from_info`.
+
+    Mean/std come from ``saved``. A ZCA-whitened dataset needs its fitted whitening: ``dataset``
+    if given (checked against ``saved``), else the one ``saved`` names, refitted
+    (:func:`load_dataset_like`, ``root`` as there; FileNotFoundError when it is not found).
+    """
+    if dataset is not None:
+        check_same_dataset(saved, dataset.info, "the images")
+        return dataset.from_pixels(pixels)
+    if saved.get("zca", False):
+        return load_dataset_like(saved, root, what="the images").from_pixels(pixels)
+    mean, std = _saved_stats(saved, pixels)
+    return (pixels - mean) / std
+
+
+def _saved_stats(saved: dict, like: Tensor) -> tuple[Tensor, Tensor]:
+    """``saved``'s mean and std as (1, C, 1, 1) tensors of ``like``'s dtype and device."""
+    shape = (1, -1, 1, 1)
+    mean = torch.tensor(saved["mean"], dtype=like.dtype, device=like.device).view(shape)
+    std = torch.tensor(saved["std"], dtype=like.dtype, device=like.device).view(shape)
+    return mean, std

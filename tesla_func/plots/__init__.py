@@ -8,8 +8,9 @@ PNG atomically and returns the figure. Dims not named as x, hue or style are *re
 +- std (population std, as the accuracy tables report it).
 
 Pictures of synthetic sets (``plot_synthetic``, ``plot_synthetic_sets``, ``plot_experiment_sets``,
-``plot_image_strip``) are drawn from saved synthetic-set files in the same way: the images turned
-back into pixels from the file's own ``dataset_info``.
+``plot_image_strip``; ``set_grid``, the bare pixels for image loggers) are drawn from saved
+synthetic-set files in the same way: the images turned back into pixels from the file's own
+``dataset_info``.
 
 - :mod:`.figures`: figures of results any experiment or benchmark draws (accuracy, scaling, bars,
   sweeps);
@@ -33,10 +34,12 @@ from tesla_func.plots.sets import (
     plot_image_strip,
     plot_synthetic,
     plot_synthetic_sets,
+    set_grid,
 )
 from tesla_func.plots.style import save_png
 
 __all__ = [
     "plot_accuracy_vs_iteration", "plot_bar", "plot_experiment_sets", "plot_image_strip",
     "plot_scaling", "plot_sweeps", "plot_synthetic", "plot_synthetic_sets", "save_png",
+    "set_grid",
 ]

@@ -149,11 +149,14 @@ def plot_bar(
     x: str | None = "ipc",
     hue: str | None = "method",
     replicate: Sequence[str] = ("model", "seed"),
+    ddof: int = 0,
     title: str | None = None,
 ) -> Figure:
     """Grouped bars of mean +- std of ``var`` (an accuracy table): groups along ``x``, one bar
-    colour per ``hue`` value, each bar annotated 'mean +- std'. ``x`` / ``hue`` may be None or a
-    dim the file lacks (one group / one colour); dims left over must be replicate dims."""
+    colour per ``hue`` value, each bar annotated 'mean +- std' (std over the replicates with
+    ``ddof``: 1 for the sample std of a few seeds, as :func:`tesla_func.results.mean_std`).
+    ``x`` / ``hue`` may be None or a dim the file lacks (one group / one colour); dims left over
+    must be replicate dims."""
     ds = load_results(path)
     da = variable(ds, var, path)
     scale = percent_scale(da)
@@ -169,7 +172,7 @@ def plot_bar(
     frame["_x"] = frame[x].astype(str) if x else ""
     frame["_hue"] = frame[hue].astype(str) if hue else var
     table = frame.groupby(["_x", "_hue"], sort=False)[var].agg(
-        mean="mean", std=lambda v: v.std(ddof=0)
+        mean="mean", std=lambda v: v.std(ddof=ddof) if len(v) > ddof else 0.0
     )
     groups, colours = list(dict.fromkeys(frame["_x"])), list(dict.fromkeys(frame["_hue"]))
     palette = sns.color_palette(n_colors=len(colours))

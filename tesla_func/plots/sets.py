@@ -19,7 +19,13 @@ from torch import Tensor
 from tesla_func.data import Dataset, pixels_from_info
 from tesla_func.plots.style import save_png
 from tesla_func.results import load_results
-from tesla_func.synthetic import SNAPSHOTS, SyntheticSet, load_synthetic, snapshot_paths
+from tesla_func.synthetic import (
+    SNAPSHOTS,
+    SyntheticSet,
+    class_layout,
+    load_synthetic,
+    snapshot_paths,
+)
 
 # Each set is drawn as one mosaic image on one Axes (one imshow, not one Axes per image, so a
 # figure of several 100-image sets draws in about a second), with axes placed by hand in inches.
@@ -82,18 +88,6 @@ def _load_set(synthetic: SyntheticSet | str | Path) -> tuple[SyntheticSet, str]:
     return load_synthetic(synthetic), str(synthetic)
 
 
-def _classes_of(synthetic: SyntheticSet, where: str) -> tuple[int, int, list[str]]:
-    """(K, ipc, class names) of a saved set: its images are class-major, ipc of each class."""
-    info = synthetic.header.get("dataset_info")
-    if not isinstance(info, dict) or "num_classes" not in info:
-        raise ValueError(f"{where} has no dataset_info in its header: cannot tell its classes")
-    k, n = int(info["num_classes"]), len(synthetic.images)
-    if n == 0 or n % k:
-        raise ValueError(f"{where} holds {n} images, not a multiple of its {k} classes")
-    names = [str(c) for c in info.get("class_names") or range(k)]
-    return k, n // k, names
-
-
 def _pixels_of(synthetic: SyntheticSet, dataset: Dataset | None,
                root: str | Path | None) -> tuple[np.ndarray, str]:
     """The set's images as displayable pixels (N, C, H, W) and a note ('' for real pixels)."""
@@ -142,7 +136,7 @@ def _set_mosaic(
         raise ValueError(f"max_classes and max_per_class must be >= 1, got {max_classes} and "
                          f"{max_per_class}")
     synthetic, where = _load_set(synthetic)
-    k, ipc, names = _classes_of(synthetic, where)
+    k, ipc, names = class_layout(synthetic, where)
     pixels, note = _pixels_of(synthetic, dataset, root)
     rows, cols = min(k, max_classes), min(ipc, max_per_class)
     index = np.arange(rows)[:, None] * ipc + np.arange(cols)[None, :]  # (R, M) class-major
@@ -260,6 +254,28 @@ def plot_synthetic(
     return fig
 
 
+def set_grid(
+    synthetic: SyntheticSet | str | Path,
+    *,
+    dataset: Dataset | None = None,
+    root: str | Path | None = None,
+    max_classes: int = 20,
+    max_per_class: int = 20,
+    pad: int = 1,
+) -> np.ndarray:
+    """The set's pixels as one (C, H', W') image in [0, 1], one row per class with white ``pad``
+    pixels between the tiles: the tiles :func:`plot_synthetic` draws, without its text (for
+    image loggers such as TensorBoard's)."""
+    tiles = _set_mosaic(synthetic, dataset=dataset, root=root, max_classes=max_classes,
+                        max_per_class=max_per_class).tiles  # (R, M, C, H, W)
+    r, m, c, h, w = tiles.shape
+    grid = np.ones((c, r * (h + pad) - pad, m * (w + pad) - pad), dtype=np.float32)
+    for i in range(r):
+        for j in range(m):
+            grid[:, i * (h + pad):i * (h + pad) + h, j * (w + pad):j * (w + pad) + w] = tiles[i, j]
+    return grid
+
+
 def plot_synthetic_sets(
     sets: Mapping[str, SyntheticSet | str | Path],
     out_png: str | Path,
@@ -351,7 +367,7 @@ def plot_image_strip(
     if missing:
         raise ValueError(f"no snapshot at iterations {missing}; there are {available}")
     first, where = by_iteration[iterations[0]]
-    k, ipc, names = _classes_of(first, str(where))
+    k, ipc, names = class_layout(first, str(where))
     n = len(first.images)
     images = list(range(0, n, ipc))[:10] if images is None else list(images)
     bad = [i for i in images if not 0 <= i < n]
