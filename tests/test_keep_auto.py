@@ -131,3 +131,20 @@ def test_auto_is_the_distillation_default_and_its_flags_parse():
                          ({"memory_budget": "lots"}, "memory_budget: cannot read 'lots'")):
         with pytest.raises(ValueError, match=message):
             DistillConfig(**bad)
+
+
+def test_slow_measurements_give_way_to_predictions(monkeypatch):
+    """Once a measured call takes longer a step than predicting one, the rest are predicted:
+    the same bytes on CPU."""
+    import tesla_func.planner.predictor as predictor_module
+
+    run = _run_shape(_problem(torch.float32))
+    monkeypatch.setattr(predictor_module, "PREDICT_ABOVE_S", float("inf"))
+    measured = Predictor(run, measure_on="cpu")  # type: ignore[arg-type]
+    bytes_measured = [measured.direct("exact", 4, keep=k).peak_bytes for k in (0, 2, 3)]
+    assert not measured.predicting
+    monkeypatch.setattr(predictor_module, "PREDICT_ABOVE_S", 0.0)
+    switching = Predictor(run, measure_on="cpu")  # type: ignore[arg-type]
+    switching.family(run.batch)  # the first measured call: slower than 0 s a step
+    assert switching.predicting
+    assert [switching.direct("exact", 4, keep=k).peak_bytes for k in (0, 2, 3)] == bytes_measured

@@ -27,8 +27,11 @@ T, stride, microbatches, dtype, device) and cached in the process: the points of
 planner does) and four short calls (T = 3 and 4 at k = 0, T = 4 at k = 2 and 3), which on CPU
 equal the fake-tensor prediction to the byte (:mod:`tesla_func.memory`) at a fraction of its cost:
 a prediction runs about a millisecond of Python per operator, several seconds for the line of a
-small ConvNet, where the measured line costs about ten short steps of the run. The free memory is
-read again at every choice (cheap).
+small ConvNet, where the measured line costs about fifteen short steps of the run (about 1 s at
+the main job's size). Where a measured step turns out slower than predicting one (the paper's
+CIFAR-10 size on a CPU: 1-2 s a step), the rest of the line is predicted (``PREDICT_ABOVE_S``;
+about 20 s there, a third of one of its iterations). The free memory is read again at every
+choice (cheap).
 
 The gradient does not depend on k (up to rounding; tests/test_matching.py checks it in float64),
 so the choice changes time and memory only.

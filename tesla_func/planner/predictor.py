@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,13 @@ from tesla_func.labels import LABEL_STRATEGIES, LabelStrategy
 from tesla_func.matching import METHODS, match_trajectory
 from tesla_func.memory import Cost, measure_peak_memory, predict_cost
 from tesla_func.planner.config import PlanConfig
+
+
+# Seconds a step of a measured call may take before the rest are predicted instead: about what
+# predicting one step takes (0.3-0.8 s here: a millisecond of Python for each of its ~1000
+# operators, whatever the sizes). A step of the paper's CIFAR-10 call (width 128, batch 100)
+# takes 1-2 s on a CPU core.
+PREDICT_ABOVE_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -67,12 +75,14 @@ class Predictor:
     skeleton on that device: :class:`tesla_func.planner.auto.RunShape`). On CPU the bytes are the
     prediction's, at the cost of the call's own arithmetic instead of about a millisecond per
     operator: what a run choosing its own keep_graphs at start-up uses. On CUDA they are the
-    allocator's.
+    allocator's. Once a measured call has taken longer per step than predicting one does
+    (:data:`PREDICT_ABOVE_S`: large networks on a CPU), the rest are predicted.
     """
 
     def __init__(self, cfg: PlanConfig, *, measure_on: str | torch.device | None = None) -> None:
         self.cfg = cfg
         self.measure_on = None if measure_on is None else torch.device(measure_on)
+        self.predicting = measure_on is None  # measured calls turned out slower than predicting
         self.model = cfg.skeleton()
         self.kind = label_kind(cfg.distill.label_strategy)
         self._cache: dict[tuple, Cost] = {}
@@ -165,10 +175,12 @@ class Predictor:
              keep: int | None) -> Cost:
         """One call's cost: predicted on fake tensors, or measured (``measure_on``)."""
         args, kwargs = self.arguments(steps, batch, family), self.method_kwargs(method, keep)
-        if self.measure_on is None:
+        if self.predicting:
             return predict_cost(match_trajectory, **args, **kwargs)[1]
+        tic = time.perf_counter()
         real = self._materialize(args, steps, batch, family)
         peak = measure_peak_memory(match_trajectory, **real, **kwargs, device=self.measure_on)[1]
+        self.predicting = (time.perf_counter() - tic) / steps > PREDICT_ABOVE_S
         return Cost(peak.peak_bytes, 0)  # FLOPs are not counted: they would double the cost
 
     def _materialize(self, args: dict[str, Any], steps: int, batch: int,
