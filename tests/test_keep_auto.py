@@ -27,7 +27,7 @@ STEPS = 6
 
 
 def _problem(dtype=torch.float64, steps=STEPS):
-    """A small DSA matching problem (ConvNet depth 1 width 4 on 1x8x8 images, 12 images, batch 6)."""
+    """A small DSA matching problem: ConvNet depth 1 width 4 on 12 images of 1x8x8, batch 6."""
     gen = torch.Generator().manual_seed(0)
     model = ConvNet(channels=1, num_classes=3, image_size=8, width=4, depth=1).to(dtype)
     start = {k: v.to(dtype) for k, v in init_params(model, gen).items()}

@@ -1,5 +1,6 @@
 """The scaling benchmarks' results: the points of a session (:class:`ScalingRun`), the Dataset
-(:func:`scaling_results`), its Markdown tables and the three files (:func:`write_scaling_report`)."""
+(:func:`scaling_results`), its Markdown tables and the three files
+(:func:`write_scaling_report`)."""
 
 from __future__ import annotations
 

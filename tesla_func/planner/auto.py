@@ -188,7 +188,8 @@ def choose_keep_graphs(
     tic = time.perf_counter()
     device = torch.device(device)
     predictor = _LINES.get(run, device)
-    after = max(update_peak_bytes(run), teacher_peak_bytes(run)) if transient else 0  # type: ignore[arg-type]
+    # the SGD update after the call, or the SLA teacher before it (RunShape reads as a PlanConfig)
+    after = max(update_peak_bytes(run), teacher_peak_bytes(run)) if transient else 0
     if memory_budget is not None:
         room, free, source = parse_bytes(memory_budget), None, "memory_budget"
     else:
