@@ -55,7 +55,12 @@ from tesla_func.distill_config import DistillConfig
 from tesla_func.matching import METHODS
 from tesla_func.memory import format_bytes, parse_bytes
 from tesla_func.planner.limits import Limits
-from tesla_func.planner.predictor import Predictor, teacher_peak_bytes, update_peak_bytes
+from tesla_func.planner.predictor import (
+    Predictor,
+    label_kind,
+    teacher_peak_bytes,
+    update_peak_bytes,
+)
 
 AUTO = "auto"
 # Fraction of the free memory the call may take (the safety margin is the rest), by device type.
@@ -158,9 +163,10 @@ class _Lines:
     def get(self, run: RunShape, device: torch.device) -> Predictor:
         d = run.distill
         params = tuple((k, tuple(p.shape)) for k, p in run.model.named_parameters())
+        soft = label_kind(d.label_strategy).soft  # all the labels change in the call
         key = (type(run.model).__name__, repr(run.model), params, run.shape, run.num_images,
-               run.torch_dtype, run.batch, d.label_strategy, d.dsa, d.state_stride,
-               d.microbatch_size, str(device))
+               run.torch_dtype, run.batch, soft, d.dsa, d.state_stride, d.microbatch_size,
+               str(device))
         if key not in self.predictors:
             self.predictors[key] = Predictor(run, measure_on=device)  # type: ignore[arg-type]
         return self.predictors[key]
