@@ -2,10 +2,10 @@
 commit, measured side by side in one session.
 
 Each point (setting, code) runs :mod:`tesla_func.benchmarking.worker` in a fresh process:
-random data and random expert trajectories of the setting's shapes (no files), ``warmup``
-iterations, then ``iterations`` timed ones (the fastest is kept), then evaluation epochs (one
-untimed, ``eval_epochs`` timed). ``code`` is ``"after"`` (this tree) or ``"before"`` (the
-``baseline`` commit, extracted with ``git archive`` into a temporary folder and put first on the
+random data and random expert trajectories of the setting's shapes (no files); evaluation epochs
+on the initial set (one untimed, ``eval_epochs`` timed), then ``warmup`` distillation iterations
+and ``iterations`` timed ones (the fastest is kept). ``code`` is ``"after"`` (this tree) or
+``"before"`` (the ``baseline`` commit, extracted with ``git archive`` into a temporary folder and put first on the
 worker's ``PYTHONPATH``); every round runs before, then after, so both see the same load, and the
 fastest round of each is kept. Every tree runs its own defaults (before: keep_graphs 0; after:
 "auto"), with the method and sizes of the setting.
@@ -72,7 +72,8 @@ class Setting:
 
 
 SETTINGS: dict[str, Setting] = {
-    "main": Setting("fashion-mnist", 1, 28, 10, 32, 3, ipc=10, batch_syn=20, syn_steps=20),
+    "main": Setting("fashion-mnist", 1, 28, 10, 32, 3, ipc=10, batch_syn=20, syn_steps=20,
+                    eval_epochs=30),
     "paper": Setting("cifar10", 3, 32, 10, 128, 3, ipc=10, batch_syn=100, syn_steps=30,
                      iterations=1, eval_epochs=3),
     "tiny": Setting("digits", 1, 8, 3, 4, 1, ipc=2, batch_syn=4, syn_steps=3, iterations=1,
