@@ -51,7 +51,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from kornia.geometry.transform import get_affine_matrix2d, hflip, warp_affine
 from torch import Tensor
 
 FAMILIES: tuple[str, ...] = ("color", "crop", "cutout", "flip", "scale", "rotate")
@@ -189,8 +188,8 @@ class DSA:
         Returns the ``augment(x, step) -> x`` callable that ``match_trajectory(augment=...)``
         takes: deterministic per step, safe inside torch.func transforms.
         """
-        params = tuple(self.sample(b, generator, device=device, dtype=dtype) for b in batch_sizes)
-        return ReplayedDSA(dsa=self, params=params)
+        params = tuple(self.sample(b, generator, dtype=dtype) for b in batch_sizes)
+        return ReplayedDSA(dsa=self, params=_moved(params, device))
 
 
 @dataclass(frozen=True)
@@ -217,6 +216,24 @@ class ReplayedDSA:
         return tuple(p.batch_size for p in self.params)
 
 
+def _moved(params: tuple[DSAParams, ...], device: torch.device | str | None
+           ) -> tuple[DSAParams, ...]:
+    """The draws of every step moved to ``device`` together: one copy per dtype instead of one
+    per tensor (a host-to-device copy waits for the queued kernels on CUDA: T of them per
+    iteration otherwise). The same values as moving them one by one."""
+    flat = [(i, k, v) for i, p in enumerate(params) for k, v in p.values.items()]
+    if device is None or all(v.device == torch.device(device) for *_, v in flat):
+        return params
+    moved: dict[tuple[int, str], Tensor] = {}
+    for dtype in {v.dtype for *_, v in flat}:
+        group = [(i, k, v) for i, k, v in flat if v.dtype == dtype]
+        parts = torch.cat([v.reshape(-1) for *_, v in group]).to(device)
+        for (i, k, v), part in zip(group, parts.split([v.numel() for *_, v in group])):
+            moved[i, k] = part.view(v.shape)
+    return tuple(DSAParams(p.family, p.batch_size, {k: moved[i, k] for k in p.values})
+                 for i, p in enumerate(params))
+
+
 # ----------------------------------------------------------------------------------------------
 # One function per family: (dsa, x (B, C, H, W), values) -> (B, C, H, W)
 # ----------------------------------------------------------------------------------------------
@@ -236,6 +253,10 @@ def _color(dsa: DSA, x: Tensor, v: Mapping[str, Tensor]) -> Tensor:
 
 def _warp(x: Tensor, matrix: Tensor, mode: str = "bilinear") -> Tensor:
     """kornia warp with a (B, 2, 3) pixel-space matrix, zero fill outside the image."""
+    # kornia is imported where used: it costs 0.3 s at start-up, which commands that only build
+    # configs (``tesla-func --help``) would pay; once loaded, the import is a dict lookup
+    from kornia.geometry.transform import warp_affine
+
     h, w = x.shape[-2:]
     return warp_affine(x, matrix, (h, w), mode=mode, padding_mode="zeros", align_corners=True)
 
@@ -248,9 +269,13 @@ def _affine(
     angle: Tensor | None = None,
 ) -> Tensor:
     """(B, 2, 3) pixel matrix about the image centre: shift (B, 2), scale (B, 2), angle (B,) deg."""
+    from kornia.geometry.transform import get_affine_matrix2d  # where used: see _warp
+
     b, (h, w) = x.shape[0], x.shape[-2:]
     zeros2 = x.new_zeros(b, 2)
-    centre = x.new_tensor([(w - 1) / 2, (h - 1) / 2]).expand(b, 2)
+    # filled on x's device: a tensor from a Python list is a host-to-device copy, which on CUDA
+    # waits for every queued kernel (one host sync per augmented step)
+    centre = torch.stack([x.new_full((b,), (w - 1) / 2), x.new_full((b,), (h - 1) / 2)], dim=1)
     return get_affine_matrix2d(
         shift if shift is not None else zeros2,
         centre,
@@ -261,8 +286,10 @@ def _affine(
 
 def _crop(dsa: DSA, x: Tensor, v: Mapping[str, Tensor]) -> Tensor:
     h, w = x.shape[-2:]
-    limit = x.new_tensor([int(w * dsa.crop + 0.5), int(h * dsa.crop + 0.5)])  # max |shift|, px
-    shift = torch.floor(v["shift"] * (2 * limit + 1)) - limit  # (B, 2) integers in [-l, l]
+    # max |shift| in px per axis, as Python numbers: no host-to-device copy (see _affine)
+    shift = torch.stack([torch.floor(v["shift"][:, axis] * (2 * limit + 1)) - limit for axis, limit
+                         in enumerate((int(w * dsa.crop + 0.5), int(h * dsa.crop + 0.5)))],
+                        dim=1)  # (B, 2) integers in [-l, l]
     # Nearest sampling: an integer shift lands exactly on pixels, so values move unchanged.
     return _warp(x, _affine(x, shift=shift), mode="nearest")
 
@@ -283,6 +310,8 @@ def _cutout(dsa: DSA, x: Tensor, v: Mapping[str, Tensor]) -> Tensor:
 
 
 def _flip(dsa: DSA, x: Tensor, v: Mapping[str, Tensor]) -> Tensor:
+    from kornia.geometry.transform import hflip  # where used: see _warp
+
     return torch.where(_per_sample(v["flip"]), hflip(x), x)
 
 

@@ -71,8 +71,6 @@ from tesla_func.planner import (
     plan_markdown,
     plan_records,
 )
-from tesla_func.plots import plot_synthetic
-from tesla_func.results import save_results
 from tesla_func.runchecks import RunWarning, check_device
 from tesla_func.sampling import per_class_indices
 from tesla_func.synthetic import load_synthetic
@@ -257,6 +255,8 @@ def _evaluation_set(args: argparse.Namespace):
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    from tesla_func.results import save_results  # where used: xarray and pandas cost 0.6 s
+
     device = args.device or EvalConfig().device
     check_device(device)
     with (torchrun_group(device, args.group_timeout) as group,
@@ -305,6 +305,10 @@ def _add_show_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_show(args: argparse.Namespace) -> int:
+    # where used: seaborn and matplotlib (through plots) cost 1-2 s at start-up, which every
+    # command and `tesla-func --help` would pay
+    from tesla_func.plots import plot_synthetic
+
     out = Path(args.out) if args.out else Path(args.synthetic).with_suffix(".png")
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give the PNG file to write, such as "

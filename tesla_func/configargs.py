@@ -139,10 +139,21 @@ def _is_config(value: object) -> bool:
     return dataclasses.is_dataclass(value) and not isinstance(value, type)
 
 
+def _int_or_word(text: str) -> int | str:
+    """An ``int | str`` field's flag (``--keep-graphs auto|K``): a whole number, else the word as
+    typed (the config's own check says which words it takes)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 def _parser_for(annotation: str, default: object) -> Any:
     """The argparse ``type`` for a field: from its default, else from its annotation."""
     if isinstance(default, dict) or annotation.startswith(("Mapping", "dict")):
         return json.loads
+    if annotation.replace(" ", "") in ("int|str", "str|int"):
+        return _int_or_word
     if default is not None and not isinstance(default, tuple):
         return type(default)
     text = annotation.removeprefix("tuple[")

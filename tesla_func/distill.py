@@ -77,7 +77,8 @@ from tqdm.auto import tqdm
 from tesla_func import distributed
 from tesla_func.augment import DSA
 from tesla_func.configfile import CONFIG_TOML, write_config_toml
-from tesla_func.data import Dataset, check_same_dataset, expert_steps, load_dataset_like
+from tesla_func.data import (Dataset, DatasetShape, check_same_dataset, expert_steps,
+                             load_dataset_like)
 from tesla_func.distill_config import IMAGE_INITS, DistillConfig  # noqa: F401 (re-exported)
 from tesla_func.distill_state import (
     CLASS_LOG_FIELDS,
@@ -94,9 +95,8 @@ from tesla_func.labels import LabelInputs, label_drift, teacher_logits
 from tesla_func.matching import match_trajectory
 from tesla_func.models import ConvNet
 from tesla_func.optim import SGDState, sgd
-from tesla_func.plots import plot_synthetic, set_grid
+from tesla_func.planner.auto import KeepChoice, RunShape, choose_keep_graphs
 from tesla_func.provenance import provenance
-from tesla_func.results import make_results, save_results
 from tesla_func.runchecks import check_device, check_output_folder, warn
 from tesla_func.sampling import draw_minibatches
 from tesla_func.synthetic import SyntheticSet, snapshot_path
@@ -240,6 +240,7 @@ class Distiller:
         if self.set_ranks.shard is not None:
             self.classes = self.classes[self.set_ranks.shard]  # (N_r,) classes of this rank's rows
         self.last_eval: EvalResult | None = None  # the latest evaluation this process made
+        self.keep_choice: KeepChoice | None = None  # keep_graphs auto, once chosen
         checkpoint = self.out / CHECKPOINT
         self.state = (
             load_checkpoint(checkpoint, cfg.to_dict(), self.device, self.set_ranks.shard)
@@ -352,16 +353,16 @@ class Distiller:
             drift, counts = summed[0] / self.n, torch.tensor(summed[1:], dtype=torch.float64)
         res = match_trajectory(
             self.model, expert.params[t], expert.params[target_epoch], s.images,
-            labels, beta, [b.to(self.device) for b in batches],
+            labels, beta, _on_device(batches, self.device),
             method=cfg.method, augment=augment, state_stride=cfg.state_stride,
-            keep_graphs=cfg.keep_graphs, microbatch_size=cfg.microbatch_size, group=self.group,
+            keep_graphs=self.keep_graphs(), microbatch_size=cfg.microbatch_size, group=self.group,
         )
         lr_grad = res.beta_grad * beta  # dL/dlog(beta)
         grads = {"images": res.images_grad, "label_logits": res.labels_grad, "log_lr": lr_grad}
         checked = [res.loss, res.images_grad, lr_grad]
         if self.strategy.learns_logits:
             checked.append(res.labels_grad)
-        finite = self.set_ranks.all_true(all(bool(torch.isfinite(x).all()) for x in checked))
+        finite = self.set_ranks.all_true(_all_finite(checked))
         if finite:
             if math.isfinite(cfg.lr_grad_clip):
                 grads["log_lr"] = lr_grad.clamp(-cfg.lr_grad_clip, cfg.lr_grad_clip)
@@ -371,10 +372,10 @@ class Distiller:
             )
             if self.log_bounds is not None:
                 learned["log_lr"] = learned["log_lr"].clamp(*self.log_bounds)
-            new_beta = learned["log_lr"].exp()  # beta 0 or inf would stop the next iteration
-            finite = self.set_ranks.all_true(
-                all(bool(torch.isfinite(v).all()) for v in learned.values())
-                and bool(torch.isfinite(new_beta)) and bool(new_beta > 0))
+            # beta 0 or inf would stop the next iteration: log(exp(log_lr)) is finite only for
+            # a beta that is finite and > 0 in floating point (one read for all the checks)
+            new_log_beta = learned["log_lr"].exp().log()
+            finite = self.set_ranks.all_true(_all_finite([*learned.values(), new_log_beta]))
         if finite:  # commit only a finite update: inf images would stop the next iteration
             s.momentum = momentum
             s.images = learned.get("images", s.images)
@@ -444,6 +445,27 @@ class Distiller:
                 f"shorten --syn-steps (now {cfg.syn_steps}); or allow more with --beta-bound; "
                 "in a new --out folder")
 
+    def keep_graphs(self) -> int:
+        """The k every matching call of this run keeps: the config's, or for "auto" the one chosen
+        at the first call (:func:`tesla_func.planner.auto.choose_keep_graphs`: the largest k whose
+        iteration fits the device's free memory or ``memory_budget``; on several ranks, the
+        smallest of their choices)."""
+        cfg = self.cfg
+        if cfg.keep_graphs != "auto":
+            return cfg.keep_graphs
+        if self.keep_choice is None:
+            _, channels, side, _ = self.state.images.shape
+            k = self.dataset.info.num_classes
+            run = RunShape(distill=cfg, shape=DatasetShape(channels, side, k, 0), model=self.model,
+                           num_images=self.n, torch_dtype=self.state.images.dtype)
+            choice = choose_keep_graphs(run, cfg.method, cfg.syn_steps, self.device,
+                                        memory_budget=cfg.memory_budget)
+            if self.group is not None:  # every rank must call with the same k
+                keep = int(-distributed.max_float(self.group, -choice.keep))
+                choice = dataclasses.replace(choice, keep=keep)
+            self.keep_choice = choice
+        return self.keep_choice.keep
+
     def synthetic_set(self) -> SyntheticSet:
         """The whole set (on several ranks: gathered, on every rank; every rank must call it)."""
         s = self.state
@@ -511,11 +533,17 @@ class Distiller:
     def _log_set(self, synthetic: SyntheticSet) -> None:
         """The set's image grid to the logger, at the current iteration."""
         if self.logger is not None:
+            from tesla_func.plots import set_grid  # where used: plots import seaborn (1-2 s)
+
             self.logger.image("distill/synthetic_set", self.state.iteration,
                               set_grid(synthetic, dataset=self.dataset))
 
     def log_results(self):
         """The per-iteration log and the evaluations as one xarray Dataset."""
+        # where used: xarray and pandas cost 0.6 s at start-up, which every importer of
+        # DistillConfig's module (the CLI's flags, `tesla-func --help`) would pay
+        from tesla_func.results import make_results
+
         s, cfg = self.state, self.cfg
         data = {name: (("iteration",), np.asarray(s.log[name], dtype=np.float64))
                 for name in LOG_FIELDS}
@@ -532,11 +560,13 @@ class Distiller:
             "class": np.arange(k),
             "class_name": (("class",), list(self.dataset.info.class_names)),
         }
+        keep = ({"keep_graphs": cfg.keep_graphs, "keep_graphs_requested": cfg.keep_graphs}
+                if self.keep_choice is None else self.keep_choice.attrs())
         return make_results(data, coords, config=cfg, seed=cfg.seed, device=cfg.device,
                             skipped_updates=s.skipped, method=cfg.method,
                             label_strategy=cfg.label_strategy, ipc=cfg.ipc,
                             defaults=self.defaults, warnings=list(s.warnings.values()),
-                            stopped=self.stopped or "")
+                            stopped=self.stopped or "", **keep)
 
     def snapshot(self) -> Path:
         """Write the set as it is now to ``snapshot_path(out_dir, iteration)`` (atomically)."""
@@ -558,6 +588,10 @@ class Distiller:
         config is in ``out_dir/config.toml`` from the start (``tesla-func distill --config`` reads
         it: :mod:`tesla_func.configfile`).
         """
+        # where used: seaborn and matplotlib (through plots) and xarray cost 2 s at start-up
+        from tesla_func.plots import plot_synthetic
+        from tesla_func.results import save_results
+
         cfg, s = self.cfg, self.state
         self.out.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
@@ -567,8 +601,11 @@ class Distiller:
         last = cfg.iterations if stop_after is None else min(cfg.iterations, stop_after)
         if cfg.snapshot_every and s.iteration == 0:
             self.snapshot()
+        keep = self.keep_graphs()
+        if self.keep_choice is not None and self.progress:
+            tqdm.write(self.keep_choice.describe())
         bar = tqdm(total=cfg.iterations, initial=s.iteration, unit="it",
-                   desc=f"distill {cfg.method}/{cfg.label_strategy} ipc{cfg.ipc}",
+                   desc=f"distill {cfg.method}/{cfg.label_strategy} ipc{cfg.ipc} k{keep}",
                    disable=not self.progress)
         while s.iteration < last:
             self.step()
@@ -614,6 +651,19 @@ class Distiller:
 def _rms_norm(images: torch.Tensor) -> float:
     """Root mean square of the L2 norms of ``images`` (N, ...)."""
     return float(images.flatten(1).norm(dim=1).square().mean().sqrt())
+
+
+def _all_finite(tensors) -> bool:
+    """Whether every entry of every tensor is finite, in one read of the device."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def _on_device(batches: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """The T index batches on ``device`` in one copy (one host-to-device copy waits for the
+    queued kernels on CUDA: T of them otherwise)."""
+    if all(b.device == device for b in batches):
+        return list(batches)
+    return list(torch.cat(batches).to(device).split([len(b) for b in batches]))
 
 
 def distill(cfg: DistillConfig, out_dir: str | Path, **kwargs: Any) -> SyntheticSet:

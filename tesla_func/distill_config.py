@@ -26,6 +26,7 @@ from tesla_func.data import (
 )
 from tesla_func.labels import LABEL_STRATEGIES, LabelStrategy
 from tesla_func.matching import METHODS
+from tesla_func.memory import parse_bytes
 
 IMAGE_INITS = ("real", "noise")
 
@@ -63,9 +64,13 @@ class DistillConfig:
     # the same result up to rounding, with about one microbatch's graph in memory)
     microbatch_size: int | None = None
     # the last k student steps keep their first-pass graphs: one step graph of memory each, for
-    # one step rebuild (a forward and a backward) fewer; 0: constant memory (tesla and exact;
-    # unrolled ignores it; the gradient does not depend on k)
-    keep_graphs: int = 0
+    # one step rebuild (a forward and a backward) fewer; 0: constant memory; auto: the largest k
+    # whose iteration fits the free device memory (or memory_budget), chosen once at the start
+    # and logged (tesla and exact; unrolled ignores it; the gradient does not depend on k)
+    keep_graphs: int | str = "auto"
+    # keep_graphs auto: the memory an iteration may add on the device, e.g. "8GB" (None: 80 %
+    # of the free memory on CPU, 90 % on CUDA)
+    memory_budget: str | None = None
     # SGD lr of the images (None: the dataset's default: one per pixel of an image, 64 for 8x8
     # digits, 780 for 28x28 Fashion-MNIST; 1000 for ZCA-whitened CIFAR)
     lr_img: float | None = None
@@ -107,7 +112,16 @@ class DistillConfig:
                   "save_every")
         check_int(self, "iterations", "syn_steps", "max_start_epoch", "batch_syn",
                   "microbatch_size", optional=True)
-        check_int(self, "keep_graphs", "eval_every", "snapshot_every", "max_skipped", low=0)
+        check_int(self, "eval_every", "snapshot_every", "max_skipped", low=0)
+        keep = self.keep_graphs
+        if keep != "auto" and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 0):
+            raise ValueError(f"DistillConfig.keep_graphs must be 'auto' or an int >= 0, got "
+                             f"{keep!r}")
+        if self.memory_budget is not None:
+            try:
+                parse_bytes(self.memory_budget)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"DistillConfig.memory_budget: {err}") from err
         check_choices(self)
         check_non_negative(self, ("lr_lr", "lr_labels"))
         if self.lr_img is not None:

@@ -62,7 +62,6 @@ from tesla_func import distributed
 from tesla_func.configargs import check_choices, check_int, choice
 from tesla_func.models import ARCHITECTURES, build_model, init_params
 from tesla_func.optim import sgd
-from tesla_func.results import make_results
 from tesla_func.runchecks import check_device
 from tesla_func.sampling import seeded_generator
 from tesla_func.tracking import RunLogger
@@ -172,6 +171,10 @@ class EvalResult:
         """An xarray Dataset with ``accuracy`` over dim ``model``; each keyword becomes a length-1
         dim with that coordinate (``to_xarray(method="tesla", ipc=10)``) so results from several
         runs combine with ``xr.concat`` / ``xr.combine_by_coords``."""
+        # where used: xarray and pandas cost 0.6 s at start-up, which the CLI's config flags
+        # (EvalConfig, imported from here) would pay on every `tesla-func --help`
+        from tesla_func.results import make_results
+
         ds = make_results(
             {"accuracy": (("model",), np.asarray(self.accuracies), {"units": "fraction"})},
             coords={"model": np.arange(len(self.accuracies))},

@@ -298,9 +298,10 @@ def match_trajectory(
     augment: StepAugment | None = None,
     *,
     state_stride: int = 1,
-    keep_graphs: int = 0,
+    keep_graphs: int | str = 0,
     microbatch_size: int | None = None,
     group: object | None = None,
+    memory_budget: str | int | None = None,
 ) -> MatchResult:
     """Trajectory-matching loss L (proofs/README.md) and its gradients w.r.t. images, labels, beta.
 
@@ -332,6 +333,11 @@ def match_trajectory(
             (every graph kept). Costs k step graphs of memory and saves about k step rebuilds; at
             k = T "exact" does the work and holds the memory of "unrolled". The gradient does not
             depend on k (up to rounding). "unrolled" ignores it: it keeps all T graphs anyway.
+            ``"auto"``: the largest k whose call fits the memory free on the images' device (or
+            ``memory_budget``), found on the planner's line in k, once per call shape in this
+            process (:mod:`tesla_func.planner.auto`; the augmentation is planned as DSA's costliest
+            family, so ``augment`` must be None or a ``ReplayedDSA``). On several ranks, the
+            smallest k of any rank. The default stays 0, the documented constant memory.
         microbatch_size: None (default: whole minibatches) or m >= 1: every step's minibatch goes
             through the network in consecutive chunks of at most m rows, and its gradient is the
             size-weighted sum of theirs (Eq. M1), the same result up to rounding. "tesla" and
@@ -353,12 +359,17 @@ def match_trajectory(
             before any work: on one rank's own arguments, on ranks that disagree (compared by
             checksums), on a step with no rows anywhere, on train-mode BatchNorm (a step split
             over ranks), and when torch.distributed is not initialised.
+        memory_budget: with ``keep_graphs="auto"``, the memory the call may add on its device
+            ("8GB", or bytes) instead of a fraction of the free memory; ignored otherwise.
 
     Returns:
         :class:`MatchResult` (loss, images_grad, labels_grad or None, beta_grad), all detached.
         Inputs are not modified. With ``group``: loss and beta_grad are the same on every rank
         (bit for bit), images_grad/labels_grad are this rank's shard's (N_r rows).
     """
+    if keep_graphs == "auto":
+        keep_graphs = _auto_keep_graphs(model, images, labels, batches, method, augment,
+                                        state_stride, microbatch_size, group, memory_budget)
     problem = make_problem(
         model=model, start=start, target=target, images=images, labels=labels, beta=beta,
         batches=batches, augment=augment, state_stride=state_stride, keep_graphs=keep_graphs,
@@ -366,3 +377,37 @@ def match_trajectory(
     )
     with batch_statistics_only(model):
         return METHODS[method](problem)
+
+
+def _auto_keep_graphs(model, images, labels, batches, method, augment, state_stride,
+                      microbatch_size, group, memory_budget) -> int:
+    """keep_graphs="auto" for one call: :func:`tesla_func.planner.auto.choose_keep_graphs` on the
+    call's shapes (bad arguments are left to the validation that follows, which names them)."""
+    # imported here: the planner imports this module (its predictions run match_trajectory)
+    from tesla_func.augment import ReplayedDSA
+    from tesla_func.data import DatasetShape
+    from tesla_func.distill_config import DistillConfig
+    from tesla_func.distributed import max_float
+    from tesla_func.planner.auto import RunShape, choose_keep_graphs
+    from tesla_func.validation import has_values
+
+    if method not in METHODS or not METHODS[method].takes_keep_graphs:
+        return 0
+    if not isinstance(images, Tensor) or images.dim() != 4 or not has_values(images):
+        return 0  # a prediction (fake tensors) plans auto as k = 0, as the planner does
+    if augment is not None and not isinstance(augment, ReplayedDSA):
+        raise ValueError("keep_graphs='auto' plans the augmentation as DSA (a ReplayedDSA from "
+                         "DSA().replayable) or none; pass keep_graphs=k for another augment")
+    n, channels, height, _ = images.shape
+    soft = isinstance(labels, Tensor) and labels.is_floating_point()
+    sizes = [len(b) for b in batches]
+    run = RunShape(
+        distill=DistillConfig(label_strategy="learned" if soft else "hard",
+                              dsa=augment is not None, state_stride=state_stride,
+                              microbatch_size=microbatch_size, batch_syn=max(sizes) or 1),
+        shape=DatasetShape(channels, height, labels.shape[1] if soft else 1, n),
+        model=model, num_images=n, torch_dtype=images.dtype,
+    )
+    keep = choose_keep_graphs(run, method, len(sizes), images.device,
+                              memory_budget=memory_budget, transient=False).keep
+    return keep if group is None else int(-max_float(group, -keep))

@@ -97,7 +97,7 @@ class LiveTensorTracker(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         inputs = set() if func in _FRESH else _input_storages(args, kwargs)
-        for leaf in tree_leaves(out):
+        for leaf in (out,) if isinstance(out, Tensor) else tree_leaves(out):
             if not isinstance(leaf, Tensor) or leaf.device.type == "meta":
                 continue
             storage = leaf.untyped_storage()

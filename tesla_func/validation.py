@@ -141,7 +141,6 @@ def check_batches(
         raise TypeError("batches must be a sequence of T LongTensors of indices into images")
     if len(batches) == 0:
         raise ValueError("batches is empty: pass at least one index batch (T >= 1 student steps)")
-    out = []
     for i, index in enumerate(batches):
         if not isinstance(index, Tensor) or index.dtype != torch.long or index.dim() != 1:
             raise TypeError(
@@ -149,19 +148,22 @@ def check_batches(
                 f"{getattr(index, 'dtype', type(index).__name__)} of shape "
                 f"{tuple(getattr(index, 'shape', ()))}"
             )
-        if index.numel() == 0:
-            if allow_empty:
-                out.append(index.to(device))
-                continue
+        if index.numel() == 0 and not allow_empty:
             raise ValueError(f"batches[{i}] is empty: every student step needs at least one image")
-        lo, hi = (int(index.min()), int(index.max())) if has_values(index) else (0, 0)
-        if lo < 0 or hi >= num_images:
-            raise ValueError(
-                f"batches[{i}] holds indices in [{lo}, {hi}] but images has "
-                f"{num_images} rows: indices must lie in [0, {num_images - 1}]"
-            )
-        out.append(index.to(device))
-    return tuple(out)
+    # The bounds of every batch at once: one read of the device (a host sync on CUDA), not 2 T
+    filled = [index for index in batches if index.numel() and has_values(index)]
+    if filled:
+        every = torch.cat([index.to(filled[0].device) for index in filled])
+        lo, hi = torch.stack([every.min(), every.max()]).tolist()
+        if lo < 0 or hi >= num_images:  # name the first bad batch (this path may read more)
+            for i, index in enumerate(batches):
+                lo, hi = (int(index.min()), int(index.max())) if index.numel() else (0, 0)
+                if lo < 0 or hi >= num_images:
+                    raise ValueError(
+                        f"batches[{i}] holds indices in [{lo}, {hi}] but images has "
+                        f"{num_images} rows: indices must lie in [0, {num_images - 1}]"
+                    )
+    return tuple(index.to(device) for index in batches)
 
 
 def check_images(images: object) -> Tensor:
@@ -197,7 +199,8 @@ def check_labels(labels: object, images: Tensor, num_classes: int) -> Tensor:
             raise ValueError(
                 f"int labels are class indices of shape (N,) = ({n},), got {tuple(labels.shape)}"
             )
-        lo, hi = (int(labels.min()), int(labels.max())) if has_values(labels) else (0, 0)
+        lo, hi = (torch.stack([labels.min(), labels.max()]).tolist() if has_values(labels)
+                  else (0, 0))  # one read of the device
         if lo < 0 or hi >= num_classes:
             raise ValueError(
                 f"labels hold classes in [{lo}, {hi}] but the model has "
@@ -255,12 +258,14 @@ def check_inputs(
                 f"{value.dtype} on {value.device}"
             )
     first = next(iter(start))
-    if has_values(start[first]):
-        if sum(float((start[k] - target[k]).square().sum()) for k in start) == 0.0:
-            raise ValueError(
-                "start and target are identical, so ||start - target||^2 = 0 and the "
-                "normalised loss is undefined: pick target = a later expert checkpoint"
-            )
+    # one read of the device (a host sync on CUDA) for all the tensors
+    if has_values(start[first]) and float(
+        sum((start[k] - target[k]).square().sum() for k in start)
+    ) == 0.0:
+        raise ValueError(
+            "start and target are identical, so ||start - target||^2 = 0 and the "
+            "normalised loss is undefined: pick target = a later expert checkpoint"
+        )
     buffers = {k: b.detach() for k, b in model.named_buffers()}
     beta = check_beta(beta, images)
     batches = check_batches(

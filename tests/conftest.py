@@ -1,11 +1,13 @@
 """Shared pytest set-up.
 
-Scaling benchmarks (tests/test_benchmarks.py, helpers in tesla_func/benchmarking.py):
+Benchmarks (tests/test_benchmarks.py, helpers in the package tesla_func/benchmarking/):
 
 - ``pytest tests/ --benchmark-only``: the issue's sizes; at the end of the session the curves are
   written to ``results/benchmarks/scaling_<device>.{nc,png,md}`` (against T) and
-  ``results/benchmarks/keep_graphs_<device>.{nc,png,md}`` (against keep_graphs k at one T), and
-  their tables are printed;
+  ``results/benchmarks/keep_graphs_<device>.{nc,png,md}`` (against keep_graphs k at one T), the
+  throughput (distillation iterations/s and evaluation epochs/s, this tree against the commit
+  before the speed-ups) to ``results/benchmarks/throughput_<device>.{nc,png,md}``, and their
+  tables are printed;
 - ``pytest tests/`` (CI): every point at tiny sizes, a smoke test of the benchmark code.
 
 Sizes are overridable by ``--bench-<field>`` options or ``TESLA_BENCH_<FIELD>`` variables (fields of
@@ -19,11 +21,19 @@ from pathlib import Path
 
 import pytest
 
-from tesla_func.benchmarking import ScalingRun, resolve_config, write_scaling_report
+from tesla_func.benchmarking import (
+    ScalingRun,
+    ThroughputRun,
+    resolve_config,
+    throughput_config,
+    write_scaling_report,
+    write_throughput_report,
+)
 from tesla_func.provenance import git_revision
 
 _SCALING = pytest.StashKey[ScalingRun]()
 _KEEP = pytest.StashKey[ScalingRun]()
+_THROUGHPUT = pytest.StashKey[ThroughputRun]()
 _OPTIONS = ("device", "width", "num_images", "steps", "rss_steps", "threads", "rounds",
             "keep_steps", "keep_graphs")
 
@@ -45,6 +55,8 @@ def pytest_configure(config: pytest.Config) -> None:
     bench = resolve_config(full=full, overrides=overrides)
     config.stash[_SCALING] = ScalingRun(bench, full)
     config.stash[_KEEP] = ScalingRun(bench, full, dim="keep_graphs")
+    device = overrides["device"] or os.environ.get("TESLA_BENCH_DEVICE") or None
+    config.stash[_THROUGHPUT] = ThroughputRun(throughput_config(full=full, device=device), full)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -90,6 +102,12 @@ def keep_run(pytestconfig: pytest.Config):
     yield from _with_threads(pytestconfig.stash[_KEEP])
 
 
+@pytest.fixture(scope="session")
+def throughput_run(pytestconfig: pytest.Config) -> ThroughputRun:
+    """The session's throughput measurement (:class:`tesla_func.benchmarking.ThroughputRun`)."""
+    return pytestconfig.stash[_THROUGHPUT]
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """Tests run torch single-threaded: their networks are tiny, and on a 2-core machine two
@@ -104,7 +122,9 @@ def _one_torch_thread():
 
 
 _REPORTS = ((_SCALING, "scaling", "scaling benchmark: memory and time against T"),
-            (_KEEP, "keep_graphs", "keep_graphs benchmark: memory and time against k at one T"))
+            (_KEEP, "keep_graphs", "keep_graphs benchmark: memory and time against k at one T"),
+            (_THROUGHPUT, "throughput", "throughput: distillation iterations/s and evaluation "
+                                        "epochs/s, before and after"))
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -115,7 +135,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         if run is None or not run.full or not run.records:
             continue  # smoke runs write nothing under results/ (the *_report tests check writers)
         device = run.config.device.split(":")[0]
-        run.report = write_scaling_report(run.dataset(), out, f"{name}_{device}")
+        write = write_throughput_report if key is _THROUGHPUT else write_scaling_report
+        run.report = write(run.dataset(), out, f"{name}_{device}")
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:

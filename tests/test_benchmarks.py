@@ -1,5 +1,6 @@
-"""Scaling benchmarks: peak memory and wall time against T for every registered method, and
-against keep_graphs k at one T for tesla and exact (unrolled at that T as the reference).
+"""Benchmarks: peak memory and wall time against T for every registered method, against
+keep_graphs k at one T for tesla and exact (unrolled at that T as the reference), and the
+distillation's throughput before and after (iterations/s, evaluation epochs/s).
 
     pytest tests/ --benchmark-only  # the issue's sizes; writes results/benchmarks/scaling_<device>.*
                                     # and results/benchmarks/keep_graphs_<device>.*
@@ -23,6 +24,12 @@ point in turn, ``unrolled`` once a round (it ignores k); each also gets its FLOP
 (:func:`tesla_func.memory.predict_cost`). Deterministic there: the same loss everywhere, the peak
 non-decreasing and the FLOPs non-increasing in k, and at k = T the peak and FLOPs of ``exact``
 within ``KEEP_AT_T_TOLERANCE`` of ``unrolled``'s.
+
+The throughput (tesla_func/benchmarking/throughput.py) runs every (setting, code) point in a
+fresh process: the main job's and the paper's settings against the commit before the speed-ups
+under --benchmark-only, the tiny setting of this tree alone in the plain run. Deterministic there:
+every point ran, its rates are finite and positive, its loss finite, and the tree ran with the
+keep_graphs it says (before: 0; after: auto's choice, 0 .. T).
 """
 
 from __future__ import annotations
@@ -35,7 +42,9 @@ import torch
 
 from tesla_func import METHODS, match_trajectory, measure_peak_memory, predict_cost
 from tesla_func.benchmarking import (
+    BASELINE,
     KEEP_METHODS,
+    SETTINGS,
     MEMORY_GROWTH_TARGET,
     REFERENCE,
     ScalingRun,
@@ -45,8 +54,12 @@ from tesla_func.benchmarking import (
     release_freed_memory,
     resolve_config,
     scaling_curves,
+    ThroughputRun,
+    baseline_tree,
+    measure_throughput,
     synchronize,
     write_scaling_report,
+    write_throughput_report,
 )
 from tesla_func.results import load_results
 from tests.test_memory import exact_state_vectors, tesla_state_vectors
@@ -308,3 +321,56 @@ def test_scaling_curves_in_one_call_for_any_problem(tmp_path) -> None:
     assert "tiny ConvNet" in paths["table"].read_text()
     with pytest.raises(ValueError, match="unknown methods"):
         scaling_curves(lambda t: matching_args(cfg, t), steps=(1,), methods=("adjoint",))
+
+
+def test_throughput(benchmark, throughput_run: ThroughputRun) -> None:
+    """Iterations/s and evaluation epochs/s of every setting, before and after (one session)."""
+    cfg = throughput_run.config
+    benchmark.pedantic(lambda: throughput_run.records.extend(measure_throughput(cfg)),
+                       rounds=1, iterations=1, warmup_rounds=0)
+    codes = ("before", "after") if cfg.baseline else ("after",)
+    got = {(r["setting"], r["code"]): r for r in throughput_run.records}
+    assert sorted(got) == sorted((s, c) for s in cfg.settings for c in codes), sorted(got)
+    for (setting, code), r in got.items():
+        for key in ("iteration_s", "iteration_cpu_s", "eval_epoch_s", "first_iteration_s"):
+            assert math.isfinite(r[key]) and r[key] > 0, (setting, code, key, r[key])
+        assert math.isfinite(r["loss"]), (setting, code)
+        steps = SETTINGS[setting].syn_steps
+        assert (r["keep_graphs"] == 0) if code == "before" else (0 <= r["keep_graphs"] <= steps)
+    benchmark.extra_info.update({f"{s}/{c}/iterations_per_s": 1 / r["iteration_s"]
+                                 for (s, c), r in got.items()})
+
+
+def test_throughput_report(throughput_run: ThroughputRun, tmp_path) -> None:
+    """The writer of the session's throughput report (for real at the end of --benchmark-only)."""
+    if not throughput_run.records:
+        pytest.skip("needs the throughput points of this session first")
+    paths = write_throughput_report(throughput_run.dataset(), tmp_path, "throughput")
+    ds = load_results(paths["netcdf"])
+    assert ds["iterations_per_s"].dims == ("setting", "code")
+    assert ds["setting"].values.tolist() == list(throughput_run.config.settings)
+    assert (ds["iterations_per_s"] > 0).all() and (ds["eval_epochs_per_s"] > 0).all()
+    for key in ("device", "version_torch", "git_revision", "threads", "baseline", "settings"):
+        assert key in ds.attrs, key
+    assert paths["figure"].read_bytes().startswith(b"\x89PNG")
+    table = paths["table"].read_text()
+    assert "iterations/s" in table and "eval epochs/s" in table
+    for setting in throughput_run.config.settings:
+        assert f"| {setting} | after |" in table
+
+
+def test_the_baseline_is_a_checkout_of_a_commit(tmp_path) -> None:
+    """``before`` runs the files of a commit, extracted with git archive (here: HEAD and the
+    default baseline, when this is a git checkout that has it)."""
+    try:
+        tree = baseline_tree("HEAD", tmp_path)
+    except RuntimeError as err:
+        pytest.skip(f"not a git checkout: {err}")
+    assert (tree / "tesla_func" / "__init__.py").exists()
+    try:
+        old = baseline_tree(BASELINE, tmp_path)
+    except RuntimeError:
+        pytest.skip(f"this checkout has no commit {BASELINE}")
+    assert (old / "tesla_func" / "distill.py").exists()
+    with pytest.raises(RuntimeError, match="git archive no-such-revision"):
+        baseline_tree("no-such-revision", tmp_path)

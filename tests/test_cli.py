@@ -488,3 +488,17 @@ def test_a_required_field_does_not_show_a_default():
     (action,) = [a for a in _subparsers()["distill"]._actions
                  if "--experts-dir" in a.option_strings]
     assert "(required)" in action.help and "default" not in action.help
+
+
+def test_importing_the_cli_loads_no_plotting_tables_or_kornia():
+    """`tesla-func --help` builds every command's flags, so whatever `tesla_func.cli` imports is
+    paid before any work: seaborn, matplotlib, xarray, pandas and kornia (2.3 s together) are
+    imported only where they are used."""
+    import subprocess
+    import sys
+
+    heavy = ("seaborn", "matplotlib", "xarray", "pandas", "kornia", "scipy")
+    code = ("import sys, tesla_func.cli; "
+            f"print(' '.join(m for m in {heavy!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == []

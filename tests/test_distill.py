@@ -372,7 +372,7 @@ def test_a_checkpoint_from_before_a_new_field_resumes_at_its_default(tmp_path, e
     del header["config"]["keep_graphs"]
     save_tensors(path, tensors, header)
     assert make(config(experts_dir), tmp_path, digits, experts).state.iteration == 2
-    with pytest.raises(ValueError, match=r"keep_graphs: saved 0 vs now 2"):
+    with pytest.raises(ValueError, match=r"keep_graphs: saved .auto. vs now 2"):
         make(config(experts_dir, keep_graphs=2), tmp_path, digits, experts)
 
 
@@ -412,7 +412,7 @@ def test_keep_graphs_reaches_the_matching_and_leaves_the_set_alone(tmp_path, exp
         (dict(beta_bound=1.0), "beta_bound must be > 1, or inf for no bound"),
         (dict(max_skipped=-1), "max_skipped must be an int >= 0"),
         (dict(state_stride=0), "state_stride must be a positive int"),
-        (dict(keep_graphs=-1), "keep_graphs must be an int >= 0"),
+        (dict(keep_graphs=-1), "keep_graphs must be .auto. or an int >= 0"),
         (dict(microbatch_size=0), "microbatch_size must be None or a positive int"),
         (dict(method="adjoint"), "method 'adjoint' is unknown"),
         (dict(label_strategy="soft"), "label_strategy 'soft' is unknown"),
@@ -745,3 +745,29 @@ def test_weak_experts_and_a_too_long_student_are_warned_of(tmp_path, experts_dir
     assert any("syn_steps 6 is longer than the 5 SGD steps" in m for m in messages), messages
     distiller.run()
     assert len(load_synthetic(tmp_path / "synthetic.safetensors").header["warnings"]) == 2
+
+
+def test_keep_graphs_auto_is_chosen_once_and_logged(tmp_path, experts_dir, digits, experts,
+                                                    monkeypatch, capsys):
+    """The default keep_graphs "auto" picks k once per run (tesla_func/planner/auto.py: here
+    against memory_budget, T = 3), every call receives it, and the run says which: on its
+    progress line and in log.nc."""
+    seen, real = [], distill_module.match_trajectory
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["keep_graphs"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill_module, "match_trajectory", spy)
+    for budget, keep in (("1B", 0), ("1TB", 3)):
+        cfg = config(experts_dir, method="exact", memory_budget=budget, iterations=2)
+        assert cfg.keep_graphs == "auto"
+        distiller = Distiller(cfg, tmp_path / budget, progress=True, dataset=digits,
+                              experts=experts)
+        distiller.run()
+        assert distiller.keep_choice.keep == keep
+        log = load_results(tmp_path / budget / "log.nc")
+        assert log.attrs["keep_graphs"] == keep and log.attrs["keep_graphs_requested"] == "auto"
+        assert log.attrs["keep_graphs_memory"] == "memory_budget"
+        assert f"keep_graphs auto: k = {keep} of T = 3 for exact" in capsys.readouterr().out
+    assert seen == [0, 0, 3, 3]

@@ -76,6 +76,9 @@ def _distill_config(experts_dir: Path, method: str, strategy: str) -> DistillCon
         save_every=2,
         dsa=True,
         seed=3,
+        # k = 0 as when the file was written: keep_graphs only changes rounding (the first pass
+        # then builds each step's graph), tested in float64 (tests/test_keep_auto.py)
+        keep_graphs=0,
     )
 
 

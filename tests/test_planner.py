@@ -95,7 +95,7 @@ def test_digits_shape_matches_the_loaded_set():
     ({"device_memory": "lots"}, "cannot read 'lots' as a memory size"),
     ({"syn_steps": (0,)}, "syn_steps must be T values >= 1"),
     ({"ipc": 0}, "DistillConfig.ipc must be a positive int"),
-    ({"keep_graphs": -1}, "DistillConfig.keep_graphs must be an int >= 0"),
+    ({"keep_graphs": -1}, "DistillConfig.keep_graphs must be .auto. or an int >= 0"),
     ({"microbatch_size": 0}, "DistillConfig.microbatch_size must be None or a positive int"),
     ({"dataset": None}, "the plan needs a dataset"),
 ])

@@ -20,15 +20,18 @@ back into pixels with it, and :func:`inputs_from_info` pixels into a set's image
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from kornia.enhance import ZCAWhitening
 from torch import Tensor
 
 from tesla_func.data.registry import DATASETS, DatasetSpec, locate, spec
 from tesla_func.data.types import Dataset, DatasetInfo, channel_stats
 from tesla_func.sampling import per_class_indices, seeded_generator
+
+if TYPE_CHECKING:  # kornia is imported where used (fit_zca): 0.3 s that `--help` need not pay
+    from kornia.enhance import ZCAWhitening
 
 ZCA_EPS = 0.1  # docs/reference.md section 3: kornia ZCAWhitening(eps=0.1), as MTT and TESLA use
 
@@ -176,6 +179,8 @@ def _validation_size(row: DatasetSpec, labels: Tensor, class_names: tuple[str, .
 
 def fit_zca(images: Tensor, eps: float = ZCA_EPS) -> ZCAWhitening:
     """kornia's ZCA whitening fitted on (N, C, H, W) ``images`` (samples on dim 0), invertible."""
+    from kornia.enhance import ZCAWhitening  # where used: see the TYPE_CHECKING import
+
     return ZCAWhitening(eps=eps, compute_inv=True).fit(images)
 
 

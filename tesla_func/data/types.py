@@ -17,13 +17,16 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from kornia.enhance import ZCAWhitening
 from torch import Tensor
 
 from tesla_func.models import ConvNetConfig
+
+if TYPE_CHECKING:  # an annotation only: kornia costs 0.3 s at start-up (`tesla-func --help`)
+    from kornia.enhance import ZCAWhitening
 
 
 @dataclass(frozen=True)

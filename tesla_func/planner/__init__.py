@@ -71,10 +71,21 @@ call at k = 0 and three short calls). For T up to
 and at k + 1 (it does not). Above, that check would cost two calls of T steps per method (about
 25 s each for a ConvNetD4 on ImageNet at T = 50), so k is the line's, marked as an estimate; tests
 check the line against direct prediction.
+
+**A run that picks its own k** (``keep_graphs="auto"``, the distillation's default):
+:func:`choose_keep_graphs` (:mod:`.auto`) reads the same line, measured once per run shape on the
+run's device, against the memory free there (or ``memory_budget``).
 """
 
 from tesla_func.matching import KEEP_METHODS  # noqa: F401 (re-exported)
 from tesla_func.memory import format_bytes, parse_bytes  # noqa: F401 (re-exported: their old home)
+from tesla_func.planner.auto import (
+    MEMORY_FRACTION,
+    KeepChoice,
+    RunShape,
+    choose_keep_graphs,
+    free_memory,
+)
 from tesla_func.planner.config import (
     DTYPES,
     LIMITS,
@@ -99,8 +110,9 @@ from tesla_func.planner.report import plan_markdown, plan_records
 NONE = None  # KeepLimit.keep where not even keep_graphs = 0 fits (an alias kept for one release)
 
 __all__ = [
-    "ANY", "DTYPES", "KEEP_METHODS", "LIMITS", "NONE", "PLANNED_FIELDS", "SWEPT_FIELDS",
-    "UNPLANNED_FIELDS", "KeepLimit", "KeepLine", "LabelKind", "Limits", "PlanConfig", "Predictor",
-    "format_bytes", "held_bytes", "label_kind", "parse_bytes", "plan", "plan_markdown",
+    "ANY", "DTYPES", "KEEP_METHODS", "LIMITS", "MEMORY_FRACTION", "NONE", "PLANNED_FIELDS",
+    "SWEPT_FIELDS", "UNPLANNED_FIELDS", "KeepChoice", "KeepLimit", "KeepLine", "LabelKind",
+    "Limits", "PlanConfig", "Predictor", "RunShape", "choose_keep_graphs", "format_bytes",
+    "free_memory", "held_bytes", "label_kind", "parse_bytes", "plan", "plan_markdown",
     "plan_records", "teacher_peak_bytes", "update_peak_bytes",
 ]

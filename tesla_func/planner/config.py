@@ -43,12 +43,14 @@ PLANNED_FIELDS = ("dataset", "ipc", "batch_syn", "syn_steps", "method", "label_s
 SWEPT_FIELDS = {"syn_steps": "syn_steps", "method": "methods"}
 # The DistillConfig fields that change no memory of an iteration: the files a run reads (a plan
 # reads none: the dataset and network are given instead), the schedule, learning rates and
-# initial values, evaluation, outputs, and the device (a plan counts bytes for any device).
+# initial values, evaluation, outputs, and the device (a plan counts bytes for any device), and
+# the memory keep_graphs "auto" may use (a plan is given the device's: device_memory; it predicts
+# "auto" at k = 0 and reports the largest k that fits, max_keep_graphs).
 UNPLANNED_FIELDS = ("experts_dir", "data_root", "iterations", "match_epochs", "max_start_epoch",
                     "lr_img", "lr_lr", "lr_grad_clip", "beta_bound", "max_skipped", "lr_labels",
                     "momentum", "lr_init",
                     "label_init_confidence", "image_init", "eval_every", "eval_epochs",
-                    "eval_models", "save_every", "snapshot_every", "device")
+                    "eval_models", "save_every", "snapshot_every", "device", "memory_budget")
 
 
 @dataclass(frozen=True, init=False)

@@ -3,10 +3,9 @@ and, given the device memory, whether each fits and the limits (:func:`plan`).""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import xarray as xr
 
 from tesla_func.matching import METHODS
 from tesla_func.planner.config import PlanConfig
@@ -17,7 +16,9 @@ from tesla_func.planner.predictor import (
     teacher_peak_bytes,
     update_peak_bytes,
 )
-from tesla_func.results import make_results
+
+if TYPE_CHECKING:  # xarray and pandas cost 0.6 s at start-up: imported where used (plan)
+    import xarray as xr
 
 
 def plan(cfg: PlanConfig) -> xr.Dataset:
@@ -44,6 +45,8 @@ def plan(cfg: PlanConfig) -> xr.Dataset:
     Attributes: the config, the DSA family planned on every step, N, the batch, the model's
     parameter count, the device bytes, and provenance (versions, git revision).
     """
+    from tesla_func.results import make_results  # where used: see the TYPE_CHECKING import
+
     p = Predictor(cfg)
     methods, steps = list(cfg.methods), sorted(set(cfg.syn_steps))
     held = held_bytes(cfg, p.model)

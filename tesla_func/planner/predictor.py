@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,8 +16,15 @@ from torch.func import functional_call
 from tesla_func.augment import DSA, FAMILIES, ReplayedDSA
 from tesla_func.labels import LABEL_STRATEGIES, LabelStrategy
 from tesla_func.matching import METHODS, match_trajectory
-from tesla_func.memory import Cost, predict_cost
+from tesla_func.memory import Cost, measure_peak_memory, predict_cost
 from tesla_func.planner.config import PlanConfig
+
+
+# Seconds a step of a measured call may take before the rest are predicted instead: about what
+# predicting one step takes (0.3-0.8 s here: a millisecond of Python for each of its ~1000
+# operators, whatever the sizes). A step of the paper's CIFAR-10 call (width 128, batch 100)
+# takes 1-2 s on a CPU core.
+PREDICT_ABOVE_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -61,10 +69,20 @@ class Predictor:
 
     ``call(method, steps, batch)`` predicts directly for T up to ``cfg.extrapolate_above`` and by
     linearity from two short T above it; ``direct(...)`` always runs the whole call.
+
+    ``measure_on`` (a device): every call's peak is *measured* there instead, on real tensors of
+    the planned shapes (FLOPs are then not counted: 0; the model is ``cfg.model``, a real
+    skeleton on that device: :class:`tesla_func.planner.auto.RunShape`). On CPU the bytes are the
+    prediction's, at the cost of the call's own arithmetic instead of about a millisecond per
+    operator: what a run choosing its own keep_graphs at start-up uses. On CUDA they are the
+    allocator's. Once a measured call has taken longer per step than predicting one does
+    (:data:`PREDICT_ABOVE_S`: large networks on a CPU), the rest are predicted.
     """
 
-    def __init__(self, cfg: PlanConfig) -> None:
+    def __init__(self, cfg: PlanConfig, *, measure_on: str | torch.device | None = None) -> None:
         self.cfg = cfg
+        self.measure_on = None if measure_on is None else torch.device(measure_on)
+        self.predicting = measure_on is None  # measured calls turned out slower than predicting
         self.model = cfg.skeleton()
         self.kind = label_kind(cfg.distill.label_strategy)
         self._cache: dict[tuple, Cost] = {}
@@ -109,10 +127,12 @@ class Predictor:
 
     def keep(self, method: str, keep: int | None = None) -> int | None:
         """The keep_graphs of ``method``'s call: ``keep``, else the run's; None for a method that
-        takes none (:class:`tesla_func.matching.Method`)."""
+        takes none (:class:`tesla_func.matching.Method`). A run's "auto" is predicted at k = 0
+        (what it picks depends on the device: the plan's ``max_keep_graphs``)."""
         if not METHODS[method].takes_keep_graphs:
             return None
-        return self.cfg.distill.keep_graphs if keep is None else keep
+        keep = self.cfg.distill.keep_graphs if keep is None else keep
+        return 0 if keep == "auto" else keep
 
     def method_kwargs(self, method: str, keep: int | None = None) -> dict[str, Any]:
         """Options of ``match_trajectory`` for ``method``, as the distillation passes them: the
@@ -133,11 +153,7 @@ class Predictor:
         if not self.cfg.distill.dsa:
             return None
         if batch not in self._family:
-            costs = {
-                f: predict_cost(match_trajectory, **self.arguments(1, batch, f),
-                                **self.method_kwargs("unrolled"))[1]
-                for f in FAMILIES
-            }
+            costs = {f: self._run("unrolled", 1, batch, f, None) for f in FAMILIES}
             worst = max(FAMILIES, key=lambda f: costs[f].peak_bytes)  # the first of equal ones
             self._family[batch] = worst
             self._cache[("direct", "unrolled", 1, batch, 0)] = costs[worst]
@@ -152,10 +168,47 @@ class Predictor:
         batch = batch or self.cfg.batch
         key = ("direct", method, steps, batch, self.keep(method, keep) or 0)
         if key not in self._cache:
-            args = self.arguments(steps, batch, self.family(batch))
-            self._cache[key] = predict_cost(match_trajectory, **args,
-                                            **self.method_kwargs(method, keep))[1]
+            self._cache[key] = self._run(method, steps, batch, self.family(batch), keep)
         return self._cache[key]
+
+    def _run(self, method: str, steps: int, batch: int, family: str | None,
+             keep: int | None) -> Cost:
+        """One call's cost: predicted on fake tensors, or measured (``measure_on``)."""
+        args, kwargs = self.arguments(steps, batch, family), self.method_kwargs(method, keep)
+        if self.predicting:
+            return predict_cost(match_trajectory, **args, **kwargs)[1]
+        tic = time.perf_counter()
+        real = self._materialize(args, steps, batch, family)
+        peak = measure_peak_memory(match_trajectory, **real, **kwargs, device=self.measure_on)[1]
+        self.predicting = (time.perf_counter() - tic) / steps > PREDICT_ABOVE_S
+        return Cost(peak.peak_bytes, 0)  # FLOPs are not counted: they would double the cost
+
+    def _materialize(self, args: dict[str, Any], steps: int, batch: int,
+                     family: str | None) -> dict[str, Any]:
+        """``arguments`` as real tensors on ``measure_on`` (values drawn from the seed: the cost
+        depends on shapes only), with the run's own model skeleton."""
+        device, dt = self.measure_on, self.cfg.torch_dtype
+        gen = torch.Generator().manual_seed(self.cfg.distill.seed)
+
+        def draw(t: Tensor) -> Tensor:
+            return torch.randn(t.shape, generator=gen, dtype=dt).to(device)
+
+        start = {k: draw(v) for k, v in args["start"].items()}
+        labels = args["labels"]
+        n, k = labels.shape[0], self.cfg.shape.num_classes
+        return {
+            **args,
+            "model": self.cfg.model,
+            "start": start,
+            "target": {name: v + 0.01 * draw(v) for name, v in start.items()},
+            "images": draw(args["images"]),
+            "labels": draw(labels) if self.kind.soft else (torch.arange(n) % k).to(device),
+            "beta": torch.tensor(0.01, dtype=dt, device=device),
+            "batches": [torch.arange(batch, device=device)] * steps,
+            "augment": None if family is None else ReplayedDSA(dsa=DSA(), params=tuple(
+                DSA().sample(batch, gen, family=family, device=device, dtype=dt)
+                for _ in range(steps))),
+        }
 
     def stride(self, method: str) -> int:
         """s: the period in T (and in keep_graphs) of the call's cost (exact's state_stride)."""

@@ -10,14 +10,14 @@ method that takes ``keep_graphs`` has ``max_keep_graphs`` in every row, ``null``
 from __future__ import annotations
 
 import math
-from typing import Any
-
-import xarray as xr
+from typing import TYPE_CHECKING, Any
 
 from tesla_func.matching import METHODS
 from tesla_func.memory import format_bytes
 from tesla_func.planner.limits import ANY
-from tesla_func.results import markdown_table
+
+if TYPE_CHECKING:  # annotations only: xarray costs 0.6 s at start-up (`tesla-func --help`)
+    import xarray as xr
 
 
 def plan_records(ds: xr.Dataset) -> dict[str, Any]:
@@ -88,6 +88,8 @@ def _keep_cell(row: dict[str, Any]) -> str:
 
 def plan_markdown(ds: xr.Dataset) -> str:
     """The plan as Markdown: one row per (method, T), then what is held, then the limits."""
+    from tesla_func.results import markdown_table  # where used: results imports xarray (0.6 s)
+
     rec = plan_records(ds)
     device = rec["device_bytes"]
     header = ["method", "T", "matching call", "iteration peak", "GFLOPs (call)"]
