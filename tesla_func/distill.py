@@ -31,7 +31,8 @@ A run that cannot go on stops instead of dying later: when beta sits at a bound,
 message names the cause and the flag to change. Results that cannot be good are warned of once
 each (:func:`tesla_func.runchecks.warn`) and kept in the set's header and ``log.nc``: experts at
 chance, T longer than the expert's steps, beta 100x from its start, images 10x the real images'
-norm, a teacher labelling fewer than half the classes.
+norm, a teacher labelling fewer than half the classes. The checks themselves, before the run and
+after each iteration, are :mod:`tesla_func.distill_checks`.
 
 Fields of the config left None are resolved from the dataset and the experts when the run starts
 (:meth:`DistillConfig.resolved`); the run saves the resolved config and the record of the choices.
@@ -74,11 +75,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tesla_func import distill_checks as checks
 from tesla_func import distributed
 from tesla_func.augment import DSA
 from tesla_func.configfile import CONFIG_TOML, write_config_toml
-from tesla_func.data import (Dataset, DatasetShape, check_same_dataset, expert_steps,
-                             load_dataset_like)
+from tesla_func.data import Dataset, DatasetShape
 from tesla_func.distill_config import IMAGE_INITS, DistillConfig  # noqa: F401 (re-exported)
 from tesla_func.distill_state import (
     CLASS_LOG_FIELDS,
@@ -90,7 +91,7 @@ from tesla_func.distill_state import (
     save_checkpoint,
 )
 from tesla_func.evaluate import EvalConfig, EvalResult, evaluate
-from tesla_func.experts import ExpertTrajectory, chance_warning, load_experts
+from tesla_func.experts import ExpertTrajectory
 from tesla_func.labels import LabelInputs, label_drift, teacher_logits
 from tesla_func.matching import match_trajectory
 from tesla_func.models import ConvNet
@@ -103,67 +104,6 @@ from tesla_func.synthetic import SyntheticSet, snapshot_path
 from tesla_func.tracking import RunLogger
 
 CHECKPOINT = "checkpoint.safetensors"
-BETA_WARN_FACTOR = 100.0  # beta this many times below or above beta0 is warned of
-NORM_WARN_FACTOR = 10.0  # images whose RMS norm is this many times the real images' are too
-REAL_NORM_IMAGES = 1000  # about this many real training images (evenly spaced) give the norm
-
-
-def _experts_and_dataset(
-    cfg: DistillConfig, experts: list[ExpertTrajectory] | None, dataset: Dataset | None
-) -> tuple[list[ExpertTrajectory], Dataset]:
-    """The experts (given, or loaded from ``cfg.experts_dir``) and the dataset they were trained
-    on, as their header recorded it (ZCA, validation split, image size, class names, and for
-    "folder" the root): given and checked against the record, or reloaded from it."""
-    if experts is None:
-        if cfg.experts_dir is None:
-            raise ValueError("DistillConfig.experts_dir is required: the folder of "
-                             "expert_*.safetensors that `tesla-func experts` wrote")
-        experts = load_experts(cfg.experts_dir)
-    _check_experts(cfg, experts)
-    name = experts[0].dataset
-    recorded = {**experts[0].header.get("dataset_info", {}), "name": name}
-    what = f"the experts in {cfg.experts_dir}" if cfg.experts_dir else "the experts"
-    if dataset is None:
-        dataset = load_dataset_like(recorded, cfg.data_root, what=what)
-    if dataset.info.name != name:
-        raise ValueError(f"dataset {dataset.info.name!r} is not the experts' {name!r}")
-    check_same_dataset(recorded, dataset.info, what)
-    return experts, dataset
-
-
-def _check_experts(cfg: DistillConfig, experts: list[ExpertTrajectory]) -> None:
-    if not experts:
-        raise ValueError(f"no experts to match in {cfg.experts_dir}")
-    dataset = experts[0].dataset
-    if cfg.dataset is not None and dataset != cfg.dataset:
-        raise ValueError(
-            f"the experts in {cfg.experts_dir} were trained on {dataset!r}, "
-            f"but the config distils {cfg.dataset!r}"
-        )
-
-
-def _check_schedule(cfg: DistillConfig, experts: list[ExpertTrajectory]) -> None:
-    """The (resolved) start and target epochs must exist in every expert."""
-    last_needed = cfg.max_start_epoch - 1 + cfg.match_epochs
-    shortest = min(e.epochs for e in experts)
-    if last_needed > shortest:
-        raise ValueError(
-            f"max_start_epoch {cfg.max_start_epoch} with match_epochs {cfg.match_epochs} needs "
-            f"checkpoints up to epoch {last_needed}, but the experts in {cfg.experts_dir} have "
-            f"{shortest} epochs: lower --max-start-epoch or --match-epochs, or train longer "
-            "experts"
-        )
-
-
-def _resolved(cfg: DistillConfig, experts: list[ExpertTrajectory], dataset: Dataset
-              ) -> tuple[DistillConfig, dict[str, str]]:
-    """``cfg`` with the dataset's defaults for these experts (:meth:`DistillConfig.resolved`)."""
-    first = experts[0]
-    return cfg.resolved(
-        dataset.info, train_size=len(dataset.train_labels), expert_lr=first.lr,
-        expert_epochs=min(e.epochs for e in experts),
-        expert_batch_size=first.batch_size,
-    )
 
 
 class DistillationStopped(RuntimeError):
@@ -210,9 +150,9 @@ class Distiller:
         self.out, self.progress = check_output_folder(out_dir), progress
         self.logger = logger if self.rank == 0 else None
         self.device = check_device(cfg.device)
-        experts, dataset = _experts_and_dataset(cfg, experts, dataset)
-        cfg, self.defaults = _resolved(cfg, experts, dataset)  # what was chosen, and why
-        _check_schedule(cfg, experts)
+        experts, dataset = checks.experts_and_dataset(cfg, experts, dataset)
+        cfg, self.defaults = checks.resolved_config(cfg, experts, dataset)  # chosen, and why
+        checks.check_schedule(cfg, experts)
         self.cfg = cfg
         self.experts = [e.to(self.device) for e in experts]
         self.dataset = dataset
@@ -231,9 +171,7 @@ class Distiller:
         self.lrs = {"images": cfg.lr_img, "label_logits": cfg.lr_labels, "log_lr": cfg.lr_lr}
         self.model = ConvNet(self.experts[0].config).to(self.device)
         self.beta0 = cfg.lr_init  # resolved: the experts' lr unless given
-        # what the images' norm is compared with: the real training images' (a fixed subset)
-        real = dataset.train_images
-        self.real_norm = _rms_norm(real[::max(1, len(real) // REAL_NORM_IMAGES)])
+        self.real_norm = checks.real_images_norm(dataset)  # what the images' norm is warned by
         self.stopped: str | None = None  # why the run stopped early, once it has
         self.dsa = DSA() if cfg.dsa else None
         self.classes = torch.arange(k, device=self.device).repeat_interleave(cfg.ipc)
@@ -247,35 +185,14 @@ class Distiller:
             if checkpoint.exists()
             else initial_state(cfg, dataset, self.beta0, self.device, self.set_ranks.shard)
         )
-        # log(beta) is kept within log(beta0) -+ log(beta_bound), rounded to its dtype (so that
-        # a clipped value equals the bound)
-        dtype = self.state.log_lr.dtype
-        self.log_bounds = None if math.isinf(cfg.beta_bound) else tuple(
-            float(torch.tensor(math.log(self.beta0) + sign * math.log(cfg.beta_bound),
-                               dtype=dtype)) for sign in (-1, 1))
-        self._warn_of_setup(experts)
+        # log(beta) is kept within log(beta0) -+ log(beta_bound)
+        self.log_bounds = checks.beta_log_bounds(cfg, self.beta0, self.state.log_lr.dtype)
+        for kind, message in checks.setup_warnings(cfg, experts, dataset):
+            self._warn(kind, message)
 
     def _warn(self, kind: str, message: str) -> None:
         """A warning of this run (rank 0 shows it; every rank keeps it in the state)."""
         warn(kind, message, self.state.warnings, show=self.rank == 0)
-
-    def _warn_of_setup(self, experts: list[ExpertTrajectory]) -> None:
-        """Warnings that the experts and the config already give: experts at chance, and a
-        student longer than its expert's steps."""
-        cfg, k = self.cfg, self.dataset.info.num_classes
-        weak = [i for i, e in enumerate(experts)
-                if chance_warning("", e.test_accuracy[-1], e.epochs, k) is not None]
-        if weak:
-            e = experts[weak[0]]
-            what = f"expert {weak[0]}" + (f" (and {len(weak) - 1} more)" if len(weak) > 1 else "")
-            self._warn("experts", chance_warning(what, e.test_accuracy[-1], e.epochs, k))
-        steps = expert_steps(cfg.match_epochs, len(self.dataset.train_labels),
-                             experts[0].batch_size)
-        if cfg.syn_steps > steps:
-            self._warn("syn_steps", f"syn_steps {cfg.syn_steps} is longer than the {steps} SGD "
-                       f"steps an expert took in match_epochs {cfg.match_epochs}: the student "
-                       f"overshoots its target; use --syn-steps {steps} or fewer, or a larger "
-                       "--match-epochs")
 
     def _fingerprint(self) -> dict[str, str]:
         """What every rank of a run must share (compared by the set-up handshake)."""
@@ -394,56 +311,11 @@ class Distiller:
         )):
             s.log[name].append(value)
         s.log["class_count"].append(counts.tolist())
-        self._warn_of_iteration(counts)
-        self.stopped = self.stop_reason()
-
-    def _warn_of_iteration(self, counts: torch.Tensor) -> None:
-        """Warnings of what this iteration left: beta 100x from its start, images 10x the real
-        norm, a teacher's labels on fewer than half the classes."""
-        cfg, s = self.cfg, self.state
-        beta, norm = s.log["lr"][-1], s.log["images_norm"][-1]
-        where = f"at iteration {s.iteration}"
-        if beta < self.beta0 / BETA_WARN_FACTOR:
-            self._warn("beta", f"beta fell from {self.beta0:.3g} to {beta:.3g} {where}: the "
-                       "student barely trains and neither do the images; lower --lr-lr "
-                       f"(now {cfg.lr_lr:g}) or --lr-img (now {cfg.lr_img:g}), or shorten "
-                       f"--syn-steps (now {cfg.syn_steps})")
-        elif beta > self.beta0 * BETA_WARN_FACTOR:
-            self._warn("beta", f"beta rose from {self.beta0:.3g} to {beta:.3g} {where}: the "
-                       "sets' networks will train at this lr; lower --lr-lr "
-                       f"(now {cfg.lr_lr:g}) or --lr-grad-clip (now {cfg.lr_grad_clip})")
-        if norm > NORM_WARN_FACTOR * self.real_norm:
-            self._warn("images_norm", f"the images' norm grew to {norm:.4g} {where} (real "
-                       f"images: {self.real_norm:.3g}): they no longer look like data; lower "
-                       f"--lr-img (now {cfg.lr_img:g})")
-        present = int((counts > 0).sum())
-        k = self.dataset.info.num_classes
-        if self.strategy.teacher_epoch is not None and present < k / 2:
-            self._warn("labels", f"the teacher labels the images with only {present} of {k} "
-                       f"classes {where} (label drift {s.log['label_drift'][-1]:.2f}): its "
-                       "checkpoints are too weak a teacher; use --label-strategy hard, or "
-                       "experts trained longer")
-
-    def stop_reason(self) -> str | None:
-        """Why the run cannot go on (beta at a bound, too many skipped updates), with the flag
-        to change; None while it can."""
-        cfg, s = self.cfg, self.state
-        if cfg.max_skipped and s.skipped >= cfg.max_skipped:
-            return (f"{s.skipped} updates were skipped by iteration {s.iteration} for a "
-                    "non-finite loss, gradient or update: lower --lr-img (now "
-                    f"{cfg.lr_img:g}) or --lr-lr (now {cfg.lr_lr:g}), or raise --max-skipped "
-                    f"(now {cfg.max_skipped}; the same --out then resumes)")
-        if self.log_bounds is None:
-            return None
-        log_beta, (low, high) = float(s.log_lr), self.log_bounds
-        if low < log_beta < high:
-            return None
-        side, verb = ("lower", "fell") if log_beta <= low else ("upper", "rose")
-        return (f"beta {verb} to its {side} bound {math.exp(log_beta):.3g} (beta0 "
-                f"{self.beta0:.3g}, beta_bound {cfg.beta_bound:g}) at iteration {s.iteration}: "
-                f"lower --lr-lr (now {cfg.lr_lr:g}) or --lr-img (now {cfg.lr_img:g}), or "
-                f"shorten --syn-steps (now {cfg.syn_steps}); or allow more with --beta-bound; "
-                "in a new --out folder")
+        for kind, message in checks.iteration_warnings(
+                cfg, s, beta0=self.beta0, real_norm=self.real_norm, class_counts=counts,
+                has_teacher=self.strategy.teacher_epoch is not None):
+            self._warn(kind, message)
+        self.stopped = checks.stop_reason(cfg, s, beta0=self.beta0, log_bounds=self.log_bounds)
 
     def keep_graphs(self) -> int:
         """The k every matching call of this run keeps: the config's, or for "auto" the one chosen
@@ -588,10 +460,6 @@ class Distiller:
         config is in ``out_dir/config.toml`` from the start (``tesla-func distill --config`` reads
         it: :mod:`tesla_func.configfile`).
         """
-        # where used: seaborn and matplotlib (through plots) and xarray cost 2 s at start-up
-        from tesla_func.plots import plot_synthetic
-        from tesla_func.results import save_results
-
         cfg, s = self.cfg, self.state
         self.out.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
@@ -615,7 +483,8 @@ class Distiller:
                             skipped=s.skipped)
             if self.stopped is not None:
                 break
-            if cfg.eval_every and s.iteration % cfg.eval_every == 0 and s.iteration < cfg.iterations:
+            if (cfg.eval_every and s.iteration % cfg.eval_every == 0
+                    and s.iteration < cfg.iterations):
                 self._record_eval()
             if cfg.snapshot_every and (s.iteration % cfg.snapshot_every == 0
                                        or s.iteration == cfg.iterations):
@@ -639,6 +508,10 @@ class Distiller:
     def _write_outputs(self, synthetic: SyntheticSet) -> None:
         """``synthetic.safetensors``, ``log.nc`` and ``synthetic.png`` (rank 0 writes; every
         rank returns once the files are there)."""
+        # where used: seaborn and matplotlib (through plots) and xarray cost 2 s at start-up
+        from tesla_func.plots import plot_synthetic
+        from tesla_func.results import save_results
+
         if self.rank == 0:
             synthetic.save(self.out / "synthetic.safetensors")
             save_results(self.log_results(), self.out / "log.nc")
@@ -646,11 +519,6 @@ class Distiller:
             if not self.cfg.snapshot_every:  # (a snapshot has logged the final set already)
                 self._log_set(synthetic)
         self.set_ranks.barrier()
-
-
-def _rms_norm(images: torch.Tensor) -> float:
-    """Root mean square of the L2 norms of ``images`` (N, ...)."""
-    return float(images.flatten(1).norm(dim=1).square().mean().sqrt())
 
 
 def _all_finite(tensors) -> bool:

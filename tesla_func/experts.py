@@ -7,17 +7,8 @@ dataset's (:meth:`ExpertConfig.resolved`, :mod:`tesla_func.data.defaults`). Weig
 being finite stop the training with an error that names the fix (a smaller lr); an expert under
 twice chance accuracy after training is warned of (:func:`chance_warning`).
 
-On disk, one file per expert, ``<out>/expert_007.safetensors``, written atomically once the expert
-is finished (:func:`tesla_func.fileio.save_tensors`):
-
-- tensors ``epoch_000/<param name>`` ... ``epoch_<E>/<param name>`` (epoch 0 = the initial
-  weights; names as in ``ConvNet.named_parameters()``, e.g. ``epoch_003/features.0.weight``);
-- JSON header: ``format`` ("tesla_func.expert"), ``format_version``, ``architecture``
-  (ConvNetConfig dict), ``dataset``, ``dataset_info`` (normalisation, ZCA, class names, source),
-  ``expert_config``, ``expert_index``, ``seed`` (base seed; the expert's streams come from
-  (seed, index)), ``lr``, ``epochs``, ``test_accuracy`` (E + 1 values, index 0 = at init),
-  ``seconds_per_epoch``, ``provenance`` (library versions, git revision, device), ``defaults``
-  (the fields the dataset's defaults set, and why), ``warnings``.
+Each finished expert is one file, ``<out>/expert_007.safetensors`` (its format, and reading it
+back checked: :mod:`tesla_func.expert_files`).
 
 While an expert trains, each finished epoch is written atomically to
 ``<out>/expert_007.partial/epoch_003.safetensors`` together with the state needed to continue
@@ -33,8 +24,6 @@ expert as in one process. The output folder must be one folder that every rank s
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import shutil
 import time
@@ -45,7 +34,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -64,16 +52,26 @@ from tesla_func.data import (
     run_defaults,
 )
 from tesla_func.evaluate import accuracy
+from tesla_func.expert_files import (  # noqa: F401 (load_expert(s), expert_path re-exported)
+    FORMAT,
+    FORMAT_VERSION,
+    ExpertTrajectory,
+    diff_fields,
+    expert_path,
+    load_expert,
+    load_experts,
+    param_key,
+    read_header,
+    skeleton,
+)
 from tesla_func.fileio import load_tensors, save_tensors
-from tesla_func.models import ConvNet, ConvNetConfig, init_params
+from tesla_func.models import ConvNetConfig, init_params
 from tesla_func.optim import SGDState, sgd
 from tesla_func.provenance import provenance
 from tesla_func.runchecks import check_device, check_output_folder, warn
 from tesla_func.sampling import seeded_generator
 from tesla_func.tracking import RunLogger
 
-FORMAT = "tesla_func.expert"
-FORMAT_VERSION = 1
 STATELESS_NORMS = ("instance", "none")
 CHANCE_FACTOR = 2.0  # an expert under this many times chance accuracy after training is warned of
 
@@ -149,39 +147,9 @@ class ExpertConfig:
         return dataset.info.convnet_config(width=self.width, depth=self.depth, norm=self.norm)
 
 
-@dataclass(frozen=True, eq=False)
-class ExpertTrajectory:
-    """One trained expert: its weights after every epoch (index 0 = initial weights)."""
-
-    config: ConvNetConfig
-    dataset: str
-    params: tuple[dict[str, Tensor], ...]  # E + 1 dicts name -> tensor
-    test_accuracy: tuple[float, ...]  # E + 1 fractions in [0, 1], index 0 = at init
-    lr: float  # the SGD learning rate the expert was trained with
-    header: Mapping[str, Any]  # the file's whole JSON header
-    path: Path | None = None
-
-    @property
-    def epochs(self) -> int:
-        return len(self.params) - 1
-
-    @property
-    def batch_size(self) -> int:
-        """The real images of each of the expert's SGD steps (files that do not say: 256)."""
-        return int(self.header.get("expert_config", {}).get("batch_size", 256))
-
-    def to(self, device: torch.device | str) -> ExpertTrajectory:
-        moved = tuple({k: t.to(device) for k, t in p.items()} for p in self.params)
-        return dataclasses.replace(self, params=moved)
-
-
 # ----------------------------------------------------------------------------------------------
 # Paths and seeds
 # ----------------------------------------------------------------------------------------------
-
-
-def expert_path(out_dir: str | Path, index: int) -> Path:
-    return Path(out_dir) / f"expert_{index:03d}.safetensors"
 
 
 def _partial_dir(out_dir: Path, index: int) -> Path:
@@ -190,10 +158,6 @@ def _partial_dir(out_dir: Path, index: int) -> Path:
 
 def _epoch_path(partial: Path, epoch: int) -> Path:
     return partial / f"epoch_{epoch:03d}.safetensors"
-
-
-def _key(epoch: int, name: str) -> str:
-    return f"epoch_{epoch:03d}/{name}"
 
 
 _STREAMS = {"init": 0, "shuffle": 1, "augment": 2}  # expert i draws from (seed, i, stream)
@@ -316,7 +280,7 @@ def _claim_folder(cfg: ExpertConfig, out: Path, write: bool) -> None:
 def _check_folder(cfg: ExpertConfig, out: Path, index: int) -> None:
     """Refuse expert ``index``'s files in ``out`` when another config made them."""
     if expert_path(out, index).exists():
-        _check_same_config(_read_header(expert_path(out, index)), cfg, expert_path(out, index))
+        _check_same_config(read_header(expert_path(out, index)), cfg, expert_path(out, index))
     _last_saved_epoch(_partial_dir(out, index), cfg)
 
 
@@ -348,7 +312,7 @@ def _train_experts(
     for index in experts_bar:
         path = expert_path(out, index)
         if path.exists():
-            _check_same_config(_read_header(path), cfg, path)
+            _check_same_config(read_header(path), cfg, path)
             shutil.rmtree(_partial_dir(out, index), ignore_errors=True)  # killed after the rename
         else:
             _train_one(cfg, chosen, dataset, data, out, index, device, progress, on_epoch, logger)
@@ -378,7 +342,7 @@ def _train_one(
 ) -> None:
     arch = cfg.model_config(dataset)
     tag = f"experts/expert_{index:03d}"
-    model = _skeleton(arch).to(device)
+    model = skeleton(arch).to(device)
     params = dict(model.named_parameters())
     names = list(params)
     optimizer = sgd(cfg.momentum, cfg.weight_decay)
@@ -454,16 +418,6 @@ def _train_one(
     _finish(cfg, chosen, dataset, arch, out, index, names, device)
 
 
-def _skeleton(arch: ConvNetConfig) -> ConvNet:
-    """A ConvNet whose weights will be overwritten, built without touching the caller's RNG.
-
-    nn.Conv2d / nn.Linear draw their default init from the global RNG; it is forked here so that
-    nothing outside this module notices (house rule: explicit generators only).
-    """
-    with torch.random.fork_rng(devices=[]):
-        return ConvNet(arch)
-
-
 def _set_params(model: torch.nn.Module, params: Mapping[str, Tensor]) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -500,7 +454,7 @@ def _last_saved_epoch(partial: Path, cfg: ExpertConfig) -> int:
     """k where epochs 0..k are all saved in ``partial`` (-1 if none), checking their config."""
     epoch = 0
     while epoch <= cfg.epochs and (path := _epoch_path(partial, epoch)).is_file():
-        _check_same_config(_read_header(path), cfg, path)
+        _check_same_config(read_header(path), cfg, path)
         epoch += 1
     return epoch - 1
 
@@ -521,7 +475,7 @@ def _finish(
     accuracy, seconds = [], []
     for epoch in range(cfg.epochs + 1):
         saved, header = load_tensors(_epoch_path(partial, epoch))
-        tensors.update({_key(epoch, n): saved[f"params/{n}"] for n in names})
+        tensors.update({param_key(epoch, n): saved[f"params/{n}"] for n in names})
         accuracy.append(header["accuracy"])
         if epoch > 0:
             seconds.append(header["seconds"])
@@ -567,126 +521,14 @@ def chance_warning(what: str, accuracy: float, epochs: int, num_classes: int) ->
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_header(path: Path) -> dict:
-    """The JSON header of a file written by save_tensors, without reading its tensors."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        return json.loads(meta.get("header", "{}"))
-    except Exception as err:  # safetensors raises its own error types for broken files
-        raise ValueError(
-            f"{path} is truncated or not a tesla_func file ({err}); delete it and run again"
-        ) from err
-
-
-def _diff(found: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
-    keys = sorted(set(found) | set(expected))
-    return [
-        f"{k}: file has {found.get(k, '(missing)')!r}, expected {expected.get(k, '(missing)')!r}"
-        for k in keys
-        if found.get(k) != expected.get(k)
-    ]
-
-
 def _check_same_config(header: Mapping[str, Any], cfg: ExpertConfig, path: Path) -> None:
     """A resumed run must continue with the settings that made the files already there."""
     # num_experts may grow between runs: training more experts into the same folder is fine.
     found = {k: v for k, v in header.get("expert_config", {}).items() if k != "num_experts"}
     wanted = {k: v for k, v in cfg.to_dict().items() if k != "num_experts"}
-    problems = _diff(found, wanted)
+    problems = diff_fields(found, wanted)
     if problems:
         raise ValueError(
             f"{path} was made with another expert config ({'; '.join(problems)}); "
             "use another output folder or delete it"
         )
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading
-# ----------------------------------------------------------------------------------------------
-
-
-def load_expert(
-    path: str | Path,
-    expect_config: ConvNetConfig | None = None,
-    expect_dataset: str | None = None,
-) -> ExpertTrajectory:
-    """Read one expert file, checking its architecture, keys and shapes.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: truncated/corrupt file, another architecture or dataset than expected, or
-            tensors missing / extra / of the wrong shape (each one named).
-    """
-    path = Path(path)
-    tensors, header = load_tensors(path)
-    if header.get("format") != FORMAT:
-        raise ValueError(
-            f"{path} is not a tesla_func expert file (format {header.get('format')!r})"
-        )
-    try:
-        arch = ConvNetConfig(**header["architecture"])
-        epochs = int(header["epochs"])
-        accuracy = tuple(float(a) for a in header["test_accuracy"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{path} has a broken header ({err!r})") from err
-    if expect_config is not None and arch != expect_config:
-        problems = _diff(arch.to_dict(), expect_config.to_dict())
-        raise ValueError(f"{path} holds another architecture: {'; '.join(problems)}")
-    if expect_dataset is not None and header.get("dataset") != expect_dataset:
-        raise ValueError(
-            f"{path} was trained on {header.get('dataset')!r}, expected {expect_dataset!r}"
-        )
-    shapes = {n: tuple(p.shape) for n, p in _skeleton(arch).named_parameters()}
-    expected = {_key(e, n): s for e in range(epochs + 1) for n, s in shapes.items()}
-    problems = [f"missing {k}" for k in expected if k not in tensors]
-    problems += [f"unexpected {k}" for k in tensors if k not in expected]
-    problems += [
-        f"{k} has shape {tuple(tensors[k].shape)}, the architecture needs {s}"
-        for k, s in expected.items()
-        if k in tensors and tuple(tensors[k].shape) != s
-    ]
-    if len(accuracy) != epochs + 1:
-        problems.append(
-            f"{len(accuracy)} test accuracies for {epochs} epochs (expected {epochs + 1})"
-        )
-    if problems:
-        shown = "; ".join(problems[:10]) + (
-            f"; ... {len(problems) - 10} more" if len(problems) > 10 else ""
-        )
-        raise ValueError(f"{path} does not match its architecture {arch}: {shown}")
-    params = tuple({n: tensors[_key(e, n)] for n in shapes} for e in range(epochs + 1))
-    return ExpertTrajectory(
-        config=arch,
-        dataset=str(header.get("dataset")),
-        params=params,
-        test_accuracy=accuracy,
-        lr=float(header["lr"]),
-        header=header,
-        path=path,
-    )
-
-
-def load_experts(
-    directory: str | Path,
-    expect_config: ConvNetConfig | None = None,
-    expect_dataset: str | None = None,
-) -> list[ExpertTrajectory]:
-    """Every finished expert in ``directory`` (``expert_*.safetensors``), in index order.
-
-    Without ``expect_config`` / ``expect_dataset`` the first expert's are expected of all the
-    others, so the list is always one architecture on one dataset.
-    """
-    directory = Path(directory)
-    paths = sorted(directory.glob("expert_*.safetensors"))
-    if not paths:
-        raise FileNotFoundError(
-            f"no expert files (expert_*.safetensors) in {directory}; train some with "
-            f"`tesla-func experts --dataset NAME --out {directory}`"
-        )
-    experts = []
-    for path in paths:
-        expert = load_expert(path, expect_config, expect_dataset)
-        expect_config, expect_dataset = expert.config, expert.dataset
-        experts.append(expert)
-    return experts
