@@ -73,13 +73,16 @@ def cache_dir() -> Path:
 
 
 def cache_fingerprint(device: str = "cpu") -> dict[str, str]:
-    """What a cached result depends on besides its config: the library's source code, torch's
+    """What a cached result depends on besides its config: the library's source code (every
+    module, its subpackages' included), torch's
     version, the kind of device and, on CPU, the instruction set torch dispatches to and its
     thread count (a different thread count splits reductions differently, and the last bits
     change). A cached run is reused only when all of these match."""
     digest = hashlib.sha256()
-    for source in sorted(Path(__file__).resolve().parent.glob("*.py")):
-        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    package = Path(__file__).resolve().parent
+    for source in sorted(package.rglob("*.py")):  # the subpackages too (data/, planner/, ...)
+        digest.update(source.relative_to(package).as_posix().encode() + b"\0"
+                      + source.read_bytes())
     kind = torch.device(device)
     where = (torch.cuda.get_device_name(kind) if kind.type == "cuda" else
              f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")

@@ -216,6 +216,24 @@ def test_a_stale_cache_is_never_reused(monkeypatch, tmp_path):
         assert experiment.run_dir(run) != first.out  # another thread count
 
 
+def test_the_cache_fingerprint_covers_the_subpackages(monkeypatch, tmp_path):
+    """An edit anywhere in the library, a subpackage's module included (data/, planner/, ...),
+    gives cached experts and runs another key."""
+    import shutil
+
+    from tesla_func import experiment
+
+    copy = tmp_path / "tesla_func"
+    shutil.copytree(Path(experiment.__file__).parent, copy,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(experiment, "__file__", str(copy / "experiment.py"))
+    before = experiment.cache_fingerprint()["code"]
+    assert experiment.cache_fingerprint()["code"] == before  # a pure function of the files
+    with open(copy / "data" / "defaults.py", "a") as f:
+        f.write("\n# an edit\n")
+    assert experiment.cache_fingerprint()["code"] != before
+
+
 def test_ablate_labels_measures_label_drift_and_draws_its_sets(ablate, tmp_path, monkeypatch):
     from tesla_func import experiment
 
