@@ -5,6 +5,10 @@ It uses only the public API both trees share (Distiller, DistillConfig, evaluate
 expert records), builds random data and random expert trajectories of the requested shapes (no
 files), times distillation iterations and evaluation epochs, and prints one JSON line. Imported
 as a module it offers :func:`run`, which the in-process smoke test calls.
+
+torch and the library are imported inside the functions, after ``__main__`` has taken this
+folder off ``sys.path``: as a script, its own modules (``config.py``, ``report.py``, ...) would
+otherwise shadow any top-level module of the same name that torch or the tree under test imports.
 """
 
 from __future__ import annotations
