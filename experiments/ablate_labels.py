@@ -32,10 +32,10 @@ The default is a *reduced* protocol (ConvNet width 32, two experts of four epoch
 iterations of T = 20, one evaluation network of 100 epochs per seed): its numbers compare
 strategies with each other, not with the published anchors. To fit three seeds in the budget,
 each set is evaluated once (no intermediate evaluation) with one network per seed: the spread
-across seeds then also holds the evaluation network's. Cost on the 2-core CPU with one thread,
-measured piecewise with other jobs sharing it: the experts 9 minutes, each of the 30 runs
-25-45 s (0.45-0.9 s an iteration, 6-9 s of evaluation), the baselines 1 minute: about 27
-minutes from scratch, 18 with the experts cached; less on an idle CPU.
+across seeds then also holds the evaluation network's. Cost: 9.1 minutes from a fresh clone
+on the idle 2-core CPU with torch's two threads, `scripts/setup.sh` and the experts included
+(each of the 30 runs about 13 s of distillation at 3 iterations/s, keep_graphs auto); with one
+thread and other jobs sharing the CPU, about 27 minutes.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ STRIP = ("learned", "hard")  # the strip figure: the first of these that ran, at
 @dataclass(frozen=True)
 class AblateLabelsConfig:
     # experts (cached under ./cache). Kept small so that the whole default, expert training
-    # included, runs from a fresh checkout in 20-30 minutes on a 2-core CPU; the last epoch is
-    # sla-last's teacher.
+    # included, runs from a fresh checkout in about 9 minutes on an idle 2-core CPU; the last
+    # epoch is sla-last's teacher.
     experts: ExpertConfig = ExpertConfig(dataset="fashion-mnist", num_experts=2, epochs=4, width=32)
     # distillation (docs/reference.md section 4, scaled down); method is shared by every run,
     # ipc / label_strategy / seed / batch_syn / experts_dir are set per run
