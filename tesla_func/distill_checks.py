@@ -29,7 +29,7 @@ BETA_WARN_FACTOR = 100.0  # beta this many times below or above beta0 is warned 
 NORM_WARN_FACTOR = 10.0  # images whose RMS norm is this many times the real images' are too
 REAL_NORM_IMAGES = 1000  # about this many real training images (evenly spaced) give the norm
 
-Warning = tuple[str, str]  # (kind, message): one warning of each kind per run
+Finding = tuple[str, str]  # (kind, message) of a warning: one of each kind per run
 
 
 def experts_and_dataset(
@@ -106,7 +106,7 @@ def rms_norm(images: torch.Tensor) -> float:
 
 
 def setup_warnings(cfg: DistillConfig, experts: list[ExpertTrajectory], dataset: Dataset
-                   ) -> list[Warning]:
+                   ) -> list[Finding]:
     """What the experts and the config already say: experts at chance, and a student longer
     than its expert's steps in ``match_epochs``."""
     found, k = [], dataset.info.num_classes
@@ -127,7 +127,7 @@ def setup_warnings(cfg: DistillConfig, experts: list[ExpertTrajectory], dataset:
 
 def iteration_warnings(cfg: DistillConfig, state: DistillState, *, beta0: float,
                        real_norm: float, class_counts: torch.Tensor, has_teacher: bool
-                       ) -> list[Warning]:
+                       ) -> list[Finding]:
     """What the iteration just logged in ``state`` says: beta 100x from ``beta0``, images 10x
     ``real_norm``, a teacher whose labels (``class_counts`` (K,): images per label) cover fewer
     than half the K classes."""
